@@ -1,0 +1,19 @@
+# Two entry points (README): `make demo` runs the main job, `make test` runs the tests.
+# Each creates .venv on first use, with every install constrained by constraints.txt.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= runs/demo
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+.PHONY: install demo test
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/agevlm pipeline --out $(OUT)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests

@@ -1,0 +1,192 @@
+"""The `agevlm` command line. Each command parses flags and calls ONE library function.
+
+Exit codes: 0 success; 1 a check failed; 2 bad input or usage (one line on stderr, no
+traceback unless --debug). Heavy libraries are imported inside commands, so `agevlm --help`
+is fast and the device runtime's commands work without the toolchain installed.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import AgevlmError
+
+_DEBUG = False
+
+
+class _Group(click.Group):
+    """Turns every error into one line on stderr with the documented exit code."""
+
+    def main(self, args=None, prog_name=None, **kwargs):  # type: ignore[override]
+        try:
+            rv = super().main(args=args, prog_name=prog_name, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("agevlm: aborted", err=True)
+            sys.exit(130)
+        except click.UsageError as e:
+            cmd = e.ctx.command_path if e.ctx else "agevlm"
+            click.echo(f"{cmd}: error: {e.format_message()} (see `{cmd} --help`)", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"agevlm: error: {e.format_message()}", err=True)
+            sys.exit(2)
+        except AgevlmError as e:
+            if _DEBUG:
+                traceback.print_exc()
+            click.echo(f"agevlm: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except ModuleNotFoundError as e:
+            if _DEBUG:
+                traceback.print_exc()
+            click.echo(f"agevlm: error: this command needs the package {e.name!r}, which is not "
+                       "installed; install the toolchain: pip install 'agevlm-edge[toolchain]' "
+                       "-c constraints.txt", err=True)
+            sys.exit(2)
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
+        sys.exit(0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="agevlm")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def cli(debug: bool) -> None:
+    """agevlm: SAM-guided cross-attention VLMs, from grounded data to edge devices."""
+    global _DEBUG
+    _DEBUG = debug
+
+
+def _parse_sets(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise click.BadParameter(f"{p!r} is not KEY=VALUE", param_hint="--set")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+# ----------------------------------------------------------------------------- pipeline
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/pipeline"),
+              show_default=True, help="Directory for every artifact of the run.")
+@click.option("--preset", default="tiny", show_default=True,
+              type=click.Choice(["tiny"]), help="Model preset (data and schedule follow it).")
+@click.option("--seed", default=0, show_default=True, help="Seed for data and training.")
+@click.option("--short", is_flag=True, help="A small, fast run (tests, smoke checks).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
+def pipeline(out: Path, preset: str, seed: int, short: bool, overwrite: bool) -> None:
+    """Run the main job end to end on the embedded synthetic world."""
+    from .pipeline import run_pipeline
+
+    run_pipeline(out, preset=preset, seed=seed, short=short, overwrite=overwrite)
+
+
+# ----------------------------------------------------------------------------- data
+@cli.group()
+def data() -> None:
+    """Build a DATA DIR: synthetic world, real-format import, SAM masks, tokenizer."""
+
+
+@data.command("synth")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="DATA DIR to write.")
+@click.option("--preset", default="easy", show_default=True,
+              help="World difficulty preset: easy or hard.")
+@click.option("--seed", default=0, show_default=True, help="Same seed, byte-identical files.")
+@click.option("--n-train", type=int, default=None, help="Training images (preset default).")
+@click.option("--n-val", type=int, default=None, help="Validation images (preset default).")
+@click.option("--n-test", type=int, default=None,
+              help="Images per test split (preset default).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a world setting, e.g. --set image_size=96 --set max_objects=8 "
+                   "(see docs/synthetic-world.md; unknown keys are an error).")
+@click.option("--workers", type=int, default=None, help="Render processes (default: all cores).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
+def data_synth(out, preset, seed, n_train, n_val, n_test, sets, workers, overwrite) -> None:
+    """Generate the grounded synthetic world (images, masks, captions, questions, POPE)."""
+    from .data.synth import synthesize
+
+    summary = synthesize(out, preset=preset, seed=seed, n_train=n_train, n_val=n_val,
+                         n_test=n_test, overrides=_parse_sets(sets), workers=workers,
+                         overwrite=overwrite)
+    click.echo(summary)
+
+
+@data.command("import")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="DATA DIR to write.")
+@click.option("--images", required=True, type=click.Path(path_type=Path),
+              help="Directory holding the images the annotation files name.")
+@click.option("--coco-instances", type=click.Path(path_type=Path),
+              help="COCO instances_*.json (boxes, categories, polygon/RLE masks).")
+@click.option("--coco-captions", type=click.Path(path_type=Path),
+              help="COCO captions_*.json.")
+@click.option("--pope", "pope_files", multiple=True, type=click.Path(path_type=Path),
+              help="Official POPE question file (JSONL); repeatable. The variant (random, "
+                   "popular, adversarial) is read from the file name.")
+@click.option("--llava", type=click.Path(path_type=Path),
+              help="LLaVA-style conversation JSON.")
+@click.option("--split", default="test", show_default=True, help="Split name for the records.")
+@click.option("--skip-bad", is_flag=True,
+              help="Skip malformed records and count them instead of stopping at the first.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
+def data_import(out, images, coco_instances, coco_captions, pope_files, llava, split,
+                skip_bad, overwrite) -> None:
+    """Import COCO, POPE or LLaVA-format data into a DATA DIR."""
+    from .data.importers import import_dataset
+
+    summary = import_dataset(out, images, coco_instances=coco_instances,
+                             coco_captions=coco_captions, pope_files=list(pope_files),
+                             llava_json=llava, split=split, skip_bad=skip_bad,
+                             overwrite=overwrite)
+    click.echo(summary)
+
+
+@data.command("masks")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+              help="DATA DIR whose grounded objects get masks.")
+@click.option("--sam-checkpoint", type=click.Path(path_type=Path),
+              help="Local SAM checkpoint (.pth loaded with weights_only=True, or .safetensors).")
+@click.option("--sam-type", type=click.Choice(["vit_b", "vit_l", "vit_h", "tiny"]),
+              help="SAM model type; `tiny` builds a small random-init SAM (tests, smoke runs).")
+@click.option("--splits", default=None, help="Comma-separated splits (default: all).")
+@click.option("--mask-noise", default=None, metavar="OP:AMOUNT[,OP:AMOUNT]",
+              help="Degrade masks for robustness studies: dilate:PX, erode:PX, shift:PX, "
+                   "drop:FRACTION.")
+@click.option("--limit", type=int, default=None, help="At most this many images per split.")
+@click.option("--seed", default=0, show_default=True, help="Seed for --mask-noise and tiny SAM.")
+def data_masks(data_dir, sam_checkpoint, sam_type, splits, mask_noise, limit, seed) -> None:
+    """Attach masks to grounded objects: exact ones, SAM (box prompts), or degraded."""
+    from .data.masks import make_masks
+
+    summary = make_masks(data_dir, sam_type=sam_type, checkpoint=sam_checkpoint,
+                         splits=splits.split(",") if splits else None, noise=mask_noise,
+                         limit=limit, seed=seed)
+    click.echo(summary)
+
+
+@data.command("tokenizer")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+              help="DATA DIR whose text trains the tokenizer; tokenizer.json is written there.")
+@click.option("--vocab-size", default=512, show_default=True, help="BPE vocabulary size.")
+@click.option("--pretrained", type=click.Path(path_type=Path),
+              help="Copy a pretrained tokenizer from a local Hugging Face directory instead.")
+def data_tokenizer(data_dir, vocab_size, pretrained) -> None:
+    """Train a byte-level BPE tokenizer on a DATA DIR (or take a local pretrained one)."""
+    from .data.tokenizer import build_tokenizer
+
+    click.echo(build_tokenizer(data_dir, vocab_size=vocab_size, pretrained=pretrained))
+
+
+def main() -> None:
+    cli(prog_name="agevlm")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""DATA DIR: the synthetic grounded world, real-format importers, SAM masks, tokenizer."""

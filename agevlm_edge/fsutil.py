@@ -1,0 +1,105 @@
+"""Atomic writers: every artifact appears whole or not at all.
+
+Files are written to a temporary sibling and renamed into place. Directories (DATA, RUN,
+EXPORT dirs) are built in a temporary sibling directory and swapped in by ``staged_dir``, so
+an interrupted command never leaves a half-written artifact and never loses an old one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import BadInput
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def dumps_json(obj: Any) -> str:
+    """Stable JSON (sorted keys) so that the same content gives the same bytes."""
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_text_atomic(path, dumps_json(obj))
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> None:
+    lines = (json.dumps(r, sort_keys=True, ensure_ascii=False, separators=(",", ":")) for r in rows)
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInput(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{what} {path} is not valid JSON ({e}); fix or regenerate it") from None
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "JSONL file") -> list[dict]:
+    path = Path(path)
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise BadInput(f"{what} {path} line {n} is not valid JSON ({e})") from None
+    except FileNotFoundError:
+        raise BadInput(f"{what} not found: {path}") from None
+    return rows
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces ``out`` only if the block succeeds.
+
+    Refuses to touch an existing non-empty ``out`` unless ``overwrite``; even then the old
+    directory is removed only after the new one is complete.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"output path {out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise BadInput(f"output directory {out} already exists and is not empty; "
+                       "pass --overwrite to replace it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
