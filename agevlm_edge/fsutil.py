@@ -91,6 +91,7 @@ def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
                        "pass --overwrite to replace it or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the artifact should read like any other dir
     try:
         yield tmp
         if out.exists():

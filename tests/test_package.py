@@ -1,0 +1,66 @@
+"""Packaging and CLI surface: stage folders import from wheel and editable installs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import agevlm_edge
+from conftest import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_stage_packages_live_in_the_agevlm_edge_namespace():
+    import agevlm_edge.export
+    import agevlm_edge.quant
+    import agevlm_edge.train
+
+    assert Path(agevlm_edge.train.__file__).resolve() == ROOT / "train" / "__init__.py"
+    assert Path(agevlm_edge.export.__file__).resolve() == ROOT / "export" / "__init__.py"
+    assert Path(agevlm_edge.quant.__file__).resolve() == ROOT / "quant" / "__init__.py"
+
+
+def test_wheel_maps_stage_folders_and_imports_them(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("agevlm_edge-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for pkg in ("train", "export", "quant", "data"):
+        assert f"agevlm_edge/{pkg}/__init__.py" in names
+    assert not any(n.startswith(("train/", "export/", "quant/")) for n in names)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True)
+    code = ("import agevlm_edge.train, agevlm_edge.export, agevlm_edge.quant, agevlm_edge; "
+            "print(agevlm_edge.train.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target)},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip().startswith(str(target))
+
+
+def test_help_lists_every_command_and_version():
+    out = run_cli("--help", check_rc=0).stdout
+    for cmd in ("pipeline", "data"):
+        assert cmd in out
+    data = run_cli("data", "--help", check_rc=0).stdout
+    for cmd in ("synth", "import", "masks", "tokenizer"):
+        assert cmd in data
+    assert run_cli("--version", check_rc=0).stdout.strip() == f"agevlm, version {agevlm_edge.__version__}"
+
+
+def test_usage_errors_are_one_line_exit_2():
+    proc = run_cli("data", "synth", "--bogus")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "--bogus" in lines[0]
+    proc = run_cli("nosuchcommand")
+    assert proc.returncode == 2 and "nosuchcommand" in proc.stderr
+
+
+def test_core_package_imports_nothing_heavy():
+    code = ("import sys, agevlm_edge, agevlm_edge.errors, agevlm_edge.fsutil; "
+            "print(sorted(m for m in ('torch', 'transformers', 'onnx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
