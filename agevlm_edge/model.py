@@ -1,0 +1,539 @@
+"""AGE-VLM in one file: vision tower, projector, Llama decoder with interleaved gated
+cross-attention, and the LLaVA-style concatenation baseline.
+
+    pixels [B,3,H,W] --VisionTower--> [B,N,Wv] --Projector--> img [B,N,D]
+                                                                  |
+    ids [B,T] -> embed -> ( LlamaLayer_i ; if i in xattn_layers: GatedXAttn_i(., img) )* -> norm -> lm_head
+                       (arch="concat": img is prepended to the token embeddings instead)
+
+Decoder state-dict keys are Hugging Face Llama's with `model.` -> `decoder.`, so pretrained
+LlamaForCausalLM checkpoints (SmolLM2, TinyLlama, Llama-3.2) load unchanged; cross-attention
+blocks live beside the layers (`decoder.xattn.<i>`), so they never disturb those keys.
+Image inputs are explicit forward arguments (pixels, or precomputed cross K/V), never state.
+Every attention has two paths behind one function: "eager" (returns probabilities, needed by
+the dice loss and heatmaps) and "fused" (SDPA), tested to agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class AgeVLMConfig:
+    # vision tower (built-in ViT)
+    image_size: int = 64
+    patch_size: int = 8
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    vision_stem: str = "conv"        # "conv": BatchNorm conv stem; "patch": linear patches
+    # language model (Llama family)
+    vocab_size: int = 512
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    head_dim: int = 0                # 0: d_model // n_heads
+    ffn_hidden: int = 688
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    max_seq_len: int = 256
+    tie_embeddings: bool = True
+    # fusion
+    arch: str = "xattn"              # "xattn" (AGE-VLM, and the unguided `ca`) or "concat"
+    xattn_every: int = 2             # cross-attention before layers 1, 1+every, ...
+    xattn_layers: tuple = ()         # explicit layer indices (overrides xattn_every)
+    xattn_heads: int = 0             # 0: n_heads
+    xattn_kv_heads: int = 0          # 0: n_kv_heads
+    # special tokens (ids in the tokenizer)
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+
+    def __post_init__(self) -> None:
+        self.head_dim = self.head_dim or self.d_model // self.n_heads
+        self.xattn_heads = self.xattn_heads or self.n_heads
+        self.xattn_kv_heads = self.xattn_kv_heads or self.n_kv_heads
+        self.xattn_layers = tuple(int(i) for i in self.xattn_layers)
+        if self.arch not in ("xattn", "concat"):
+            raise ValueError(f"arch must be 'xattn' or 'concat', got {self.arch!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError("image_size must be a multiple of patch_size")
+        if self.vision_stem == "conv" and self.patch_size not in (4, 8, 16, 32):
+            raise ValueError("the conv stem needs a power-of-two patch_size in 4..32")
+        if self.n_heads % self.n_kv_heads or self.xattn_heads % self.xattn_kv_heads:
+            raise ValueError("query heads must be a multiple of key/value heads")
+
+    @property
+    def cross_layers(self) -> tuple[int, ...]:
+        """Decoder layers preceded by a gated cross-attention block (none for concat).
+
+        By default not before layer 0: there the queries are context-free token embeddings
+        and could not use, say, a colour word to pick their object.
+        """
+        if self.arch == "concat":
+            return ()
+        if self.xattn_layers:
+            return tuple(sorted(self.xattn_layers))
+        return tuple(range(1, self.n_layers, self.xattn_every))
+
+    @property
+    def n_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AgeVLMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["xattn_layers"] = list(self.xattn_layers)
+        return d
+
+
+# ----------------------------------------------------------------------------- presets
+def _tiny(**kw) -> AgeVLMConfig:
+    return AgeVLMConfig(**kw)
+
+
+def _small(**kw) -> AgeVLMConfig:
+    # ~SmolLM2-135M-shaped decoder, 224 px images in 16 px patches (196 image tokens).
+    base = dict(image_size=224, patch_size=16, vision_width=384, vision_layers=6,
+                vision_heads=6, vocab_size=49152, d_model=576, n_layers=30, n_heads=9,
+                n_kv_heads=3, ffn_hidden=1536, rope_theta=100000.0, max_seq_len=2048,
+                xattn_every=4, rms_eps=1e-5)
+    return AgeVLMConfig(**{**base, **kw})
+
+
+PRESETS = {"tiny": _tiny, "small": _small}
+
+
+def build_config(preset: str = "tiny", **overrides) -> AgeVLMConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset](**overrides)
+
+
+# ----------------------------------------------------------------------------- attention
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              impl: str = "fused", need_probs: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Grouped-query attention. q [B,Hq,T,hd], k/v [B,Hkv,S,hd], mask bool [B|1,1,T,S] (True=keep).
+
+    "fused" runs SDPA; "eager" materialises the probabilities [B,Hq,T,S] and returns them.
+    """
+    if impl == "fused" and not need_probs:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return out, None
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])   # (B, Hq, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = scores.softmax(dim=-1)
+    return probs @ v, probs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [B,T] -> cos, sin [B,1,T,hd] in Hugging Face Llama's (rotate_half) layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float()
+                                / head_dim))
+    freqs = positions.float()[..., None] * inv_freq                 # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]                # (B, 1, T, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d: int, n_heads: int, n_kv: int, head_dim: int):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = n_heads, n_kv, head_dim
+        self.q_proj = nn.Linear(d, n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(d, n_kv * head_dim, bias=False)
+        self.v_proj = nn.Linear(d, n_kv * head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, d, bias=False)
+
+    def forward(self, x, cos, sin, mask, past, impl):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)   # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)      # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        out, _ = attention(q, k, v, mask, impl)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, hidden, bias=False)
+        self.up_proj = nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, cfg: AgeVLMConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.self_attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.mlp = MLP(cfg.d_model, cfg.ffn_hidden)
+
+    def forward(self, x, cos, sin, mask, past, impl):
+        h, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past, impl)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), present
+
+
+class CrossAttention(nn.Module):
+    """q from text hidden states, k/v from projected image tokens (no RoPE: images are sets)."""
+
+    def __init__(self, d: int, n_heads: int, n_kv: int, head_dim: int):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = n_heads, n_kv, head_dim
+        self.q_proj = nn.Linear(d, n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(d, n_kv * head_dim, bias=False)
+        self.v_proj = nn.Linear(d, n_kv * head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, d, bias=False)
+
+    def kv(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """img [B,N,D] -> k, v [B,Hkv,N,hd]: computed once per image, reused for every token."""
+        B, N, _ = img.shape
+        k = self.k_proj(img).view(B, N, self.n_kv, self.hd).transpose(1, 2)
+        v = self.v_proj(img).view(B, N, self.n_kv, self.hd).transpose(1, 2)
+        return k, v
+
+    def forward(self, x, kv, impl, need_probs):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
+        out, probs = attention(q, kv[0], kv[1], None, impl, need_probs)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), probs
+
+
+class GatedXAttnBlock(nn.Module):
+    """Flamingo / Llama-3.2-Vision block; tanh gates start at 0 so the LM starts unchanged.
+
+        x = x + tanh(attn_gate) * XAttn(norm(x), image)
+        x = x + tanh(mlp_gate)  * MLP(norm(x))
+    """
+
+    def __init__(self, cfg: AgeVLMConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.attn = CrossAttention(cfg.d_model, cfg.xattn_heads, cfg.xattn_kv_heads, cfg.head_dim)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.mlp = MLP(cfg.d_model, cfg.ffn_hidden)
+        self.mlp_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, kv, impl, need_probs):
+        h, probs = self.attn(self.attn_norm(x), kv, impl, need_probs)
+        x = x + self.attn_gate.tanh() * h
+        return x + self.mlp_gate.tanh() * self.mlp(self.mlp_norm(x)), probs
+
+
+# ----------------------------------------------------------------------------- vision
+class ViTBlock(nn.Module):
+    def __init__(self, w: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(w), nn.LayerNorm(w)
+        self.qkv = nn.Linear(w, 3 * w)
+        self.proj = nn.Linear(w, w)
+        self.mlp = nn.Sequential(nn.Linear(w, 4 * w), nn.GELU(), nn.Linear(4 * w, w))
+
+    def forward(self, x):
+        B, N, W = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)                 # (B, h, N, W/h)
+        x = x + self.proj(out.transpose(1, 2).reshape(B, N, W))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTower(nn.Module):
+    """Small ViT: pixels [B,3,H,W] -> tokens [B,N,Wv], N = (H/patch)^2.
+
+    The conv stem (stride-2 conv+BatchNorm+GELU stages) gives a tiny tower the locality a
+    linear patch embedding lacks; measured in the prototype it decided how well the VLM saw.
+    """
+
+    def __init__(self, cfg: AgeVLMConfig):
+        super().__init__()
+        w = cfg.vision_width
+        if cfg.vision_stem == "conv":
+            stages, ch, layers = int(math.log2(cfg.patch_size)), 3, []
+            for s in range(stages):
+                out = w if s == stages - 1 else max(w // 2 ** (stages - 1 - s), 16)
+                layers += [nn.Conv2d(ch, out, 3, stride=2, padding=1, bias=False),
+                           nn.BatchNorm2d(out), nn.GELU()]
+                ch = out
+            layers.append(nn.Conv2d(w, w, 1))
+            self.stem = nn.Sequential(*layers)
+        else:
+            self.stem = nn.Conv2d(3, w, cfg.patch_size, stride=cfg.patch_size)
+        self.pos = nn.Parameter(torch.randn(1, cfg.n_image_tokens, w) * 0.02)
+        self.blocks = nn.ModuleList(ViTBlock(w, cfg.vision_heads) for _ in range(cfg.vision_layers))
+        self.norm = nn.LayerNorm(w)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.stem(pixels).flatten(2).transpose(1, 2) + self.pos   # (B, N, Wv)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+
+class Projector(nn.Module):
+    def __init__(self, w_in: int, d: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(w_in, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+# ----------------------------------------------------------------------------- decoder
+class Decoder(nn.Module):
+    """Llama decoder with gated cross-attention blocks placed by an explicit loop."""
+
+    def __init__(self, cfg: AgeVLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(LlamaLayer(cfg) for _ in range(cfg.n_layers))
+        self.xattn = nn.ModuleDict({str(i): GatedXAttnBlock(cfg) for i in cfg.cross_layers})
+        self.norm = RMSNorm(cfg.d_model, cfg.rms_eps)
+
+    def forward(self, h, positions, mask, cross_kv, past, impl, need_probs, need_hidden):
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        presents, probs, hidden = [], {}, []
+        for i, layer in enumerate(self.layers):
+            if str(i) in self.xattn and cross_kv is not None:
+                h, p = self.xattn[str(i)](h, cross_kv[str(i)], impl, need_probs)
+                if need_probs:
+                    probs[i] = p
+            h, present = layer(h, cos, sin, mask, past[i] if past else None, impl)
+            presents.append(present)
+            if need_hidden:
+                hidden.append(h)
+        return self.norm(h), presents, probs, hidden
+
+
+@dataclass
+class VLMOutput:
+    logits: torch.Tensor                                   # (B, T, vocab), text positions only
+    past_key_values: list = field(default_factory=list)    # per layer (k, v) [B,Hkv,S,hd]
+    xattn_probs: dict = field(default_factory=dict)        # layer -> [B,Hq,T,N] (eager only)
+    hidden_states: list = field(default_factory=list)      # per layer [B,S,D] (incl. image for concat)
+
+
+def attention_mask_4d(key_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """key_mask [B,S] (1 = real token) -> bool [B,1,T,S]: causal, padding-aware.
+
+    The last T keys are the queries. A query may always see itself, so a padding query never
+    has an all-masked row (its softmax would be NaN and leak through later layers).
+    """
+    S = key_mask.shape[1]
+    q_pos = torch.arange(S - q_len, S, device=key_mask.device)[:, None]      # (T, 1)
+    k_pos = torch.arange(S, device=key_mask.device)[None, :]                 # (1, S)
+    causal = k_pos <= q_pos
+    allowed = causal & key_mask.bool()[:, None, :]                           # (B, T, S)
+    return (allowed | (k_pos == q_pos))[:, None]
+
+
+class AgeVLM(nn.Module):
+    def __init__(self, cfg: AgeVLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionTower(cfg)
+        self.projector = Projector(cfg.vision_width, cfg.d_model)
+        self.decoder = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.decoder.embed_tokens.weight
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    # -- image side: computed once per image ------------------------------------------
+    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixels [B,3,H,W] -> projected image tokens [B,N,D]."""
+        return self.projector(self.vision(pixel_values))
+
+    def cross_kv(self, image_tokens: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per cross-attention layer K/V [B,Hkv,N,hd]; the decoder reuses them every step."""
+        return {k: blk.attn.kv(image_tokens) for k, blk in self.decoder.xattn.items()}
+
+    # -- one forward for training, prefill and decode ---------------------------------
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                image_tokens: torch.Tensor | None = None, cross_kv: dict | None = None,
+                attention_mask: torch.Tensor | None = None, past_key_values: list | None = None,
+                attn_impl: str = "fused", output_xattn: bool = False,
+                output_hidden: bool = False) -> VLMOutput:
+        """input_ids [B,T]; attention_mask [B, past+T] over text tokens (1 = real).
+
+        Image input, any one of: pixel_values, image_tokens [B,N,D], cross_kv (xattn only).
+        With past_key_values the image is already in the cache (concat) or in cross_kv.
+        """
+        cfg = self.cfg
+        B, T = input_ids.shape
+        if pixel_values is not None and image_tokens is None and (cross_kv is None or cfg.arch == "concat"):
+            image_tokens = self.image_tokens(pixel_values)
+        past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        h = self.decoder.embed_tokens(input_ids)
+        n_img = 0
+        if cfg.arch == "concat":
+            n_img = cfg.n_image_tokens if (past_key_values or image_tokens is not None) else 0
+            if image_tokens is not None and not past_key_values:
+                h = torch.cat([image_tokens, h], dim=1)               # (B, N+T, D)
+        elif cross_kv is None and image_tokens is not None:
+            cross_kv = self.cross_kv(image_tokens)
+        text_past = past_len - n_img if past_key_values else 0    # concat's cache holds the image
+        text_mask = attention_mask if attention_mask is not None else \
+            torch.ones(B, text_past + T, dtype=torch.long, device=input_ids.device)
+        key_mask = torch.cat([torch.ones(B, n_img, dtype=text_mask.dtype, device=h.device),
+                              text_mask], dim=1) if n_img else text_mask
+        q_len = h.shape[1]
+        positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+        mask = attention_mask_4d(key_mask, q_len)
+        need_probs = output_xattn
+        h, presents, probs, hidden = self.decoder(h, positions, mask, cross_kv, past_key_values,
+                                                  attn_impl, need_probs, output_hidden)
+        if cfg.arch == "concat" and not past_key_values and n_img:
+            h = h[:, n_img:]
+        return VLMOutput(self.lm_head(h), presents, probs, hidden)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 16,
+                 eos_id: int | None = None, attn_impl: str = "fused") -> torch.Tensor:
+        """Greedy decoding with a KV cache; image K/V (or image tokens) computed once."""
+        eos_id = self.cfg.eos_id if eos_id is None else eos_id
+        img = self.image_tokens(pixel_values) if pixel_values is not None else None
+        kv = self.cross_kv(img) if (img is not None and self.cfg.arch == "xattn") else None
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        out = self(input_ids, image_tokens=img, cross_kv=kv, attention_mask=mask, attn_impl=attn_impl)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        new = []
+        for _ in range(max_new_tokens):
+            nxt = out.logits[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, self.cfg.pad_id), nxt)
+            new.append(nxt)
+            done |= nxt == eos_id
+            if done.all():
+                break
+            mask = torch.cat([mask, (~done).long()[:, None] | 1], dim=1)
+            out = self(nxt[:, None], cross_kv=kv, attention_mask=mask,
+                       past_key_values=out.past_key_values, attn_impl=attn_impl)
+        return torch.stack(new, dim=1) if new else input_ids[:, :0]
+
+    def num_parameters(self, part: str | None = None) -> int:
+        mod = getattr(self, part) if part else self
+        return sum(p.numel() for p in mod.parameters())
+
+
+# ----------------------------------------------------------------------------- HF Llama
+_HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "d_model",
+              "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+              "num_key_value_heads": "n_kv_heads", "intermediate_size": "ffn_hidden",
+              "rope_theta": "rope_theta", "rms_norm_eps": "rms_eps",
+              "tie_word_embeddings": "tie_embeddings", "head_dim": "head_dim"}
+
+
+def lm_config_from_hf(hf: dict) -> dict:
+    """Our decoder fields from a Hugging Face Llama config.json (LlamaForCausalLM shapes)."""
+    if hf.get("model_type") not in ("llama", None) and "LlamaForCausalLM" not in hf.get("architectures", []):
+        raise ValueError(f"not a Llama-family config (model_type={hf.get('model_type')!r})")
+    if hf.get("rope_scaling"):
+        raise ValueError(f"rope_scaling {hf['rope_scaling']} is not supported yet")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError("attention/MLP biases are not supported (Llama has none)")
+    out = {ours: hf[theirs] for theirs, ours in _HF_FIELDS.items() if hf.get(theirs) is not None}
+    out["max_seq_len"] = min(int(hf.get("max_position_embeddings", 2048)), 8192)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if isinstance(hf.get(name), int):
+            out[name.replace("_token_id", "_id")] = hf[name]
+    return out
+
+
+def hf_llama_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights of a local HF Llama directory (safetensors only, sharded or not)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else ["model.safetensors"]
+    sd = {}
+    for f in files:
+        if not (path / f).is_file():
+            raise FileNotFoundError(f"{path / f} not found (only safetensors weights are loaded)")
+        sd.update(load_file(str(path / f)))
+    return sd
+
+
+def load_llama_weights(model: AgeVLM, sd: dict[str, torch.Tensor]) -> list[str]:
+    """Load HF LlamaForCausalLM weights into the decoder; returns the keys left at init."""
+    ours = {}
+    for k, v in sd.items():
+        if k.endswith("rotary_emb.inv_freq"):
+            continue
+        ours[k.replace("model.", "decoder.", 1) if k.startswith("model.") else k] = v
+    if model.cfg.tie_embeddings:
+        ours.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(ours, strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint keys the model does not have: {unexpected[:5]}")
+    lm_missing = [k for k in missing if k.startswith("decoder.") and not k.startswith("decoder.xattn.")]
+    if lm_missing or (not model.cfg.tie_embeddings and "lm_head.weight" in missing):
+        raise ValueError(f"checkpoint lacks language-model weights: {(lm_missing or ['lm_head.weight'])[:5]}")
+    return missing
+
+
+def from_pretrained_lm(path: str | Path, **vision_and_fusion) -> AgeVLM:
+    """An AgeVLM whose decoder is a local HF Llama checkpoint; the rest is freshly initialised."""
+    hf = json.loads((Path(path) / "config.json").read_text())
+    cfg = AgeVLMConfig(**{**lm_config_from_hf(hf), **vision_and_fusion})
+    model = AgeVLM(cfg)
+    load_llama_weights(model, hf_llama_state_dict(path))
+    return model

@@ -1,0 +1,119 @@
+"""The AGE-VLM network: HF Llama parity, eager/fused parity, KV cache, gates, padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agevlm_edge.model import (AgeVLM, AgeVLMConfig, attention, build_config, from_pretrained_lm)
+
+TINY = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
+            vocab_size=97, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=64)
+
+
+def _model(seed: int = 0, **kw) -> AgeVLM:
+    torch.manual_seed(seed)
+    return AgeVLM(AgeVLMConfig(**{**TINY, **kw})).eval()
+
+
+def _open_gates(m: AgeVLM, value: float = 0.7) -> None:
+    with torch.no_grad():
+        for blk in m.decoder.xattn.values():
+            blk.attn_gate.fill_(value)
+            blk.mlp_gate.fill_(value)
+
+
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_decoder_matches_transformers_llama(tmp_path, n_kv):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf_cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=n_kv, rope_theta=5000.0,
+                         rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=64)
+    hf = LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ours = from_pretrained_lm(tmp_path, image_size=32, patch_size=8, vision_width=32,
+                              vision_layers=1, vision_heads=2).eval()
+    assert ours.cfg.cross_layers == (1,) and ours.cfg.n_kv_heads == n_kv
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        # Gates start at 0: with an image the decoder is still exactly the pretrained LM.
+        got = ours(ids, pixel_values=torch.randn(2, 3, 32, 32)).logits
+        eager = ours(ids, attn_impl="eager").logits
+    assert (got - ref).abs().max().item() <= 1e-4
+    assert (eager - ref).abs().max().item() <= 1e-4
+
+
+def test_eager_and_fused_attention_agree_and_eager_returns_probabilities():
+    m = _model()
+    _open_gates(m)
+    ids = torch.randint(3, 97, (2, 9))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9])
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fused = m(ids, pixel_values=px, attention_mask=mask)
+        eager = m(ids, pixel_values=px, attention_mask=mask, attn_impl="eager", output_xattn=True)
+    assert (fused.logits - eager.logits).abs().max().item() < 1e-5
+    probs = eager.xattn_probs[1]
+    assert probs.shape == (2, 4, 9, 16)                       # [B, heads, text, image tokens]
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 4, 9), atol=1e-5)
+    q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
+    a, _ = attention(q, k, v, None, "fused")
+    b, p = attention(q, k, v, None, "eager", need_probs=True)
+    assert (a - b).abs().max() < 1e-5 and p.shape == (1, 4, 5, 7)
+
+
+@pytest.mark.parametrize("arch", ["xattn", "concat"])
+def test_kv_cache_and_precomputed_image_match_the_full_forward(arch):
+    m = _model(arch=arch)
+    _open_gates(m)
+    ids, px = torch.randint(3, 97, (2, 10)), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = m(ids, pixel_values=px).logits
+        img = m.image_tokens(px)
+        kv = m.cross_kv(img) if arch == "xattn" else None
+        a = m(ids[:, :6], image_tokens=img, cross_kv=kv)
+        b = m(ids[:, 6:], cross_kv=kv, past_key_values=a.past_key_values,
+              attention_mask=torch.ones(2, 10, dtype=torch.long))
+    assert full.shape == (2, 10, 97)
+    assert (torch.cat([a.logits, b.logits], 1) - full).abs().max().item() < 1e-5
+
+
+def test_gates_start_closed_and_open_gates_let_the_image_in():
+    m = _model()
+    ids = torch.randint(3, 97, (1, 6))
+    with torch.no_grad():
+        text_only = m(ids).logits
+        a = m(ids, pixel_values=torch.randn(1, 3, 32, 32)).logits
+        _open_gates(m)
+        b = m(ids, pixel_values=torch.randn(1, 3, 32, 32)).logits
+        c = m(ids, pixel_values=torch.randn(1, 3, 32, 32)).logits
+    assert torch.equal(a, text_only)
+    assert (b - c).abs().max() > 1e-6  # small (0.02-std init) but real
+
+
+@pytest.mark.parametrize("arch", ["xattn", "concat"])
+def test_left_padded_batch_generates_like_single_prompts(arch):
+    m = _model(arch=arch, seed=1)
+    _open_gates(m)
+    px = torch.randn(2, 3, 32, 32)
+    p0, p1 = torch.randint(3, 97, (1, 3)), torch.randint(3, 97, (1, 6))
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), p0], 1), p1])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6])
+    out = m.generate(batch, px, attention_mask=mask, max_new_tokens=6, eos_id=-1)
+    one = m.generate(p0, px[:1], max_new_tokens=6, eos_id=-1)
+    two = m.generate(p1, px[1:], max_new_tokens=6, eos_id=-1)
+    assert torch.equal(out, torch.cat([one, two]))
+
+
+def test_config_rejects_unknown_keys_and_places_cross_attention():
+    with pytest.raises(ValueError, match="unknown model config keys: wat"):
+        AgeVLMConfig.from_dict({"wat": 1})
+    assert build_config("tiny").cross_layers == (1, 3)
+    assert AgeVLMConfig(n_layers=6, xattn_every=1).cross_layers == (1, 2, 3, 4, 5)
+    assert AgeVLMConfig(xattn_layers=(0, 2)).cross_layers == (0, 2)
+    assert AgeVLMConfig(arch="concat").cross_layers == ()
+    cfg = AgeVLMConfig.from_dict(build_config("tiny").to_dict())
+    assert cfg == build_config("tiny")
