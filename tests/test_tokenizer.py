@@ -41,6 +41,7 @@ def test_cli_trains_on_a_data_dir_and_copies_a_pretrained_one(small_world, tmp_p
     assert "trained byte-level BPE" in proc.stdout
     tok = load_tokenizer(small_world)
     assert tok.get_vocab_size() <= 400 and tok.token_to_id("<|image|>") == 3
+    assert len(tok.encode(" yes").ids) == len(tok.encode(" no").ids) == 1  # answers are one token
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()
     (hf_dir / "tokenizer.json").write_text(train_bpe(TEXTS, 300).to_str())

@@ -18,14 +18,16 @@ SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|image|>"]
 
 
 def corpus(data_dir: str | os.PathLike, split: str = "train") -> list[str]:
-    """Every caption, question and answer of a split, in file order."""
+    """Every caption and question of a split as the model will see it (prompt + target), in
+    file order, so merges like " yes" are learnt in the form training and decoding use."""
+    from ..prompts import caption_prompt, question_prompt, target_text
     from .datadir import load_split
 
     texts = []
     for rec in load_split(data_dir, split):
-        texts.extend(c["text"] for c in rec.get("captions", []))
-        for q in rec.get("questions", []):
-            texts.extend((q["question"], q["answer"]))
+        texts.extend(caption_prompt() + target_text(c["text"]) for c in rec.get("captions", []))
+        texts.extend(question_prompt(q["question"]) + target_text(q["answer"])
+                     for q in rec.get("questions", []))
     return texts
 
 

@@ -1,0 +1,28 @@
+"""Prompt formats shared by training, evaluation and the device runtime (no torch here).
+
+A training text is prompt + target; the loss covers the target (and the end token) only.
+"""
+
+from __future__ import annotations
+
+CAPTION_PROMPT = "Caption:"
+
+
+def caption_prompt() -> str:
+    return CAPTION_PROMPT
+
+
+def question_prompt(question: str) -> str:
+    return f"Question: {question} Answer:"
+
+
+def target_text(answer: str) -> str:
+    """The target follows the prompt after one space (byte-level BPE keeps it in the token)."""
+    return " " + answer.strip()
+
+
+def parse_yes_no(answer: str) -> str:
+    """POPE's official parsing: first sentence; 'no' or 'not' -> no, else yes."""
+    text = answer.strip().split(".")[0].replace(",", " ").lower()
+    words = text.split()
+    return "no" if ("no" in words or "not" in words) else "yes"
