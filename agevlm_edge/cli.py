@@ -184,6 +184,56 @@ def data_tokenizer(data_dir, vocab_size, pretrained) -> None:
     click.echo(build_tokenizer(data_dir, vocab_size=vocab_size, pretrained=pretrained))
 
 
+# ----------------------------------------------------------------------------- train / eval
+@cli.command("train")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+              help="DATA DIR with tokenizer.json (see `agevlm data tokenizer`).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="RUN DIR to write.")
+@click.option("--preset", default="tiny", show_default=True, help="Recipe preset (stages and model).")
+@click.option("--variant", default="guided", show_default=True,
+              type=click.Choice(["guided", "ca", "concat"]),
+              help="guided: SAM-guided cross-attention (the paper); ca: same without the dice "
+                   "loss; concat: LLaVA-style concatenation baseline.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="YAML recipe instead of --preset (stages, model overrides; unknown keys are errors).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe field: seed=1, model.d_model=128, instruct.steps=50, "
+                   "mask_source=sam:vit_b.")
+@click.option("--scale", type=float, default=1.0, show_default=True,
+              help="Multiply every stage's steps (0.05 for a smoke run).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Start again, replacing an existing --out.")
+@click.option("--stop-at-step", type=int, default=None,
+              help="Checkpoint and stop at this global step, as an interrupted run would.")
+def train_cmd(data_dir, out, preset, variant, config_file, sets, scale, resume, overwrite,
+              stop_at_step) -> None:
+    """Staged training of AGE-VLM (or a baseline) on a DATA DIR."""
+    from .train.recipe import apply_sets, load_recipe, preset_recipe
+    from .train.loop import train
+
+    recipe = load_recipe(config_file) if config_file else preset_recipe(preset, variant, scale=scale)
+    recipe = apply_sets(recipe, _parse_sets(sets)) if sets else recipe
+    click.echo(train(data_dir, out, recipe, resume=resume, overwrite=overwrite,
+                     stop_at_step=stop_at_step))
+
+
+@cli.command("eval")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="RUN DIR (or, once export lands, an EXPORT DIR).")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="DATA DIR.")
+@click.option("--suite", default="pope,chair,grounding,itm,vqa", show_default=True,
+              help="Comma-separated suites: pope, chair, grounding, itm, vqa.")
+@click.option("--split", default="test", show_default=True, help="Split to evaluate.")
+@click.option("--limit", type=int, default=None, help="At most this many images per suite.")
+@click.option("--out", "out_json", type=click.Path(path_type=Path), help="Write results as JSON.")
+def eval_cmd(model_dir, data_dir, suite, split, limit, out_json) -> None:
+    """Evaluate a model: POPE, CHAIR, grounding, image-text matching, VQA."""
+    from .eval.suite import evaluate, format_report
+
+    results = evaluate(model_dir, data_dir, suite, out_json=out_json, limit=limit, split=split)
+    click.echo(format_report(results))
+
+
 def main() -> None:
     cli(prog_name="agevlm")
 

@@ -28,7 +28,7 @@ def test_wheel_maps_stage_folders_and_imports_them(tmp_path):
                     "-q", "-w", str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
     wheel = next((tmp_path / "dist").glob("agevlm_edge-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for pkg in ("train", "export", "quant", "data"):
+    for pkg in ("train", "export", "quant", "data", "eval"):
         assert f"agevlm_edge/{pkg}/__init__.py" in names
     assert not any(n.startswith(("train/", "export/", "quant/")) for n in names)
     target = tmp_path / "site"
@@ -43,7 +43,7 @@ def test_wheel_maps_stage_folders_and_imports_them(tmp_path):
 
 def test_help_lists_every_command_and_version():
     out = run_cli("--help", check_rc=0).stdout
-    for cmd in ("pipeline", "data"):
+    for cmd in ("pipeline", "data", "train", "eval"):
         assert cmd in out
     data = run_cli("data", "--help", check_rc=0).stdout
     for cmd in ("synth", "import", "masks", "tokenizer"):

@@ -1,0 +1,136 @@
+"""Training: dice loss, recipes, exact resume, and 2-process data parallelism over gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from agevlm_edge.train.losses import dice_loss_sum, phrase_maps
+from agevlm_edge.train.recipe import apply_sets, preset_recipe, recipe_from_dict
+from conftest import assert_one_line_error, run_cli
+
+SMALL_MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 64,
+               "vision_width": 32, "vision_layers": 1, "vision_heads": 2, "xattn_layers": [1]}
+
+
+def _recipe(stages: list[dict], **kw) -> dict:
+    return {"variant": "guided", "seed": 5, "model": SMALL_MODEL, "log_every": 1,
+            "checkpoint_every": 1000, "stages": stages, **kw}
+
+
+STAGES = [
+    {"name": "lm", "kind": "lm", "train": ["lm"], "steps": 4, "batch_size": 8, "lr": 3e-3, "warmup": 1},
+    {"name": "vision", "kind": "vision", "train": ["vision"], "steps": 3, "batch_size": 8, "lr": 2e-3},
+    {"name": "guided", "kind": "vlm", "train": ["projector", "xattn"], "steps": 4, "batch_size": 8,
+     "lr": 2e-3, "warmup": 1, "questions": 1.0, "dice_weight": 1.0, "dice_fraction": 0.5},
+]
+
+
+@pytest.fixture(scope="module")
+def world(small_world):
+    if not (small_world / "tokenizer.json").is_file():
+        run_cli("data", "tokenizer", "--data", small_world, check_rc=0)
+    return small_world
+
+
+def test_dice_is_zero_exactly_when_attention_spreads_over_the_mask():
+    mask = torch.tensor([[[0.0, 1.0, 1.0, 0.5]]])                       # (B, P, N)
+    valid = torch.ones(1, 1, dtype=torch.bool)
+    perfect = mask / mask.sum(-1, keepdim=True)                            # a' = m
+    s, n = dice_loss_sum(perfect, mask, valid)
+    assert n.item() == 1 and abs(s.item()) < 1e-6
+    peak = torch.tensor([[[0.0, 1.0, 0.0, 0.0]]])                          # all on one patch
+    uniform = torch.full((1, 1, 4), 0.25)
+    off = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])
+    losses = [dice_loss_sum(m, mask, valid)[0].item() for m in (peak, uniform, off)]
+    # peak: a' = [0, 2.5, 0, 0]; 1 - 2*2.5 / (6.25 + 2.25) = 0.41176...
+    assert losses[0] == pytest.approx(1 - 5 / 8.5, abs=1e-5)
+    assert 0 < losses[0] and 0 < losses[1] < 1 and losses[2] == pytest.approx(1.0)
+    assert dice_loss_sum(off, mask, torch.zeros(1, 1, dtype=torch.bool))[1].item() == 0
+
+
+def test_phrase_maps_average_heads_layers_and_tokens():
+    probs = {1: torch.zeros(1, 2, 3, 4), 3: torch.zeros(1, 2, 3, 4)}
+    probs[1][0, :, 0, 0] = 1
+    probs[3][0, :, 1, 1] = 1
+    weights = torch.tensor([[[0.5, 0.5, 0.0]]])
+    maps = phrase_maps(probs, (), weights)
+    assert torch.allclose(maps, torch.tensor([[[0.25, 0.25, 0.0, 0.0]]]))
+    assert torch.allclose(phrase_maps(probs, (3,), weights), torch.tensor([[[0.0, 0.5, 0.0, 0.0]]]))
+
+
+def test_variants_are_one_switch_apart():
+    g, ca, cc = (preset_recipe("tiny", v) for v in ("guided", "ca", "concat"))
+    assert [s.name for s in g.stages] == ["lm", "vision", "align", "guided", "instruct"]
+    assert g.stages[3].dice_weight > 0 and g.stages[3].dice_fraction == 0.1
+    assert all(s.dice_weight == 0 for s in ca.stages)
+    assert [s.steps for s in ca.stages] == [s.steps for s in g.stages]
+    assert cc.model == {"arch": "concat"} and not any("xattn" in s.train for s in cc.stages)
+    r = apply_sets(g, {"guided.dice_weight": "2.5", "seed": "7", "model.d_model": "128"})
+    assert r.stages[3].dice_weight == 2.5 and r.seed == 7 and r.model["d_model"] == 128
+
+
+def test_bad_recipes_fail_with_one_line(tmp_path, world):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_recipe(STAGES[:1], colour="red")))
+    assert_one_line_error(run_cli("train", "--data", world, "--out", tmp_path / "r", "--config", bad),
+                          "unknown recipe keys: colour")
+    bad.write_text(yaml.safe_dump(_recipe([{**STAGES[0], "stpes": 3}])))
+    assert_one_line_error(run_cli("train", "--data", world, "--out", tmp_path / "r", "--config", bad),
+                          "unknown keys stpes")
+    bad.write_text(yaml.safe_dump(_recipe([{**STAGES[0], "train": ["brain"]}])))
+    assert_one_line_error(run_cli("train", "--data", world, "--out", tmp_path / "r", "--config", bad),
+                          "train must list groups")
+    assert_one_line_error(run_cli("train", "--data", world, "--out", tmp_path / "r", "--set",
+                                  "nostage.steps=3"), "no recipe field or stage named 'nostage'")
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, world):
+    from agevlm_edge.train.loop import train
+
+    recipe = recipe_from_dict(_recipe(STAGES))
+    train(world, tmp_path / "a", recipe, limit=64)
+    msg = train(world, tmp_path / "b", recipe, stop_at_step=9, limit=64)   # inside the vlm stage
+    assert "stopped at global step 9" in msg
+    assert json.loads((tmp_path / "b" / "training_state" / "state.json").read_text())["global_step"] == 9
+    train(world, tmp_path / "b", recipe, resume=True, limit=64)
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    logs = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]  # noqa: E731
+    assert strip(logs(tmp_path / "a")) == strip(logs(tmp_path / "b"))
+
+
+def test_two_process_gloo_loss_equals_single_process(tmp_path, world):
+    stages = [STAGES[0], {**STAGES[2], "dice_fraction": 1.0}]
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump(_recipe(stages)))
+    base = ["-m", "agevlm_edge.cli", "train", "--data", str(world), "--config", str(cfg)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, *base, "--out", str(tmp_path / "single")], check=True,
+                   capture_output=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port=29533", *base, "--out", str(tmp_path / "ddp")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def losses(p):
+        rows = [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]
+        return [(r["stage"], r["step"], r["lm_loss"], r.get("dice_loss")) for r in rows if "lm_loss" in r]
+
+    single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert len(single) == len(ddp) == 8
+    for s, d in zip(single, ddp):
+        assert s[:2] == d[:2]
+        assert s[2] == pytest.approx(d[2], abs=1e-4)
+        assert (s[3] is None) == (d[3] is None) and (s[3] is None or s[3] == pytest.approx(d[3], abs=1e-4))

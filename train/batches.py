@@ -1,0 +1,136 @@
+"""Training data from a DATA DIR: images as uint8 tensors, encoded captions with grounded
+phrases (token indices + mask grids), encoded questions, image-level labels.
+
+Text layout: agevlm_edge.eval.text.encode_with_spans, shared with evaluation and the runtime
+([bos] + prompt + target + [eos]). The loss covers the target tokens and eos; for LM
+pretraining it covers everything after bos.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from agevlm_edge.data.datadir import decode_mask, load_meta, load_split
+from agevlm_edge.eval.grounding import mask_to_grid
+from agevlm_edge.eval.text import encode_with_spans, prompt_ids
+from agevlm_edge.prompts import caption_prompt, question_prompt
+
+IGNORE = -100
+
+
+@dataclass
+class Sample:
+    image: int                      # row in SplitData.images
+    ids: list[int]
+    prompt_len: int                 # tokens before the target (bos + prompt)
+    phrases: list = field(default_factory=list)   # [(token indices, mask grid [N] float32)]
+
+
+@dataclass
+class SplitData:
+    images: torch.Tensor            # uint8 [n, 3, S, S]
+    labels: torch.Tensor            # float [n, C + C*K]: class presence, class-colour presence
+    captions: list[Sample]
+    questions: list[Sample]
+    records: list[dict]
+
+
+def _load_images(data_dir: Path, records: list[dict], size: int) -> torch.Tensor:
+    def one(rec):
+        im = Image.open(data_dir / rec["file"]).convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+
+    with ThreadPoolExecutor(4) as pool:
+        arrays = list(pool.map(one, records))
+    return torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+
+
+def _labels(records: list[dict], classes: list[str], colours: list[str]) -> torch.Tensor:
+    C, K = len(classes), len(colours)
+    y = np.zeros((len(records), C + C * K), np.float32)
+    ci, ki = {c: i for i, c in enumerate(classes)}, {k: i for i, k in enumerate(colours)}
+    for r, rec in enumerate(records):
+        for ob in rec["objects"]:
+            if ob["class"] in ci:
+                y[r, ci[ob["class"]]] = 1
+                if ob.get("colour") in ki:
+                    y[r, C + ci[ob["class"]] * K + ki[ob["colour"]]] = 1
+    return torch.from_numpy(y)
+
+
+def _extra_masks(data_dir: Path, split: str, source: str) -> dict[tuple[str, int], dict] | None:
+    """Masks from masks/<source>/<split>.jsonl (e.g. sam:vit_b), keyed by (image_id, object)."""
+    if source == "rendered" or source == "annotation":
+        return None
+    from agevlm_edge.data.datadir import read_jsonl
+
+    path = data_dir / "masks" / source.replace(":", "_") / f"{split}.jsonl"
+    return {(r["image_id"], r["object"]): r["mask"] for r in read_jsonl(path, f"{source} masks")}
+
+
+def load_split_data(data_dir: str | Path, split: str, tokenizer, image_size: int, patch: int,
+                    mask_source: str = "rendered", limit: int | None = None,
+                    bos: int = 1, eos: int = 2) -> SplitData:
+    data_dir = Path(data_dir)
+    meta = load_meta(data_dir)
+    records = load_split(data_dir, split)[:limit]
+    vocab = meta["vocabulary"]
+    classes, colours = list(vocab["classes"]), list(vocab.get("colours", []))
+    grid = image_size // patch
+    extra = _extra_masks(data_dir, split, mask_source)
+    cap_prompt_len = len(prompt_ids(tokenizer, caption_prompt(), bos))
+    captions, questions = [], []
+    for i, rec in enumerate(records):
+        for cap in rec.get("captions", []):
+            spans = [(ph["start"], ph["end"]) for ph in cap["phrases"]]
+            ids, idx = encode_with_spans(tokenizer, caption_prompt(), cap["text"], spans,
+                                         bos_id=bos, eos_id=eos)
+            phrases = []
+            for ph, toks in zip(cap["phrases"], idx):
+                m = np.zeros((rec["height"], rec["width"]), bool)
+                for o in ph["objects"]:
+                    rle = extra.get((rec["image_id"], o)) if extra is not None else rec["objects"][o].get("mask")
+                    if rle is not None:
+                        m |= decode_mask(rle)
+                if toks and m.any():
+                    phrases.append((toks, mask_to_grid(m, grid).reshape(-1)))
+            captions.append(Sample(i, ids, cap_prompt_len, phrases))
+        for q in rec.get("questions", []):
+            prompt = question_prompt(q["question"])
+            ids, _ = encode_with_spans(tokenizer, prompt, q["answer"], (), bos_id=bos, eos_id=eos)
+            questions.append(Sample(i, ids, len(prompt_ids(tokenizer, prompt, bos))))
+    return SplitData(_load_images(data_dir, records, image_size), _labels(records, classes, colours),
+                     captions, questions, records)
+
+
+def collate(samples: list[Sample], pad_id: int, n_patches: int, lm_only: bool = False) -> dict:
+    """Right-padded batch: input_ids, labels (targets only), attention_mask, image rows, and
+    phrase tensors for the dice loss (token weights [B,P,T], masks [B,P,N], valid [B,P])."""
+    B, T = len(samples), max(len(s.ids) for s in samples)
+    P = max([len(s.phrases) for s in samples] + [1])
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    attn = torch.zeros(B, T, dtype=torch.long)
+    weights, masks = torch.zeros(B, P, T), torch.zeros(B, P, n_patches)
+    valid = torch.zeros(B, P, dtype=torch.bool)
+    for b, s in enumerate(samples):
+        n = len(s.ids)
+        ids[b, :n] = torch.tensor(s.ids)
+        attn[b, :n] = 1
+        start = 1 if lm_only else s.prompt_len
+        labels[b, start:n] = ids[b, start:n]
+        for p, (toks, grid) in enumerate(s.phrases):
+            weights[b, p, toks] = 1.0 / len(toks)
+            masks[b, p] = torch.from_numpy(grid)
+            valid[b, p] = True
+    return {"input_ids": ids, "labels": labels, "attention_mask": attn,
+            "image": torch.tensor([s.image for s in samples]), "phrase_weights": weights,
+            "phrase_masks": masks, "phrase_valid": valid}

@@ -1,0 +1,366 @@
+"""`agevlm train`: staged training with exact resume and optional data parallelism.
+
+Determinism: every step's batch comes from a generator seeded by (seed, stage, step), and
+nothing else draws random numbers during training, so a run stopped at step k and resumed
+reaches bit-identical weights. Data parallelism (torchrun, gloo) splits each global batch
+across ranks and normalises losses by global counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from agevlm_edge.checkpoint import save_model_files
+from agevlm_edge.data.datadir import load_meta
+from agevlm_edge.data.tokenizer import load_tokenizer
+from agevlm_edge.errors import BadInput
+from agevlm_edge.fsutil import staged_dir, write_json_atomic
+from agevlm_edge.model import AgeVLM, build_config
+from agevlm_edge.preprocess import Preprocessor
+
+from .batches import SplitData, collate, load_split_data
+from .recipe import Recipe, Stage
+from .steps import LMStep, VisionHead, VisionStep, VLMStep
+
+VAL_LIMIT = 300
+
+
+# ----------------------------------------------------------------------------- distributed
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().clone().float()
+    if _world()[1] > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def _maybe_init_distributed() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+        torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------- schedule
+def lr_at(stage: Stage, step: int) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio (a pure function of the step)."""
+    if stage.warmup and step < stage.warmup:
+        return stage.lr * (step + 1) / stage.warmup
+    t = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+    return stage.lr * (stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _generator(seed: int, stage_idx: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + stage_idx * 100_003 + step)
+
+
+def set_trainable(model: AgeVLM, groups: tuple) -> list[torch.nn.Parameter]:
+    parts = {"vision": [model.vision], "projector": [model.projector],
+             "xattn": [model.decoder.xattn],
+             "lm": [model.decoder.embed_tokens, model.decoder.layers, model.decoder.norm, model.lm_head]}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for g in groups:
+        for mod in parts[g]:
+            for p in mod.parameters():
+                p.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------- the run
+class Run:
+    """Holds the model, data and state of one training run; each stage kind has a `_step_*`."""
+
+    def __init__(self, data_dir: Path, out: Path, recipe: Recipe, limit: int | None):
+        meta = load_meta(data_dir)
+        tok_path = data_dir / "tokenizer.json"
+        if not tok_path.is_file():
+            raise BadInput(f"{data_dir} has no tokenizer.json; run `agevlm data tokenizer --data {data_dir}`")
+        self.tok, self.data_dir, self.out, self.recipe = load_tokenizer(tok_path), data_dir, out, recipe
+        size = int(meta["generator"].get("config", {}).get("image_size", 64)) if meta.get("name") == "synth" else 64
+        ids = {k: self.tok.token_to_id(f"<|{k}|>") for k in ("pad", "bos", "eos")}
+        overrides = {"vocab_size": self.tok.get_vocab_size(), "image_size": size,
+                     "pad_id": ids["pad"], "bos_id": ids["bos"], "eos_id": ids["eos"], **recipe.model}
+        try:
+            self.cfg = build_config("tiny", **overrides)
+        except (TypeError, ValueError) as e:
+            raise BadInput(f"model settings: {e}") from None
+        torch.manual_seed(recipe.seed)
+        self.model = AgeVLM(self.cfg)
+        self.pre = Preprocessor(self.cfg.image_size)
+        self.classes = list(meta["vocabulary"]["classes"])
+        self.n_labels = len(self.classes) * (1 + len(meta["vocabulary"].get("colours", [])))
+        self.head = VisionHead(self.cfg.vision_width, self.n_labels)
+        args = (self.tok, self.cfg.image_size, self.cfg.patch_size, recipe.mask_source)
+        ids = dict(bos=self.cfg.bos_id, eos=self.cfg.eos_id)
+        self.train_data = load_split_data(data_dir, "train", *args, limit=limit, **ids)
+        self.val_data = load_split_data(data_dir, "val", *args, limit=VAL_LIMIT, **ids) \
+            if "val" in meta["splits"] else self.train_data
+        self.feats: dict[str, torch.Tensor] = {}
+        self.state = {"stage": 0, "step": 0, "global_step": 0}
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    # -- data --------------------------------------------------------------------------
+    def pixels(self, data: SplitData, rows: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.pre.normalize(data.images[rows].numpy()))
+
+    @torch.no_grad()
+    def cache_features(self) -> None:
+        """Frozen vision tower features of every train/val image, computed once."""
+        self.model.vision.eval()
+        for name, data in (("train", self.train_data), ("val", self.val_data)):
+            chunks = [self.model.vision(self.pixels(data, torch.arange(i, min(i + 256, len(data.images)))))
+                      for i in range(0, len(data.images), 256)]
+            self.feats[name] = torch.cat(chunks)
+
+    def _shard(self, idx: torch.Tensor) -> torch.Tensor:
+        rank, world = _world()
+        return idx[rank::world]
+
+    # -- one step per stage kind -------------------------------------------------------
+    def step_lm(self, ddp, stage: Stage, g: torch.Generator) -> dict:
+        pool = self.train_data.captions + self.train_data.questions
+        idx = self._shard(torch.randint(len(pool), (stage.batch_size,), generator=g))
+        batch = collate([pool[i] for i in idx], self.cfg.pad_id, self.cfg.n_image_tokens, lm_only=True)
+        out = ddp(batch)
+        n = _all_sum(out["lm_count"])
+        loss = out["lm_sum"] / n * _world()[1]
+        return {"loss": loss, "lm_loss": _all_sum(out["lm_sum"]) / n}
+
+    def step_vision(self, ddp, stage: Stage, g: torch.Generator) -> dict:
+        idx = self._shard(torch.randint(len(self.train_data.images), (stage.batch_size,), generator=g))
+        out = ddp(self.pixels(self.train_data, idx), self.train_data.labels[idx])
+        n = _all_sum(out["count"])
+        return {"loss": out["loss_sum"] / n * _world()[1], "bce": _all_sum(out["loss_sum"]) / n}
+
+    def step_vlm(self, ddp, stage: Stage, g: torch.Generator) -> dict:
+        d = self.train_data
+        n_cap = round(stage.batch_size * stage.captions / (stage.captions + stage.questions))
+        caps = torch.randint(max(len(d.captions), 1), (n_cap,), generator=g) if n_cap else torch.zeros(0, dtype=torch.long)
+        qs = torch.randint(max(len(d.questions), 1), (stage.batch_size - n_cap,), generator=g)
+        dice_pick = torch.rand(n_cap, generator=g) < stage.dice_fraction
+        samples = []
+        for i, pick in zip(caps.tolist(), dice_pick.tolist()):
+            s = d.captions[i]
+            samples.append(s if (pick and stage.dice_weight > 0) else type(s)(s.image, s.ids, s.prompt_len))
+        samples += [d.questions[i] for i in qs.tolist()]
+        samples = [samples[i] for i in self._shard(torch.arange(len(samples)))]
+        batch = collate(samples, self.cfg.pad_id, self.cfg.n_image_tokens)
+        with_dice = stage.dice_weight > 0 and self.cfg.arch == "xattn"
+        out = ddp(self.feats["train"][batch["image"]], batch, with_dice)
+        n = _all_sum(out["lm_count"])
+        loss = out["lm_sum"] / n * _world()[1]
+        logs = {"lm_loss": _all_sum(out["lm_sum"]) / n}
+        if with_dice:
+            nd = _all_sum(out["dice_count"])
+            if nd > 0:
+                loss = loss + stage.dice_weight * out["dice_sum"] / nd * _world()[1]
+                logs["dice_loss"] = _all_sum(out["dice_sum"]) / nd
+        return {"loss": loss, **logs}
+
+    # -- validation --------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, stage: Stage) -> dict:
+        self.model.eval()
+        v = self.val_data
+        if stage.kind == "vision":
+            logits = torch.cat([self.head(self.model.vision(self.pixels(v, torch.arange(i, min(i + 256, len(v.images))))))
+                                for i in range(0, len(v.images), 256)])
+            C = len(self.classes)
+            return {"class_f1": _f1(logits[:, :C] > 0, v.labels[:, :C] > 0),
+                    "class_colour_f1": _f1(logits[:, C:] > 0, v.labels[:, C:] > 0)}
+        res = {}
+        feats = self.feats.get("val") if stage.kind == "vlm" else None
+        for name, pool in (("caption", v.captions), ("question", v.questions)):
+            pool = pool[:VAL_LIMIT]
+            if not pool:
+                continue
+            batch = collate(pool, self.cfg.pad_id, self.cfg.n_image_tokens, lm_only=stage.kind == "lm")
+            img = self.model.projector(feats[batch["image"]]) if feats is not None else None
+            out = self.model(batch["input_ids"], image_tokens=img, attention_mask=batch["attention_mask"])
+            s, n = _lm(out.logits, batch["labels"])
+            res[f"val_{name}_loss"] = round(float(s / n), 4)
+            if name == "question" and stage.kind == "vlm":
+                res["val_yesno_acc"] = self._yes_no_accuracy(out.logits, batch, pool)
+        return res
+
+    def _yes_no_accuracy(self, logits, batch, pool) -> float:
+        """Existence questions: does the first answer token prefer the right one of yes/no?"""
+        yes, no = self.tok.encode(" yes").ids[0], self.tok.encode(" no").ids[0]
+        if yes == no:
+            raise BadInput("the tokenizer does not tell ' yes' from ' no' by their first token; "
+                           "retrain it with `agevlm data tokenizer`")
+        hits = []
+        for b, s in enumerate(pool):
+            if s.ids[s.prompt_len] in (yes, no):
+                pred = logits[b, s.prompt_len - 1]
+                hits.append(int((pred[yes] > pred[no]) == (s.ids[s.prompt_len] == yes)))
+        return round(float(np.mean(hits)), 4) if hits else float("nan")
+
+    # -- checkpoints -------------------------------------------------------------------
+    def save(self, final: bool = False) -> None:
+        if _world()[0] != 0:
+            return
+        from safetensors.torch import save_file
+
+        with staged_dir(self.out / "training_state", overwrite=True) as tmp:
+            sd = {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()
+                  if not (self.cfg.tie_embeddings and k == "lm_head.weight")}
+            save_file(sd, str(tmp / "model.safetensors"))
+            save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(tmp / "head.safetensors"))
+            if self.optimizer is not None:
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            write_json_atomic(tmp / "state.json", self.state)
+        save_model_files(self.out, self.model, self.tok, self.pre,
+                         {"recipe": self.recipe.to_dict(), "state": self.state, "final": final,
+                          "data": str(self.data_dir)})
+
+    def load(self) -> None:
+        from safetensors.torch import load_file
+
+        ts = self.out / "training_state"
+        if not (ts / "state.json").is_file():
+            raise BadInput(f"--resume: {self.out} has no training_state/ to resume from")
+        self.model.load_state_dict(load_file(str(ts / "model.safetensors")), strict=False)
+        self.head.load_state_dict(load_file(str(ts / "head.safetensors")))
+        self.state = json.loads((ts / "state.json").read_text())
+        self._resume_opt = torch.load(ts / "optimizer.pt", weights_only=True) if (ts / "optimizer.pt").is_file() else None
+        _truncate_metrics(self.out / "metrics.jsonl", self.state["global_step"])
+
+    def log(self, row: dict) -> None:
+        if _world()[0] == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+
+    # -- stages ------------------------------------------------------------------------
+    def run_stage(self, si: int, stage: Stage, stop_at: int | None, bar) -> bool:
+        """Train one stage from self.state['step']; False if stopped early at ``stop_at``."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        params = set_trainable(self.model, stage.train)
+        if stage.kind == "vision":
+            for p in self.head.parameters():
+                p.requires_grad_(True)
+            params += list(self.head.parameters())
+            module = VisionStep(self.model, self.head)
+        elif stage.kind == "lm":
+            module = LMStep(self.model)
+        else:
+            if not self.feats:
+                self.cache_features()
+            module = VLMStep(self.model, tuple(stage.dice_layers))
+        self.optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay,
+                                           betas=(0.9, 0.95))
+        if getattr(self, "_resume_opt", None) is not None:
+            self.optimizer.load_state_dict(self._resume_opt)
+            self._resume_opt = None
+        ddp = DDP(module) if _world()[1] > 1 else module
+        step_fn = {"lm": self.step_lm, "vision": self.step_vision, "vlm": self.step_vlm}[stage.kind]
+        t0, seen = time.perf_counter(), 0
+        while self.state["step"] < stage.steps:
+            step = self.state["step"]
+            self.model.train()
+            if stage.kind != "vision":
+                self.model.vision.eval()  # frozen BatchNorm statistics
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(stage, step)
+            out = step_fn(ddp, stage, _generator(self.recipe.seed, si, step))
+            self.optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            self.optimizer.step()
+            self.state["step"] += 1
+            self.state["global_step"] += 1
+            seen += stage.batch_size
+            bar.update(1)
+            if self.state["step"] % self.recipe.log_every == 0 or self.state["step"] == stage.steps:
+                row = {k: round(float(v.detach()), 5) for k, v in out.items()}
+                row.update(stage=stage.name, step=self.state["step"], global_step=self.state["global_step"],
+                           lr=lr_at(stage, step), samples_per_s=round(seen / (time.perf_counter() - t0), 1))
+                self.log(row)
+                bar.set_postfix(stage=stage.name, loss=f"{row['loss']:.3f}")
+            if stop_at is not None and self.state["global_step"] >= stop_at:
+                self.save()
+                return False
+            if self.state["step"] % self.recipe.checkpoint_every == 0 and self.state["step"] < stage.steps:
+                self.save()
+        val = self.validate(stage)
+        self.log({"stage": stage.name, "global_step": self.state["global_step"], "val": val})
+        bar.write(f"[train] stage {stage.name} done: {val}")
+        self.state.update(stage=si + 1, step=0)
+        self.optimizer = None
+        self.save(final=si + 1 == len(self.recipe.stages))
+        return True
+
+
+def _lm(logits, labels):
+    from .losses import lm_loss_sum
+
+    return lm_loss_sum(logits, labels)
+
+
+def _f1(pred: torch.Tensor, true: torch.Tensor) -> float:
+    tp = (pred & true).sum().item()
+    p, t = pred.sum().item(), true.sum().item()
+    return round(2 * tp / (p + t), 4) if p + t else 0.0
+
+
+def _truncate_metrics(path: Path, global_step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be redone)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines()
+            if ln.strip() and json.loads(ln).get("global_step", 0) <= global_step]
+    from agevlm_edge.fsutil import write_text_atomic
+
+    write_text_atomic(path, "".join(ln + "\n" for ln in keep))
+
+
+def train(data_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, resume: bool = False,
+          overwrite: bool = False, stop_at_step: int | None = None, limit: int | None = None) -> str:
+    """Run (or resume) every stage of ``recipe``; returns a one-line summary."""
+    from tqdm import tqdm
+
+    _maybe_init_distributed()
+    data_dir, out = Path(data_dir), Path(out)
+    rank, world = _world()
+    if any(st.batch_size % world for st in recipe.stages):
+        raise BadInput(f"every stage's batch_size must be divisible by the {world} processes")
+    if not resume and out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise BadInput(f"run directory {out} already exists; pass --resume to continue it, "
+                           "--overwrite to start again, or choose another --out")
+        if rank == 0:
+            shutil.rmtree(out)
+    if world > 1:
+        dist.barrier()
+    run = Run(data_dir, out, recipe, limit)
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        run.load()
+    total = sum(st.steps for st in recipe.stages)
+    t0 = time.perf_counter()
+    with tqdm(total=total, initial=run.state["global_step"], desc="train", unit="step",
+              disable=None if rank == 0 else True) as bar:
+        for si, stage in enumerate(recipe.stages):
+            if si < run.state["stage"]:
+                continue
+            if stage.kind == "vlm" and not run.feats:
+                run.cache_features()
+            if not run.run_stage(si, stage, stop_at_step, bar):
+                return f"stopped at global step {run.state['global_step']} (checkpoint in {out}/training_state)"
+    return (f"trained {recipe.variant} ({run.model.num_parameters() / 1e6:.2f}M params) for "
+            f"{run.state['global_step']} steps in {time.perf_counter() - t0:.0f}s -> {out}")

@@ -1,0 +1,74 @@
+"""One nn.Module per stage kind that returns loss *sums* and counts for a batch.
+
+Wrapping the whole step in a module lets DistributedDataParallel see every trainable
+parameter inside one forward, and returning sums lets ranks normalise by global counts, so a
+2-process run computes exactly the single-process loss of the same global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from agevlm_edge.model import AgeVLM
+
+from .losses import dice_loss_sum, lm_loss_sum, phrase_maps
+
+
+class VisionHead(nn.Module):
+    """Image-level labels from token logits pooled by log-sum-exp (a smooth max).
+
+    Only image-level labels are used (no masks), so grounding is not taught to any variant
+    here; the smooth max still lets each label be carried by the tokens where it is visible.
+    """
+
+    def __init__(self, width: int, n_labels: int):
+        super().__init__()
+        self.fc = nn.Linear(width, n_labels)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:          # (B, N, W) -> (B, L)
+        logits = self.fc(tokens)                                        # (B, N, L)
+        return torch.logsumexp(logits, dim=1) - torch.log(torch.tensor(float(tokens.shape[1])))
+
+
+class VisionStep(nn.Module):
+    def __init__(self, model: AgeVLM, head: VisionHead):
+        super().__init__()
+        self.vision, self.head = model.vision, head
+
+    def forward(self, pixels: torch.Tensor, labels: torch.Tensor) -> dict:
+        logits = self.head(self.vision(pixels))
+        loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / labels.shape[1]
+        return {"loss_sum": loss, "count": torch.tensor(labels.shape[0]), "logits": logits.detach()}
+
+
+class LMStep(nn.Module):
+    def __init__(self, model: AgeVLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> dict:
+        out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        s, n = lm_loss_sum(out.logits, batch["labels"])
+        return {"lm_sum": s, "lm_count": n}
+
+
+class VLMStep(nn.Module):
+    """Projector (+ cross-attention or concatenation) on cached frozen vision features."""
+
+    def __init__(self, model: AgeVLM, dice_layers: tuple = ()):
+        super().__init__()
+        self.model, self.dice_layers = model, dice_layers
+
+    def forward(self, feats: torch.Tensor, batch: dict, with_dice: bool) -> dict:
+        img = self.model.projector(feats)
+        out = self.model(batch["input_ids"], image_tokens=img, attention_mask=batch["attention_mask"],
+                         attn_impl="eager" if with_dice else "fused", output_xattn=with_dice)
+        s, n = lm_loss_sum(out.logits, batch["labels"])
+        res = {"lm_sum": s, "lm_count": n}
+        if with_dice:
+            maps = phrase_maps(out.xattn_probs, self.dice_layers, batch["phrase_weights"])
+            res["dice_sum"], res["dice_count"] = dice_loss_sum(maps, batch["phrase_masks"],
+                                                               batch["phrase_valid"])
+        return res
