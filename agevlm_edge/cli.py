@@ -226,11 +226,19 @@ def train_cmd(data_dir, out, preset, variant, config_file, sets, scale, resume, 
 @click.option("--split", default="test", show_default=True, help="Split to evaluate.")
 @click.option("--limit", type=int, default=None, help="At most this many images per suite.")
 @click.option("--out", "out_json", type=click.Path(path_type=Path), help="Write results as JSON.")
-def eval_cmd(model_dir, data_dir, suite, split, limit, out_json) -> None:
+@click.option("--bnb", type=click.Choice(["int8", "nf4"]), default=None,
+              help="Evaluate a bitsandbytes variant of the RUN DIR (reference for GPU users).")
+def eval_cmd(model_dir, data_dir, suite, split, limit, out_json, bnb) -> None:
     """Evaluate a model: POPE, CHAIR, grounding, image-text matching, VQA."""
     from .eval.suite import evaluate, format_report
 
-    results = evaluate(model_dir, data_dir, suite, out_json=out_json, limit=limit, split=split)
+    if bnb:
+        from .quant.bnb import evaluate_bnb
+
+        results = evaluate_bnb(model_dir, data_dir, bnb, suites=suite, out_json=out_json,
+                               limit=limit, split=split)
+    else:
+        results = evaluate(model_dir, data_dir, suite, out_json=out_json, limit=limit, split=split)
     click.echo(format_report(results))
 
 

@@ -43,7 +43,7 @@ class AgeVLMConfig:
     n_heads: int = 8
     n_kv_heads: int = 2
     head_dim: int = 0                # 0: d_model // n_heads
-    ffn_hidden: int = 688
+    ffn_hidden: int = 768            # a multiple of 128: int4 blocks and bnb's CPU nf4 packing
     rope_theta: float = 10000.0
     rms_eps: float = 1e-5
     max_seq_len: int = 256

@@ -87,7 +87,7 @@ def load_split_data(data_dir: str | Path, split: str, tokenizer, image_size: int
     grid = image_size // patch
     extra = _extra_masks(data_dir, split, mask_source)
     cap_prompt_len = len(prompt_ids(tokenizer, caption_prompt(), bos))
-    captions, questions = [], []
+    captions, questions, q_cache = [], [], {}
     for i, rec in enumerate(records):
         for cap in rec.get("captions", []):
             spans = [(ph["start"], ph["end"]) for ph in cap["phrases"]]
@@ -104,9 +104,12 @@ def load_split_data(data_dir: str | Path, split: str, tokenizer, image_size: int
                     phrases.append((toks, mask_to_grid(m, grid).reshape(-1)))
             captions.append(Sample(i, ids, cap_prompt_len, phrases))
         for q in rec.get("questions", []):
-            prompt = question_prompt(q["question"])
-            ids, _ = encode_with_spans(tokenizer, prompt, q["answer"], (), bos_id=bos, eos_id=eos)
-            questions.append(Sample(i, ids, len(prompt_ids(tokenizer, prompt, bos))))
+            key = (q["question"], q["answer"])
+            if key not in q_cache:  # a few hundred distinct questions: encode each once
+                prompt = question_prompt(q["question"])
+                ids, _ = encode_with_spans(tokenizer, prompt, q["answer"], (), bos_id=bos, eos_id=eos)
+                q_cache[key] = (ids, len(prompt_ids(tokenizer, prompt, bos)))
+            questions.append(Sample(i, *q_cache[key]))
     return SplitData(_load_images(data_dir, records, image_size), _labels(records, classes, colours),
                      captions, questions, records)
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 
+import functools
+
 import numpy as np
 
 from ..data.datadir import decode_mask
@@ -20,6 +22,7 @@ from .backend import EvalBackend
 from .common import ImageStore, chunks, ratio
 
 
+@functools.lru_cache(maxsize=64)
 def _area_weights(n: int, g: int) -> np.ndarray:
     """[g, n]: overlap of pixel j ([j, j+1)) with cell i ([i*n/g, (i+1)*n/g)), / cell size."""
     edges = np.arange(g + 1) * (n / g)

@@ -64,8 +64,10 @@ def run_suite(backend: EvalBackend, data_dir: str | os.PathLike,
     return as_jsonable(out)
 
 
-def load_backend(model_dir: str | os.PathLike, batch_size: int = 64) -> tuple[EvalBackend, dict]:
-    """(backend, model info) for a RUN DIR."""
+def load_backend(model_dir: str | os.PathLike, batch_size: int = 64,
+                 model_transform: Callable | None = None) -> tuple[EvalBackend, dict]:
+    """(backend, model info) for a RUN DIR; ``model_transform`` may rewrite the loaded torch
+    model first (e.g. bitsandbytes int8/nf4 variants from agevlm_edge.quant.bnb)."""
     from ..checkpoint import load_model_files
     from .backend import TorchBackend
 
@@ -75,16 +77,19 @@ def load_backend(model_dir: str | os.PathLike, batch_size: int = 64) -> tuple[Ev
                        "yet, pass the RUN DIR it was exported from")
     model, tokenizer, pre, _ = load_model_files(model_dir)
     info = {"dir": str(model_dir), "arch": model.cfg.arch, "parameters": model.num_parameters()}
+    if model_transform is not None:
+        model = model_transform(model)
     return TorchBackend(model, tokenizer, pre, batch_size=batch_size), info
 
 
 def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
              suites: str | Sequence[str] = DEFAULT_SUITES, out_json: str | os.PathLike | None = None,
-             limit: int | None = None, split: str = "test", batch_size: int = 64) -> dict:
+             limit: int | None = None, split: str = "test", batch_size: int = 64,
+             model_transform: Callable | None = None) -> dict:
     """Evaluate a RUN DIR on a DATA DIR split; write ``out_json`` atomically when given."""
     parse_suites(suites)                  # fail on a typo before loading the model
     load_split(data_dir, split)
-    backend, info = load_backend(model_dir, batch_size)
+    backend, info = load_backend(model_dir, batch_size, model_transform)
     results = {"model": info, **run_suite(backend, data_dir, suites, split, limit)}
     if out_json is not None:
         write_json_atomic(out_json, results)
