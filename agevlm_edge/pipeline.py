@@ -2,7 +2,7 @@
 
 Each stage writes its own artifact atomically under --out and appends a line to
 pipeline.json, so a run can be read (and a failed one diagnosed) stage by stage. Later
-stages (train, export, quantize, drift, report) add themselves here as they land.
+stages (export, quantize, drift, report) add themselves here as they land.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from .fsutil import write_json_atomic
 # Sizes of the embedded default world: the full run and the short one tests use.
 FULL = dict(n_train=20000, n_val=500, n_test=500)
 SHORT = dict(n_train=400, n_val=50, n_test=60)
+SHORT_SCALE = 0.02          # training steps of the short run, as a fraction of the recipe
+SHORT_EVAL_IMAGES = 10
 
 
 def _stage(log: list[dict], out: Path, name: str, fn, *args, **kwargs) -> str:
@@ -33,10 +35,13 @@ def _stage(log: list[dict], out: Path, name: str, fn, *args, **kwargs) -> str:
 
 def run_pipeline(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, short: bool = False,
                  overwrite: bool = False) -> None:
-    """data synth (easy world) -> masks (exact, rendered) -> tokenizer."""
+    """data synth (easy world) -> masks (exact, rendered) -> tokenizer -> train (guided) -> eval."""
     from .data.masks import make_masks
     from .data.synth import synthesize
     from .data.tokenizer import build_tokenizer
+    from .eval.suite import evaluate, format_report
+    from .train.loop import train
+    from .train.recipe import preset_recipe
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -50,4 +55,17 @@ def run_pipeline(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, sh
            **sizes)
     _stage(log, out, "data masks", make_masks, data, seed=seed)
     _stage(log, out, "data tokenizer", build_tokenizer, data)
+    recipe = preset_recipe(preset, "guided", seed=seed, scale=SHORT_SCALE if short else 1.0)
+    _stage(log, out, "train", train, data, out / "run", recipe, overwrite=True)
+    results = {}
+
+    def _eval() -> str:
+        results.update(evaluate(out / "run", data, out_json=out / "eval.json",
+                                limit=SHORT_EVAL_IMAGES if short else None))
+        pope = results["suites"]["pope"]["summary"]
+        return (f"POPE mean F1 {pope['mean_f1']:.3f}, CHAIR_i "
+                f"{results['suites']['chair']['chair_i']}, written to {out / 'eval.json'}")
+
+    _stage(log, out, "eval", _eval)
+    click.echo(format_report(results))
     click.echo(f"pipeline finished: {out} (stages: {', '.join(s['stage'] for s in log)})")
