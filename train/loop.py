@@ -81,25 +81,40 @@ def set_trainable(model: AgeVLM, groups: tuple) -> list[torch.nn.Parameter]:
 
 
 # ----------------------------------------------------------------------------- the run
+def _build(data_dir: Path, recipe: Recipe, image_size: int):
+    """(tokenizer, model): from scratch with the DATA DIR's tokenizer, or around a local
+    pretrained Llama (recipe.lm_dir) with its own tokenizer and weights."""
+    if recipe.lm_dir:
+        from agevlm_edge.model import hf_llama_state_dict, load_llama_weights
+        from agevlm_edge.smol import smol_config
+
+        cfg = smol_config(recipe.lm_dir, image_size=image_size, **recipe.model)
+        model = AgeVLM(cfg)
+        load_llama_weights(model, hf_llama_state_dict(recipe.lm_dir))
+        return load_tokenizer(recipe.lm_dir), model
+    tok_path = data_dir / "tokenizer.json"
+    if not tok_path.is_file():
+        raise BadInput(f"{data_dir} has no tokenizer.json; run `agevlm data tokenizer --data {data_dir}`")
+    tok = load_tokenizer(tok_path)
+    ids = {k: tok.token_to_id(f"<|{k}|>") for k in ("pad", "bos", "eos")}
+    overrides = {"vocab_size": tok.get_vocab_size(), "image_size": image_size,
+                 "pad_id": ids["pad"], "bos_id": ids["bos"], "eos_id": ids["eos"], **recipe.model}
+    try:
+        return tok, AgeVLM(build_config("tiny", **overrides))
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"model settings: {e}") from None
+
+
 class Run:
     """Holds the model, data and state of one training run; each stage kind has a `_step_*`."""
 
     def __init__(self, data_dir: Path, out: Path, recipe: Recipe, limit: int | None):
         meta = load_meta(data_dir)
-        tok_path = data_dir / "tokenizer.json"
-        if not tok_path.is_file():
-            raise BadInput(f"{data_dir} has no tokenizer.json; run `agevlm data tokenizer --data {data_dir}`")
-        self.tok, self.data_dir, self.out, self.recipe = load_tokenizer(tok_path), data_dir, out, recipe
+        self.data_dir, self.out, self.recipe = data_dir, out, recipe
         size = int(meta["generator"].get("config", {}).get("image_size", 64)) if meta.get("name") == "synth" else 64
-        ids = {k: self.tok.token_to_id(f"<|{k}|>") for k in ("pad", "bos", "eos")}
-        overrides = {"vocab_size": self.tok.get_vocab_size(), "image_size": size,
-                     "pad_id": ids["pad"], "bos_id": ids["bos"], "eos_id": ids["eos"], **recipe.model}
-        try:
-            self.cfg = build_config("tiny", **overrides)
-        except (TypeError, ValueError) as e:
-            raise BadInput(f"model settings: {e}") from None
         torch.manual_seed(recipe.seed)
-        self.model = AgeVLM(self.cfg)
+        self.tok, self.model = _build(data_dir, recipe, size)
+        self.cfg = self.model.cfg
         self.pre = Preprocessor(self.cfg.image_size)
         self.classes = list(meta["vocabulary"]["classes"])
         self.n_labels = len(self.classes) * (1 + len(meta["vocabulary"].get("colours", [])))
@@ -357,6 +372,11 @@ def train(data_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, r
               disable=None if rank == 0 else True) as bar:
         for si, stage in enumerate(recipe.stages):
             if si < run.state["stage"]:
+                continue
+            if stage.kind == "lm" and recipe.lm_dir:
+                bar.write(f"[train] stage {stage.name} skipped: the language model is pretrained")
+                bar.update(stage.steps)
+                run.state.update(stage=si + 1, step=0)
                 continue
             if stage.kind == "vlm" and not run.feats:
                 run.cache_features()

@@ -17,6 +17,7 @@ Variants are one switch each: `guided` (the paper), `ca` (dice weight 0), `conca
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class Recipe:
     log_every: int = 20
     checkpoint_every: int = 200
     mask_source: str = "rendered"    # which masks the dice loss uses: rendered or sam:<type>
+    lm_dir: str = ""                 # local HF Llama dir (smol): LM pretraining is skipped
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -107,14 +109,33 @@ def _apply_variant(stages: list[Stage], variant: str) -> list[Stage]:
     raise BadInput(f"unknown variant {variant!r}; choose guided, ca or concat")
 
 
+def _smol_stages(scale: float) -> list[Stage]:
+    # SmolLM2-135M frozen: no LM pretraining; smaller batches (a step of 16 costs seconds on
+    # 2 CPU cores: this preset is for GPU users, CI runs a few steps of it).
+    s = lambda n: max(1, int(n * scale))  # noqa: E731
+    tiny = {st.name: st for st in _tiny_stages(scale)}
+    return [tiny["vision"]] + [
+        dataclasses.replace(tiny[name], batch_size=16, steps=s(steps), lr=lr)
+        for name, steps, lr in (("align", 2000, 1e-3), ("guided", 1000, 5e-4), ("instruct", 2000, 5e-4))]
+
+
 def preset_recipe(preset: str = "tiny", variant: str = "guided", seed: int = 0,
-                  scale: float = 1.0) -> Recipe:
-    """The named recipe; `scale` multiplies every stage's steps (a short schedule for tests)."""
-    if preset != "tiny":
-        raise BadInput(f"unknown training preset {preset!r}; available: tiny (or pass --config)")
+                  scale: float = 1.0, lm_dir: str | os.PathLike | None = None) -> Recipe:
+    """The named recipe; `scale` multiplies every stage's steps (a short schedule for tests).
+
+    `smol` needs ``lm_dir``: a local HF directory made by `agevlm lm import-gguf`.
+    """
+    if preset not in ("tiny", "smol"):
+        raise BadInput(f"unknown training preset {preset!r}; available: tiny, smol (or pass --config)")
+    if preset == "smol" and not lm_dir:
+        raise BadInput("the smol preset needs --lm-dir DIR (make it with `agevlm lm import-gguf --out DIR`)")
     model = {"arch": "concat"} if variant == "concat" else {}
-    stages = [st.validate() for st in _apply_variant(_tiny_stages(scale), variant)]
-    return Recipe(variant=variant, stages=tuple(stages), seed=seed, model=model)
+    base = _smol_stages(scale) if preset == "smol" else _tiny_stages(scale)
+    stages = [st.validate() for st in _apply_variant(base, variant)]
+    if preset == "smol" and variant == "concat":
+        stages = [dataclasses.replace(st, train=tuple(g for g in st.train if g != "lm")) for st in stages]
+    return Recipe(variant=variant, stages=tuple(stages), seed=seed, model=model,
+                  lm_dir=str(lm_dir) if lm_dir else "")
 
 
 def recipe_from_dict(d: dict) -> Recipe:
