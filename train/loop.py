@@ -270,7 +270,8 @@ class Run:
             for p in self.head.parameters():
                 p.requires_grad_(True)
             params += list(self.head.parameters())
-            module = VisionStep(self.model, self.head)
+            freq = self.train_data.labels.mean(0)
+            module = VisionStep(self.model, self.head, ((1 - freq) / freq.clamp(min=1e-3)).clamp(1, 10))
         elif stage.kind == "lm":
             module = LMStep(self.model)
         else:

@@ -33,13 +33,22 @@ class VisionHead(nn.Module):
 
 
 class VisionStep(nn.Module):
-    def __init__(self, model: AgeVLM, head: VisionHead):
+    """Multi-label BCE with positives up-weighted by their rarity (capped at 10x).
+
+    Labels are sparse (about 2.5 of 14 classes and of 112 class-colour pairs per image):
+    unweighted, the tower sat at the all-negative solution for hundreds of steps (val F1 0.0
+    after 400 steps); weighted, it learns from the start (F1 0.6 after 600 steps).
+    """
+
+    def __init__(self, model: AgeVLM, head: VisionHead, pos_weight: torch.Tensor):
         super().__init__()
         self.vision, self.head = model.vision, head
+        self.register_buffer("pos_weight", pos_weight)
 
     def forward(self, pixels: torch.Tensor, labels: torch.Tensor) -> dict:
         logits = self.head(self.vision(pixels))
-        loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / labels.shape[1]
+        loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum",
+                                                  pos_weight=self.pos_weight) / labels.shape[1]
         return {"loss_sum": loss, "count": torch.tensor(labels.shape[0]), "logits": logits.detach()}
 
 

@@ -36,7 +36,7 @@ from .world import COLOURS, CONFUSABLE, Placed, background, composite, vocabular
 
 SPLIT_IDS = {"train": 1, "val": 2, "test": 3, "test_easy": 4, "test_medium": 5, "test_hard": 6}
 FIT_SCENES = 20000  # simulated scenes per fitting round
-FIT_ROUNDS = 8
+FIT_ROUNDS = 14  # half fit strengths and weights, half the weights alone
 
 
 @dataclass(frozen=True)
@@ -178,8 +178,9 @@ def fit_sampler(cfg: WorldConfig, prior: bool, seed: int) -> Sampler:
         freq = np.array([sum(c in sc for sc in scenes) for c in classes], np.float64)
         w = s.weights * (freq.mean() / np.maximum(freq, 1)) ** 0.8
         strength = dict(s.strength)
-        # The last rounds fit the weights alone, so they see the final strengths.
-        for t, p in partner.items() if round_ < FIT_ROUNDS - 3 else ():
+        # The second half fits the weights alone, so they see the final strengths (with too
+        # few such rounds the partners stayed ~8% more frequent and topped POPE's popular set).
+        for t, p in partner.items() if round_ < FIT_ROUNDS // 2 else ():
             with_t = [p in sc for sc in scenes if t in sc]
             measured = float(np.mean(with_t)) if with_t else cfg.prior_strength
             strength[t] = float(np.clip(s.strength[t] + (cfg.prior_strength - measured), 0, 1))
