@@ -34,6 +34,7 @@ def test_spans_that_split_across_tokens_map_to_every_overlapping_token():
     assert len(mid) == 1 and mid[0] in idx
     # Special tokens (empty offsets) never match.
     assert span_tokens([(0, 0), (0, 3)], 0, 3) == [1]
+    assert span_tokens([(0, 3)], 1, 1) == []  # an empty span, inside a token
 
 
 def test_cli_trains_on_a_data_dir_and_copies_a_pretrained_one(small_world, tmp_path):

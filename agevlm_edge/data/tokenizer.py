@@ -88,6 +88,9 @@ def build_tokenizer(data_dir: str | os.PathLike, vocab_size: int = 512,
 def span_tokens(offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:
     """Indices of the tokens whose character range overlaps [start, end).
 
-    Special tokens carry the empty offset (0, 0) and never match.
+    Special tokens carry the empty offset (0, 0) and never match; an empty span matches
+    nothing (not even a token that straddles its position).
     """
+    if end <= start:
+        return []
     return [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
