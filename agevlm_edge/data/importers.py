@@ -14,7 +14,6 @@ record is skipped and counted by reason. The whole DATA DIR is built in a staged
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ..errors import BadInput
-from ..fsutil import read_json, staged_dir
+from ..fsutil import read_json, sha256_file, staged_dir
 from . import datadir
 from .pope import build_pope
 
@@ -147,15 +146,7 @@ def _check_inputs(images: Any, split: str, instances: Any, captions: Any,
     for kind, path in given:
         if not path.is_file():
             raise BadInput(f"{kind.replace('_', '-')} file not found: {path}")
-    return [{"kind": kind, "file": str(path), "sha256": _sha256(path)} for kind, path in given]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return [{"kind": kind, "file": str(path), "sha256": sha256_file(path)} for kind, path in given]
 
 
 # ----------------------------------------------------------------------------- field checks

@@ -14,7 +14,6 @@ Every ``masks/<source>/`` folder is built in a temporary sibling and renamed int
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import sys
 import time
@@ -28,7 +27,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import BadInput
-from ..fsutil import read_json, read_jsonl, staged_dir, write_json_atomic, write_jsonl_atomic
+from ..fsutil import (read_json, read_jsonl, sha256_file, staged_dir, write_json_atomic,
+                      write_jsonl_atomic)
 from .datadir import decode_mask, encode_mask, load_meta, load_split
 
 EXACT_SOURCES = ("rendered", "annotation")  # mask_source values that count as ground truth
@@ -95,15 +95,6 @@ def build_sam_model(spec: SamSpec):
         pixel_std=[58.395, 57.12, 57.375],
     )
     return sam.eval()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (SAM vit_h is 2.5 GB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict:
@@ -176,7 +167,7 @@ def load_sam(sam_type: str, checkpoint: str | os.PathLike | None, seed: int = 0,
     check_state_dict(sd, model, sam_type, checkpoint)
     model.load_state_dict(sd, strict=True)
     return model, {"sam_type": sam_type, "checkpoint": str(Path(checkpoint).resolve()),
-                   "sha256": sha256 or file_sha256(checkpoint)}
+                   "sha256": sha256 or sha256_file(checkpoint)}
 
 
 # ----------------------------------------------------------------------------- SAM inference
@@ -415,7 +406,7 @@ def _sam_masks(data_dir: Path, records: dict[str, list[dict]], sam_type: str,
     _check_sam_args(sam_type, checkpoint)
     source, folder = f"sam:{sam_type}", data_dir / "masks" / f"sam_{sam_type}"
     settings = {"source": source, "sam_type": sam_type, "limit": limit,
-                "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
+                "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
                 "seed": None if checkpoint else seed}  # the seed only matters for random init
     hit = _cached(folder, settings, list(records))
     if hit is not None:
@@ -526,4 +517,4 @@ def make_masks(data_dir: str | os.PathLike, *, sam_type: str | None = None,
 
 __all__ = ["make_masks", "SamSpec", "SAM_SPECS", "build_sam_model", "load_sam",
            "load_state_dict_file", "check_state_dict", "predict_box_masks", "parse_noise",
-           "degrade_mask", "shift_mask", "mask_iou", "quality_line", "file_sha256"]
+           "degrade_mask", "shift_mask", "mask_iou", "quality_line"]
