@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/agevlm pipeline --out $(OUT)
+	$(VENV)/bin/agevlm pipeline --out $(OUT) --overwrite
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
