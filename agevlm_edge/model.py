@@ -467,6 +467,12 @@ class AgeVLM(nn.Module):
                        past_key_values=out.past_key_values, attn_impl=attn_impl)
         return torch.stack(new, dim=1) if new else input_ids[:, :0]
 
+    def parts(self) -> dict[str, list[nn.Module]]:
+        """Parameter groups by role; training stages and freezing name these."""
+        d = self.decoder
+        return {"vision": [self.vision], "projector": [self.projector], "xattn": [d.xattn],
+                "lm": [d.embed_tokens, d.layers, d.norm, self.lm_head]}
+
     def num_parameters(self, part: str | None = None) -> int:
         mod = getattr(self, part) if part else self
         return sum(p.numel() for p in mod.parameters())

@@ -223,8 +223,7 @@ def freeze_language_model(model: AgeVLM) -> int:
     Vision tower, projector and the cross-attention blocks (decoder.xattn) stay trainable:
     with the gates at 0 the frozen LM starts exactly as pretrained.
     """
-    dec = model.decoder
-    for mod in (dec.embed_tokens, dec.layers, dec.norm, model.lm_head):
+    for mod in model.parts()["lm"]:
         mod.requires_grad_(False)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from agevlm_edge.data import synth
 from agevlm_edge.data.datadir import POPE_VARIANTS, decode_mask, load_meta, load_split, read_jsonl

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from agevlm_edge.data.datadir import decode_mask, load_meta, load_split
+from agevlm_edge.eval.common import ImageStore
 from agevlm_edge.eval.grounding import mask_to_grid
 from agevlm_edge.eval.text import encode_with_spans, prompt_ids
 from agevlm_edge.prompts import caption_prompt, question_prompt
@@ -42,14 +42,11 @@ class SplitData:
 
 
 def _load_images(data_dir: Path, records: list[dict], size: int) -> torch.Tensor:
-    def one(rec):
-        im = Image.open(data_dir / rec["file"]).convert("RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
-
+    """uint8 [n, 3, S, S] through the evaluation's ImageStore (Preprocessor.to_uint8, one
+    clear error per unreadable image); threads overlap PNG decoding."""
+    store = ImageStore(data_dir, size)
     with ThreadPoolExecutor(4) as pool:
-        arrays = list(pool.map(one, records))
+        arrays = list(pool.map(store.get, [r["file"] for r in records]))
     return torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros(0, 3, size, size, dtype=torch.uint8)
 
 

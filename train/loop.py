@@ -28,6 +28,7 @@ from agevlm_edge.model import AgeVLM, build_config
 from agevlm_edge.preprocess import Preprocessor
 
 from .batches import SplitData, collate, load_split_data
+from .losses import lm_loss_sum
 from .recipe import Recipe, Stage
 from .steps import LMStep, VisionHead, VisionStep, VLMStep
 
@@ -68,15 +69,13 @@ def _generator(seed: int, stage_idx: int, step: int) -> torch.Generator:
 
 
 def set_trainable(model: AgeVLM, groups: tuple) -> list[torch.nn.Parameter]:
-    parts = {"vision": [model.vision], "projector": [model.projector],
-             "xattn": [model.decoder.xattn],
-             "lm": [model.decoder.embed_tokens, model.decoder.layers, model.decoder.norm, model.lm_head]}
+    """Only the listed parameter groups (AgeVLM.parts) train; returns their parameters."""
+    parts = model.parts()
     for p in model.parameters():
         p.requires_grad_(False)
     for g in groups:
         for mod in parts[g]:
-            for p in mod.parameters():
-                p.requires_grad_(True)
+            mod.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -133,13 +132,17 @@ class Run:
         return torch.from_numpy(self.pre.normalize(data.images[rows].numpy()))
 
     @torch.no_grad()
+    def vision_features(self, data: SplitData) -> torch.Tensor:
+        """Vision tower tokens [n, N, Wv] of every image of a split, in chunks of 256."""
+        n = len(data.images)
+        return torch.cat([self.model.vision(self.pixels(data, torch.arange(i, min(i + 256, n))))
+                          for i in range(0, n, 256)])
+
     def cache_features(self) -> None:
         """Frozen vision tower features of every train/val image, computed once."""
         self.model.vision.eval()
-        for name, data in (("train", self.train_data), ("val", self.val_data)):
-            chunks = [self.model.vision(self.pixels(data, torch.arange(i, min(i + 256, len(data.images)))))
-                      for i in range(0, len(data.images), 256)]
-            self.feats[name] = torch.cat(chunks)
+        self.feats = {"train": self.vision_features(self.train_data),
+                      "val": self.vision_features(self.val_data)}
 
     def _shard(self, idx: torch.Tensor) -> torch.Tensor:
         rank, world = _world()
@@ -192,8 +195,7 @@ class Run:
         self.model.eval()
         v = self.val_data
         if stage.kind == "vision":
-            logits = torch.cat([self.head(self.model.vision(self.pixels(v, torch.arange(i, min(i + 256, len(v.images))))))
-                                for i in range(0, len(v.images), 256)])
+            logits = self.head(self.vision_features(v))
             C = len(self.classes)
             return {"class_f1": _f1(logits[:, :C] > 0, v.labels[:, :C] > 0),
                     "class_colour_f1": _f1(logits[:, C:] > 0, v.labels[:, C:] > 0)}
@@ -206,7 +208,7 @@ class Run:
             batch = collate(pool, self.cfg.pad_id, self.cfg.n_image_tokens, lm_only=stage.kind == "lm")
             img = self.model.projector(feats[batch["image"]]) if feats is not None else None
             out = self.model(batch["input_ids"], image_tokens=img, attention_mask=batch["attention_mask"])
-            s, n = _lm(out.logits, batch["labels"])
+            s, n = lm_loss_sum(out.logits, batch["labels"])
             res[f"val_{name}_loss"] = round(float(s / n), 4)
             if name == "question" and stage.kind == "vlm":
                 res["val_yesno_acc"] = self._yes_no_accuracy(out.logits, batch, pool)
@@ -322,12 +324,6 @@ class Run:
         return True
 
 
-def _lm(logits, labels):
-    from .losses import lm_loss_sum
-
-    return lm_loss_sum(logits, labels)
-
-
 def _f1(pred: torch.Tensor, true: torch.Tensor) -> float:
     tp = (pred & true).sum().item()
     p, t = pred.sum().item(), true.sum().item()
@@ -379,8 +375,6 @@ def train(data_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, r
                 bar.update(stage.steps)
                 run.state.update(stage=si + 1, step=0)
                 continue
-            if stage.kind == "vlm" and not run.feats:
-                run.cache_features()
             if not run.run_stage(si, stage, stop_at_step, bar):
                 return f"stopped at global step {run.state['global_step']} (checkpoint in {out}/training_state)"
     return (f"trained {recipe.variant} ({run.model.num_parameters() / 1e6:.2f}M params) for "

@@ -14,6 +14,7 @@ test_easy / test_medium / test_hard (prior broken, graded difficulty).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import functools
 import math
@@ -326,12 +327,12 @@ def synthesize(out: str | os.PathLike, preset: str = "easy", seed: int = 0,
         splits: dict[str, list[dict]] = {}
         total = sum(n for _, _, n in plan.values())
         ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context()
-        with (ctx.Pool(workers) if workers > 1 else _NoPool()) as pool, \
+        with (ctx.Pool(workers) if workers > 1 else contextlib.nullcontext()) as pool, \
                 tqdm(total=total, desc="synth", unit="img", disable=None) as bar:
             for split, (scfg, prior, n) in plan.items():
                 sampler = fit_sampler(scfg, prior, seed)
                 splits[split] = _render_split(scfg, sampler, seed, split, n, root,
-                                              pool if workers > 1 else None, bar)
+                                              pool, bar)
         co = class_cooccurrence(splits["train"], classes)
         pope_meta = _write_pope(root, splits, classes, co, seed)
         meta = {
@@ -349,14 +350,6 @@ def synthesize(out: str | os.PathLike, preset: str = "easy", seed: int = 0,
     return (f"wrote {out}: {n_img} images in {secs:.1f}s "
             f"({', '.join(f'{k} {len(v)}' for k, v in splits.items())}), "
             f"POPE {sum(sum(c.values()) for c in pope_meta['counts'].values())} questions")
-
-
-class _NoPool:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _write_pope(root: Path, splits: dict[str, list[dict]], classes: list[str], co: np.ndarray,
