@@ -29,7 +29,8 @@ STAGES = [
     {"name": "lm", "kind": "lm", "train": ["lm"], "steps": 4, "batch_size": 8, "lr": 3e-3, "warmup": 1},
     {"name": "vision", "kind": "vision", "train": ["vision"], "steps": 3, "batch_size": 8, "lr": 2e-3},
     {"name": "guided", "kind": "vlm", "train": ["projector", "xattn"], "steps": 4, "batch_size": 8,
-     "lr": 2e-3, "warmup": 1, "questions": 1.0, "dice_weight": 1.0, "dice_fraction": 0.5},
+     "lr": 2e-3, "warmup": 1, "questions": 1.0, "dice_weight": 1.0, "dice_fraction": 0.5,
+     "gate_lr_mult": 30.0},
 ]
 
 
@@ -90,7 +91,23 @@ def test_bad_recipes_fail_with_one_line(tmp_path, world):
                           "train must list groups")
     assert_one_line_error(run_cli("train", "--data", world, "--out", tmp_path / "r", "--set",
                                   "nostage.steps=3"), "no recipe field or stage named 'nostage'")
+    bad.write_text(yaml.safe_dump(_recipe([{**STAGES[2], "gate_lr_mult": 0}])))
+    assert_one_line_error(run_cli("train", "--data", world, "--out", tmp_path / "r", "--config", bad),
+                          "gate_lr_mult must be > 0")
     assert not (tmp_path / "r").exists()
+
+
+def test_gates_take_their_own_learning_rate(tmp_path, world):
+    """Adam's first step moves a parameter with a non-zero gradient by exactly its LR; at
+    gates 0 only the gates have one, and they move by lr * gate_lr_mult."""
+    from agevlm_edge.train.loop import train
+
+    stage = {**STAGES[2], "steps": 1, "warmup": 1, "dice_weight": 0.0, "gate_lr_mult": 25.0}
+    train(world, tmp_path / "r", recipe_from_dict(_recipe([stage])), limit=32)
+    w = load_file(str(tmp_path / "r" / "model.safetensors"))
+    gates = {k: v for k, v in w.items() if k.endswith("_gate")}
+    # rel 1e-2: the attention gate's first gradient is ~1e-7, where Adam's eps (1e-8) shows
+    assert gates and all(v.abs().item() == pytest.approx(2e-3 * 25, rel=1e-2) for v in gates.values())
 
 
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, world):

@@ -280,8 +280,11 @@ class Run:
             if not self.feats:
                 self.cache_features()
             module = VLMStep(self.model, tuple(stage.dice_layers))
-        self.optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay,
-                                           betas=(0.9, 0.95))
+        gates = {id(p) for n, p in self.model.named_parameters() if n.endswith("_gate")}
+        groups = [{"params": [p for p in params if id(p) not in gates], "lr_mult": 1.0},
+                  {"params": [p for p in params if id(p) in gates], "lr_mult": stage.gate_lr_mult}]
+        self.optimizer = torch.optim.AdamW([gr for gr in groups if gr["params"]], lr=stage.lr,
+                                           weight_decay=stage.weight_decay, betas=(0.9, 0.95))
         if getattr(self, "_resume_opt", None) is not None:
             self.optimizer.load_state_dict(self._resume_opt)
             self._resume_opt = None
@@ -294,7 +297,7 @@ class Run:
             if stage.kind != "vision":
                 self.model.vision.eval()  # frozen BatchNorm statistics
             for group in self.optimizer.param_groups:
-                group["lr"] = lr_at(stage, step)
+                group["lr"] = lr_at(stage, step) * group["lr_mult"]
             out = step_fn(ddp, stage, _generator(self.recipe.seed, si, step))
             self.optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()

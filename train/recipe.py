@@ -43,6 +43,7 @@ class Stage:
     dice_weight: float = 0.0        # SAM-guided loss weight (0: off)
     dice_fraction: float = 0.1      # fraction of caption samples that get the dice loss
     dice_layers: tuple = ()         # cross-attention layers the loss reads (): all
+    gate_lr_mult: float = 1.0       # LR multiplier for the tanh gates of cross-attention blocks
 
     def validate(self) -> "Stage":
         if self.kind not in KINDS:
@@ -54,6 +55,8 @@ class Stage:
             raise BadInput(f"stage {self.name}: steps >= 0, batch_size >= 1 and lr > 0 required")
         if not 0 <= self.dice_fraction <= 1 or self.dice_weight < 0:
             raise BadInput(f"stage {self.name}: dice_fraction in 0..1 and dice_weight >= 0 required")
+        if self.gate_lr_mult <= 0:
+            raise BadInput(f"stage {self.name}: gate_lr_mult must be > 0")
         if self.kind == "vlm" and self.captions + self.questions <= 0:
             raise BadInput(f"stage {self.name}: a vlm stage needs captions or questions > 0")
         return self
@@ -80,17 +83,22 @@ def _tiny_stages(scale: float) -> list[Stage]:
     # Sized for the 15-minute budget on 2 CPU cores (measured: a decoder step of 64 samples
     # ~0.35 s, a vision step of 128 images ~0.5 s). The vision tower gets the largest share:
     # with image-level labels it was still improving at 600 steps (val F1 0.6).
+    # Cross-attention gates start at 0 (the LM starts unchanged), which makes every other
+    # cross-attention weight's gradient 0: at the base LR the gates random-walk around 0 and
+    # the fusion barely starts (measured: matched-vs-shuffled-image caption loss gap 0.035
+    # after 150 align steps); 30x LR on the gates alone gave a gap of 0.14 in the same steps.
     s = lambda n: max(1, int(n * scale))  # noqa: E731
+    g = 30.0
     return [
         Stage("lm", "lm", ("lm",), steps=s(250), batch_size=64, lr=3e-3, warmup=s(20)),
         Stage("vision", "vision", ("vision",), steps=s(900), batch_size=128, lr=2e-3,
               warmup=s(30), weight_decay=0.05),
         Stage("align", "vlm", ("projector", "xattn"), steps=s(150), batch_size=64, lr=2e-3,
-              warmup=s(15), captions=1.0, questions=0.0),
+              warmup=s(15), captions=1.0, questions=0.0, gate_lr_mult=g),
         Stage("guided", "vlm", ("projector", "xattn"), steps=s(150), batch_size=64, lr=1e-3,
-              warmup=s(10), captions=1.0, questions=0.5, dice_weight=1.0, dice_fraction=0.1),
+              warmup=s(10), captions=1.0, questions=0.5, dice_weight=1.0, dice_fraction=0.1, gate_lr_mult=g),
         Stage("instruct", "vlm", ("projector", "xattn"), steps=s(300), batch_size=64, lr=1e-3,
-              warmup=s(20), captions=0.3, questions=1.0),
+              warmup=s(20), captions=0.3, questions=1.0, gate_lr_mult=g),
     ]
 
 
