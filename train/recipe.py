@@ -96,7 +96,8 @@ def _tiny_stages(scale: float) -> list[Stage]:
         Stage("align", "vlm", ("projector", "xattn"), steps=s(150), batch_size=64, lr=2e-3,
               warmup=s(15), captions=1.0, questions=0.0, gate_lr_mult=g),
         Stage("guided", "vlm", ("projector", "xattn"), steps=s(150), batch_size=64, lr=1e-3,
-              warmup=s(10), captions=1.0, questions=0.5, dice_weight=1.0, dice_fraction=0.1, gate_lr_mult=g),
+              warmup=s(10), captions=1.0, questions=0.5, dice_weight=1.0, dice_fraction=0.1,
+              gate_lr_mult=g),
         Stage("instruct", "vlm", ("projector", "xattn"), steps=s(300), batch_size=64, lr=1e-3,
               warmup=s(20), captions=0.3, questions=1.0, gate_lr_mult=g),
     ]
