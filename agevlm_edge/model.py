@@ -29,13 +29,13 @@ import torch.nn.functional as F
 
 @dataclass
 class AgeVLMConfig:
-    # vision tower (built-in ViT)
+    # vision tower (built-in): a stem to one token per patch, then `vision_layers` ViT blocks
     image_size: int = 64
     patch_size: int = 8
     vision_width: int = 128
-    vision_layers: int = 4
+    vision_layers: int = 0
     vision_heads: int = 4
-    vision_stem: str = "conv"        # "conv": BatchNorm conv stem; "patch": linear patches
+    vision_stem: str = "cnn"         # "cnn": BatchNorm CNN; "conv": light conv stem; "patch": linear
     # language model (Llama family)
     vocab_size: int = 512
     d_model: int = 256
@@ -68,8 +68,10 @@ class AgeVLMConfig:
             raise ValueError(f"arch must be 'xattn' or 'concat', got {self.arch!r}")
         if self.image_size % self.patch_size:
             raise ValueError("image_size must be a multiple of patch_size")
-        if self.vision_stem == "conv" and self.patch_size not in (4, 8, 16, 32):
-            raise ValueError("the conv stem needs a power-of-two patch_size in 4..32")
+        if self.vision_stem not in ("cnn", "conv", "patch"):
+            raise ValueError(f"vision_stem must be 'cnn', 'conv' or 'patch', got {self.vision_stem!r}")
+        if self.vision_stem in ("cnn", "conv") and self.patch_size not in (4, 8, 16, 32):
+            raise ValueError(f"the {self.vision_stem} stem needs a power-of-two patch_size in 4..32")
         if self.n_heads % self.n_kv_heads or self.xattn_heads % self.xattn_kv_heads:
             raise ValueError("query heads must be a multiple of key/value heads")
 
@@ -112,7 +114,7 @@ def _tiny(**kw) -> AgeVLMConfig:
 def _small(**kw) -> AgeVLMConfig:
     # ~SmolLM2-135M-shaped decoder, 224 px images in 16 px patches (196 image tokens).
     base = dict(image_size=224, patch_size=16, vision_width=384, vision_layers=6,
-                vision_heads=6, vocab_size=49152, d_model=576, n_layers=30, n_heads=9,
+                vision_heads=6, vision_stem="conv", vocab_size=49152, d_model=576, n_layers=30, n_heads=9,
                 n_kv_heads=3, ffn_hidden=1536, rope_theta=100000.0, max_seq_len=2048,
                 xattn_every=4, rms_eps=1e-5)
     return AgeVLMConfig(**{**base, **kw})
@@ -222,26 +224,32 @@ class LlamaLayer(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """q from text hidden states, k/v from projected image tokens (no RoPE: images are sets)."""
+    """q from text hidden states, k/v from projected image tokens (no RoPE: images are sets).
 
-    def __init__(self, d: int, n_heads: int, n_kv: int, head_dim: int):
+    q and k are RMS-normalised per head (as in Llama-3.2-Vision's cross-attention), so the
+    attention logits start at a useful scale instead of ~0 from two small projections
+    (measured: matched-vs-shuffled caption loss gap 0.30 vs 0.21 after 300 steps).
+    """
+
+    def __init__(self, d: int, n_heads: int, n_kv: int, head_dim: int, eps: float = 1e-5):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = n_heads, n_kv, head_dim
         self.q_proj = nn.Linear(d, n_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(d, n_kv * head_dim, bias=False)
         self.v_proj = nn.Linear(d, n_kv * head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * head_dim, d, bias=False)
+        self.q_norm, self.k_norm = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
 
     def kv(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """img [B,N,D] -> k, v [B,Hkv,N,hd]: computed once per image, reused for every token."""
         B, N, _ = img.shape
-        k = self.k_proj(img).view(B, N, self.n_kv, self.hd).transpose(1, 2)
+        k = self.k_norm(self.k_proj(img).view(B, N, self.n_kv, self.hd)).transpose(1, 2)
         v = self.v_proj(img).view(B, N, self.n_kv, self.hd).transpose(1, 2)
         return k, v
 
     def forward(self, x, kv, impl, need_probs):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.hd)).transpose(1, 2)
         out, probs = attention(q, kv[0], kv[1], None, impl, need_probs)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), probs
 
@@ -256,7 +264,8 @@ class GatedXAttnBlock(nn.Module):
     def __init__(self, cfg: AgeVLMConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
-        self.attn = CrossAttention(cfg.d_model, cfg.xattn_heads, cfg.xattn_kv_heads, cfg.head_dim)
+        self.attn = CrossAttention(cfg.d_model, cfg.xattn_heads, cfg.xattn_kv_heads, cfg.head_dim,
+                                   cfg.rms_eps)
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.mlp = MLP(cfg.d_model, cfg.ffn_hidden)
@@ -286,17 +295,42 @@ class ViTBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class VisionTower(nn.Module):
-    """Small ViT: pixels [B,3,H,W] -> tokens [B,N,Wv], N = (H/patch)^2.
+def _cnn_stem(w: int, patch: int) -> nn.Sequential:
+    """3x3 conv + BatchNorm + ReLU layers down to one w-channel cell per patch.
 
-    The conv stem (stride-2 conv+BatchNorm+GELU stages) gives a tiny tower the locality a
-    linear patch embedding lacks; measured in the prototype it decided how well the VLM saw.
+    For 8 px patches and w=128: 24 (/2), 48 (/2), 96, 128 (/2), 128 channels, ~30M MACs per
+    64 px image. Measured on the easy world with image-level labels (600 steps of 128 images,
+    one run each): class F1 0.94 in 100 s, where the 4-block ViT on the light conv stem
+    reached 0.72 after 900 steps in 600 s; a ViT block on top of this CNN did not help.
+    """
+    n = int(math.log2(patch))
+    plan = [(max(3 * w // 2 ** (n + 1), 8), 2)]
+    for s in range(1, n - 1):
+        c = max(3 * w // 2 ** (n + 1 - s), 8)
+        plan += [(c, 2), (2 * c, 1)]
+    plan += [(w, 2), (w, 1)]
+    layers, ch = [], 3
+    for out, stride in plan:
+        layers += [nn.Conv2d(ch, out, 3, stride=stride, padding=1, bias=False),
+                   nn.BatchNorm2d(out), nn.ReLU()]
+        ch = out
+    return nn.Sequential(*layers)
+
+
+class VisionTower(nn.Module):
+    """Pixels [B,3,H,W] -> tokens [B,N,Wv], N = (H/patch)^2: a stem to one cell per patch,
+    then `vision_layers` ViT blocks and a LayerNorm.
+
+    Stems: "cnn" (the default, `_cnn_stem`), "conv" (stride-2 conv+BatchNorm+GELU stages and
+    a 1x1 conv, for ViT towers), "patch" (a linear patch embedding).
     """
 
     def __init__(self, cfg: AgeVLMConfig):
         super().__init__()
         w = cfg.vision_width
-        if cfg.vision_stem == "conv":
+        if cfg.vision_stem == "cnn":
+            self.stem = _cnn_stem(w, cfg.patch_size)
+        elif cfg.vision_stem == "conv":
             stages, ch, layers = int(math.log2(cfg.patch_size)), 3, []
             for s in range(stages):
                 out = w if s == stages - 1 else max(w // 2 ** (stages - 1 - s), 16)
@@ -319,12 +353,20 @@ class VisionTower(nn.Module):
 
 
 class Projector(nn.Module):
-    def __init__(self, w_in: int, d: int):
+    """MLP from vision width to d_model, plus a learned position per image token.
+
+    The frozen tower is trained for image-level labels, which need no position, so its own
+    position embedding stays near its init; spatial captions and relation questions need it,
+    and this one trains with the fusion.
+    """
+
+    def __init__(self, w_in: int, d: int, n_tokens: int):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(w_in, d), nn.Linear(d, d)
+        self.pos = nn.Parameter(torch.zeros(n_tokens, d))
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(F.gelu(self.fc1(x))) + self.pos
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -381,7 +423,7 @@ class AgeVLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision = VisionTower(cfg)
-        self.projector = Projector(cfg.vision_width, cfg.d_model)
+        self.projector = Projector(cfg.vision_width, cfg.d_model, cfg.n_image_tokens)
         self.decoder = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init)

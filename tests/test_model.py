@@ -117,3 +117,13 @@ def test_config_rejects_unknown_keys_and_places_cross_attention():
     assert AgeVLMConfig(arch="concat").cross_layers == ()
     cfg = AgeVLMConfig.from_dict(build_config("tiny").to_dict())
     assert cfg == build_config("tiny")
+
+
+@pytest.mark.parametrize("stem,patch", [("cnn", 4), ("cnn", 8), ("cnn", 16), ("conv", 8), ("patch", 8)])
+def test_vision_stems_give_one_token_per_patch(stem, patch):
+    m = _model(image_size=64, patch_size=patch, vision_stem=stem)
+    tokens = m.vision(torch.randn(2, 3, 64, 64))
+    assert tokens.shape == (2, (64 // patch) ** 2, 32)
+    assert m.image_tokens(torch.randn(1, 3, 64, 64)).shape == (1, (64 // patch) ** 2, 32)
+    with pytest.raises(ValueError, match="vision_stem must be"):
+        AgeVLMConfig(vision_stem="resnet")

@@ -116,7 +116,7 @@ class Run:
         self.cfg = self.model.cfg
         self.pre = Preprocessor(self.cfg.image_size)
         self.classes = list(meta["vocabulary"]["classes"])
-        self.n_labels = len(self.classes) * (1 + len(meta["vocabulary"].get("colours", [])))
+        self.n_labels = len(self.classes) + len(meta["vocabulary"].get("colours", []))
         self.head = VisionHead(self.cfg.vision_width, self.n_labels)
         args = (self.tok, self.cfg.image_size, self.cfg.patch_size, recipe.mask_source)
         ids = dict(bos=self.cfg.bos_id, eos=self.cfg.eos_id)
@@ -198,7 +198,7 @@ class Run:
             logits = self.head(self.vision_features(v))
             C = len(self.classes)
             return {"class_f1": _f1(logits[:, :C] > 0, v.labels[:, :C] > 0),
-                    "class_colour_f1": _f1(logits[:, C:] > 0, v.labels[:, C:] > 0)}
+                    "colour_f1": _f1(logits[:, C:] > 0, v.labels[:, C:] > 0)}
         res = {}
         feats = self.feats.get("val") if stage.kind == "vlm" else None
         for name, pool in (("caption", v.captions), ("question", v.questions)):
