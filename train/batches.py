@@ -54,8 +54,9 @@ def _labels(records: list[dict], classes: list[str], colours: list[str]) -> torc
     """Image-level presence of each class and each colour.
 
     Separate colour labels, not class-colour pairs: with the 112 pairs of the easy world in
-    the loss, class F1 after 300 tower steps was 0.58 against 0.81 with classes alone, and
-    colours alone are learnt within 200 steps (F1 0.99) without slowing the classes much.
+    the loss, class F1 after 300 tower steps was 0.58 against 0.81 with classes alone. The 8
+    colour labels are learnt within 200 steps (F1 0.99); with them the classes reach 0.94 after
+    600 steps, against 0.99 alone (one run each).
     """
     C, K = len(classes), len(colours)
     y = np.zeros((len(records), C + K), np.float32)
