@@ -296,6 +296,16 @@ class ViTBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def _conv_bn(plan: list[tuple[int, int]], act: type[nn.Module]) -> list[nn.Module]:
+    """3x3 conv (no bias) + BatchNorm + activation per (channels, stride) in `plan`, from RGB."""
+    layers, ch = [], 3
+    for out, stride in plan:
+        layers += [nn.Conv2d(ch, out, 3, stride=stride, padding=1, bias=False),
+                   nn.BatchNorm2d(out), act()]
+        ch = out
+    return layers
+
+
 def _cnn_stem(w: int, patch: int) -> nn.Sequential:
     """3x3 conv + BatchNorm + ReLU layers down to one w-channel cell per patch.
 
@@ -311,20 +321,22 @@ def _cnn_stem(w: int, patch: int) -> nn.Sequential:
         c = max(3 * w // 2 ** (n + 1 - s), 8)
         plan += [(c, 2), (2 * c, 1)]
     plan += [(w, 2), (w, 1)]
-    layers, ch = [], 3
-    for out, stride in plan:
-        layers += [nn.Conv2d(ch, out, 3, stride=stride, padding=1, bias=False),
-                   nn.BatchNorm2d(out), nn.ReLU()]
-        ch = out
-    return nn.Sequential(*layers)
+    return nn.Sequential(*_conv_bn(plan, nn.ReLU))
+
+
+def _light_conv_stem(w: int, patch: int) -> nn.Sequential:
+    """Stride-2 conv + BatchNorm + GELU stages and a 1x1 conv: the stem for ViT towers."""
+    n = int(math.log2(patch))
+    plan = [(w if s == n - 1 else max(w // 2 ** (n - 1 - s), 16), 2) for s in range(n)]
+    return nn.Sequential(*_conv_bn(plan, nn.GELU), nn.Conv2d(w, w, 1))
 
 
 class VisionTower(nn.Module):
     """Pixels [B,3,H,W] -> tokens [B,N,Wv], N = (H/patch)^2: a stem to one cell per patch,
     then `vision_layers` ViT blocks and a LayerNorm.
 
-    Stems: "cnn" (the default, `_cnn_stem`), "conv" (stride-2 conv+BatchNorm+GELU stages and
-    a 1x1 conv, for ViT towers), "patch" (a linear patch embedding).
+    Stems: "cnn" (the default, `_cnn_stem`), "conv" (`_light_conv_stem`, for ViT towers),
+    "patch" (a linear patch embedding).
     """
 
     def __init__(self, cfg: AgeVLMConfig):
@@ -333,14 +345,7 @@ class VisionTower(nn.Module):
         if cfg.vision_stem == "cnn":
             self.stem = _cnn_stem(w, cfg.patch_size)
         elif cfg.vision_stem == "conv":
-            stages, ch, layers = int(math.log2(cfg.patch_size)), 3, []
-            for s in range(stages):
-                out = w if s == stages - 1 else max(w // 2 ** (stages - 1 - s), 16)
-                layers += [nn.Conv2d(ch, out, 3, stride=2, padding=1, bias=False),
-                           nn.BatchNorm2d(out), nn.GELU()]
-                ch = out
-            layers.append(nn.Conv2d(w, w, 1))
-            self.stem = nn.Sequential(*layers)
+            self.stem = _light_conv_stem(w, cfg.patch_size)
         else:
             self.stem = nn.Conv2d(3, w, cfg.patch_size, stride=cfg.patch_size)
         self.pos = nn.Parameter(torch.randn(1, cfg.n_image_tokens, w) * 0.02)
@@ -515,6 +520,10 @@ class AgeVLM(nn.Module):
         d = self.decoder
         return {"vision": [self.vision], "projector": [self.projector], "xattn": [d.xattn],
                 "lm": [d.embed_tokens, d.layers, d.norm, self.lm_head]}
+
+    def gates(self) -> list[nn.Parameter]:
+        """The tanh gates of the cross-attention blocks (stages may train them at their own LR)."""
+        return [p for blk in self.decoder.xattn.values() for p in (blk.attn_gate, blk.mlp_gate)]
 
     def num_parameters(self, part: str | None = None) -> int:
         mod = getattr(self, part) if part else self

@@ -280,7 +280,7 @@ class Run:
             if not self.feats:
                 self.cache_features()
             module = VLMStep(self.model, tuple(stage.dice_layers))
-        gates = {id(p) for n, p in self.model.named_parameters() if n.endswith("_gate")}
+        gates = {id(p) for p in self.model.gates()}
         groups = [{"params": [p for p in params if id(p) not in gates], "lr_mult": 1.0},
                   {"params": [p for p in params if id(p) in gates], "lr_mult": stage.gate_lr_mult}]
         self.optimizer = torch.optim.AdamW([gr for gr in groups if gr["params"]], lr=stage.lr,
