@@ -7,6 +7,7 @@ is fast and the device runtime's commands work without the toolchain installed.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import traceback
 from pathlib import Path
@@ -227,8 +228,11 @@ def lm_import_gguf(out, gguf, overwrite) -> None:
               help="Checkpoint and stop at this global step, as an interrupted run would.")
 @click.option("--lm-dir", type=click.Path(path_type=Path), default=None,
               help="Local Hugging Face Llama directory for --preset smol (see `agevlm lm import-gguf`).")
+@click.option("--vision-dir", type=click.Path(path_type=Path), default=None,
+              help="Local Hugging Face CLIP, SigLIP or ConvNeXt directory: a pretrained, frozen "
+                   "vision tower instead of the built-in one (its pretraining stage is skipped).")
 def train_cmd(data_dir, out, preset, variant, config_file, sets, scale, resume, overwrite,
-              stop_at_step, lm_dir) -> None:
+              stop_at_step, lm_dir, vision_dir) -> None:
     """Staged training of AGE-VLM (or a baseline) on a DATA DIR."""
     from .train.recipe import apply_sets, load_recipe, preset_recipe
     from .train.loop import train
@@ -236,6 +240,8 @@ def train_cmd(data_dir, out, preset, variant, config_file, sets, scale, resume, 
     recipe = load_recipe(config_file) if config_file else \
         preset_recipe(preset, variant, scale=scale, lm_dir=lm_dir)
     recipe = apply_sets(recipe, _parse_sets(sets)) if sets else recipe
+    if vision_dir:   # the model field that --set model.vision_hf_dir=DIR would set
+        recipe = dataclasses.replace(recipe, model={**recipe.model, "vision_hf_dir": str(vision_dir)})
     click.echo(train(data_dir, out, recipe, resume=resume, overwrite=overwrite,
                      stop_at_step=stop_at_step))
 

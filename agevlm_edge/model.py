@@ -36,6 +36,12 @@ class AgeVLMConfig:
     vision_layers: int = 0
     vision_heads: int = 4
     vision_stem: str = "cnn"         # "cnn": BatchNorm CNN; "conv": light conv stem; "patch": linear
+    # ... or a pretrained Hugging Face tower (CLIP, SigLIP, ConvNeXt; see hf_vision.py): its
+    # vision config is read once from vision_hf_dir into vision_hf_config, which a RUN DIR
+    # stores, so reloading never needs the dir; image_size, patch_size (the pixel stride of
+    # one token) and vision_width then follow that config, replacing any value given
+    vision_hf_dir: str = ""
+    vision_hf_config: dict = field(default_factory=dict)
     # language model (Llama family)
     vocab_size: int = 512
     d_model: int = 256
@@ -64,13 +70,21 @@ class AgeVLMConfig:
         self.xattn_heads = self.xattn_heads or self.n_heads
         self.xattn_kv_heads = self.xattn_kv_heads or self.n_kv_heads
         self.xattn_layers = tuple(int(i) for i in self.xattn_layers)
+        if self.vision_hf_dir or self.vision_hf_config:
+            from .hf_vision import normalize_vision_config, tower_geometry, vision_config_from_dir
+
+            self.vision_hf_config = normalize_vision_config(self.vision_hf_config) \
+                if self.vision_hf_config else vision_config_from_dir(self.vision_hf_dir)
+            for name, value in tower_geometry(self.vision_hf_config).items():
+                setattr(self, name, value)
         if self.arch not in ("xattn", "concat"):
             raise ValueError(f"arch must be 'xattn' or 'concat', got {self.arch!r}")
         if self.image_size % self.patch_size:
             raise ValueError("image_size must be a multiple of patch_size")
         if self.vision_stem not in ("cnn", "conv", "patch"):
             raise ValueError(f"vision_stem must be 'cnn', 'conv' or 'patch', got {self.vision_stem!r}")
-        if self.vision_stem in ("cnn", "conv") and self.patch_size not in (4, 8, 16, 32):
+        if self.vision_stem in ("cnn", "conv") and self.patch_size not in (4, 8, 16, 32) \
+                and not self.vision_hf_config:
             raise ValueError(f"the {self.vision_stem} stem needs a power-of-two patch_size in 4..32")
         if self.n_heads % self.n_kv_heads or self.xattn_heads % self.xattn_kv_heads:
             raise ValueError("query heads must be a multiple of key/value heads")
@@ -428,7 +442,12 @@ class AgeVLM(nn.Module):
     def __init__(self, cfg: AgeVLMConfig):
         super().__init__()
         self.cfg = cfg
-        self.vision = VisionTower(cfg)
+        if cfg.vision_hf_config:   # pretrained HF tower; its weights: vision.load_pretrained(dir)
+            from .hf_vision import HFVisionTower
+
+            self.vision = HFVisionTower(cfg.vision_hf_config)
+        else:
+            self.vision = VisionTower(cfg)
         self.projector = Projector(cfg.vision_width, cfg.d_model, cfg.n_image_tokens)
         self.decoder = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

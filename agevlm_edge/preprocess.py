@@ -2,6 +2,8 @@
 
 preprocessor.json: {"image_size": 64, "mean": [..3], "std": [..3]}; pixels are RGB, resized
 with bilinear filtering when the size differs, scaled to [0, 1], then normalised.
+With a pretrained Hugging Face tower, mean and std are its image processor's
+(`Preprocessor.from_hf_dir`); its resize/crop steps are replaced by the square resize here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,21 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+# Mean/std that the published checkpoints of each tower family ship in their
+# preprocessor_config.json (openai/clip-*, google/siglip-*, facebook/convnext-*), for a dir
+# without that file. ConvNeXt's is ImageNet's, not ConvNextImageProcessor's 0.5 default.
+# Copied, not imported: the device runtime has no transformers.
+HF_DEFAULT_NORM = {
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "convnext": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def _rgb(v) -> tuple:
+    """A per-channel value as 3 floats (HF processor files may give one for all three)."""
+    return (float(v),) * 3 if isinstance(v, (int, float)) else tuple(float(x) for x in v)
 
 
 @dataclass(frozen=True)
@@ -28,6 +45,22 @@ class Preprocessor:
     def load(cls, path: str | os.PathLike) -> "Preprocessor":
         d = json.loads(Path(path).read_text())
         return cls(int(d["image_size"]), tuple(d["mean"]), tuple(d["std"]))
+
+    @classmethod
+    def from_hf_dir(cls, path: str | os.PathLike, image_size: int) -> "Preprocessor":
+        """The normalisation of a local HF vision model's image processor at ``image_size``
+        (the tower's, AgeVLMConfig.image_size): preprocessor_config.json's image_mean and
+        image_std, or its family's usual ones (HF_DEFAULT_NORM) when the dir has no such file."""
+        path = Path(path)
+        family = json.loads((path / "config.json").read_text()).get("model_type", "").split("_")[0]
+        mean, std = HF_DEFAULT_NORM[family]
+        proc_file = path / "preprocessor_config.json"
+        if proc_file.is_file():
+            proc = json.loads(proc_file.read_text())
+            mean, std = proc.get("image_mean", mean), proc.get("image_std", std)
+            if not proc.get("do_normalize", True):
+                mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        return cls(int(image_size), _rgb(mean), _rgb(std))
 
     def to_uint8(self, image: Image.Image) -> np.ndarray:
         """PIL image -> uint8 [3, S, S] (RGB, resized)."""

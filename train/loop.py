@@ -115,6 +115,12 @@ class Run:
         self.tok, self.model = _build(data_dir, recipe, size)
         self.cfg = self.model.cfg
         self.pre = Preprocessor(self.cfg.image_size)
+        if self.cfg.vision_hf_dir:   # pretrained HF tower: its weights and its normalisation
+            try:
+                self.model.vision.load_pretrained(self.cfg.vision_hf_dir)
+            except ValueError as e:
+                raise BadInput(f"vision tower: {e}") from None
+            self.pre = Preprocessor.from_hf_dir(self.cfg.vision_hf_dir, self.cfg.image_size)
         self.classes = list(meta["vocabulary"]["classes"])
         self.n_labels = len(self.classes) + len(meta["vocabulary"].get("colours", []))
         self.head = VisionHead(self.cfg.vision_width, self.n_labels)
@@ -375,6 +381,11 @@ def train(data_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, r
                 continue
             if stage.kind == "lm" and recipe.lm_dir:
                 bar.write(f"[train] stage {stage.name} skipped: the language model is pretrained")
+                bar.update(stage.steps)
+                run.state.update(stage=si + 1, step=0)
+                continue
+            if stage.kind == "vision" and run.cfg.vision_hf_dir:
+                bar.write(f"[train] stage {stage.name} skipped: the vision tower is pretrained")
                 bar.update(stage.steps)
                 run.state.update(stage=si + 1, step=0)
                 continue
