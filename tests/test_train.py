@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -151,3 +152,34 @@ def test_two_process_gloo_loss_equals_single_process(tmp_path, world):
         assert s[:2] == d[:2]
         assert s[2] == pytest.approx(d[2], abs=1e-4)
         assert (s[3] is None) == (d[3] is None) and (s[3] is None or s[3] == pytest.approx(d[3], abs=1e-4))
+
+
+def test_token_labels_are_the_patch_coverage_of_each_class_and_colour():
+    from agevlm_edge.data.datadir import encode_mask
+    from agevlm_edge.train.batches import token_labels
+
+    m = np.zeros((8, 8), bool)
+    m[0:4, 0:2] = True                      # patch (0,0) of a 2x2 grid, half covered
+    m2 = np.zeros((8, 8), bool)
+    m2[0:4, 0:4] = True                     # the same patch, fully covered, same class
+    rec = {"objects": [{"class": "a", "colour": "red", "mask": encode_mask(m)},
+                       {"class": "a", "colour": "blue", "mask": encode_mask(m2)}]}
+    y = token_labels([rec], ["a", "b"], ["red", "blue"], 2).float()
+    assert y.shape == (1, 4, 4)
+    assert y[0, 0].tolist() == [1.0, 0.0, 0.5, 1.0]      # class capped at 1; both colours
+    assert y[0, 1:].abs().sum() == 0
+
+
+def test_mask_supervised_vision_ablation_changes_the_tower(tmp_path, world):
+    """vision_labels: mask adds the per-token loss (bad values are one-line errors)."""
+    from agevlm_edge.train.loop import train
+
+    runs = {}
+    for labels in ("image", "mask"):
+        stage = {**STAGES[1], "vision_labels": labels}
+        train(world, tmp_path / labels, recipe_from_dict(_recipe([stage])), limit=32)
+        rows = [json.loads(x) for x in (tmp_path / labels / "metrics.jsonl").read_text().splitlines()]
+        runs[labels] = [r["bce"] for r in rows if "bce" in r]
+    assert runs["image"][0] != runs["mask"][0]
+    with pytest.raises(Exception, match="vision_labels must be image or mask"):
+        recipe_from_dict(_recipe([{**STAGES[1], "vision_labels": "boxes"}]))

@@ -70,6 +70,28 @@ def _labels(records: list[dict], classes: list[str], colours: list[str]) -> torc
     return torch.from_numpy(y)
 
 
+def token_labels(records: list[dict], classes: list[str], colours: list[str], grid: int
+                 ) -> torch.Tensor:
+    """Per-token labels for the mask-supervised vision ablation: float16 [n, grid*grid, C+K],
+    the fraction of each patch that an object of that class (colour) covers (union, capped at 1).
+
+    These teach the tower *where* each object is, so every fusion variant inherits grounding
+    from them: the guided-vs-`ca` comparison uses image-level labels, this is reported apart.
+    """
+    C, K = len(classes), len(colours)
+    ci, ki = {c: i for i, c in enumerate(classes)}, {k: i for i, k in enumerate(colours)}
+    y = np.zeros((len(records), grid * grid, C + K), np.float32)
+    for r, rec in enumerate(records):
+        for ob in rec["objects"]:
+            if ob.get("mask") is None:
+                continue
+            cover = mask_to_grid(decode_mask(ob["mask"]), grid).reshape(-1)
+            for j in ([ci[ob["class"]]] if ob["class"] in ci else []) + \
+                     ([C + ki[ob["colour"]]] if ob.get("colour") in ki else []):
+                y[r, :, j] = np.minimum(1.0, y[r, :, j] + cover)
+    return torch.from_numpy(y).half()
+
+
 def _extra_masks(data_dir: Path, split: str, source: str) -> dict[tuple[str, int], dict] | None:
     """Masks from masks/<source>/<split>.jsonl (e.g. sam:vit_b), keyed by (image_id, object)."""
     if source == "rendered" or source == "annotation":

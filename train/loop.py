@@ -27,7 +27,7 @@ from agevlm_edge.fsutil import staged_dir, write_json_atomic
 from agevlm_edge.model import AgeVLM, build_config
 from agevlm_edge.preprocess import Preprocessor
 
-from .batches import SplitData, collate, load_split_data
+from .batches import SplitData, collate, load_split_data, token_labels
 from .losses import lm_loss_sum
 from .recipe import Recipe, Stage
 from .steps import LMStep, VisionHead, VisionStep, VLMStep
@@ -122,7 +122,8 @@ class Run:
                 raise BadInput(f"vision tower: {e}") from None
             self.pre = Preprocessor.from_hf_dir(self.cfg.vision_hf_dir, self.cfg.image_size)
         self.classes = list(meta["vocabulary"]["classes"])
-        self.n_labels = len(self.classes) + len(meta["vocabulary"].get("colours", []))
+        self.colours = list(meta["vocabulary"].get("colours", []))
+        self.n_labels = len(self.classes) + len(self.colours)
         self.head = VisionHead(self.cfg.vision_width, self.n_labels)
         args = (self.tok, self.cfg.image_size, self.cfg.patch_size, recipe.mask_source)
         ids = dict(bos=self.cfg.bos_id, eos=self.cfg.eos_id)
@@ -134,6 +135,14 @@ class Run:
         self.optimizer: torch.optim.Optimizer | None = None
 
     # -- data --------------------------------------------------------------------------
+    def token_labels(self) -> torch.Tensor:
+        """Per-token train labels for the mask-supervised ablation, built on first use."""
+        if getattr(self, "_token_labels", None) is None:
+            grid = self.cfg.image_size // self.cfg.patch_size
+            self._token_labels = token_labels(self.train_data.records, self.classes,
+                                              self.colours, grid)
+        return self._token_labels
+
     def pixels(self, data: SplitData, rows: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.pre.normalize(data.images[rows].numpy()))
 
@@ -166,7 +175,8 @@ class Run:
 
     def step_vision(self, ddp, stage: Stage, g: torch.Generator) -> dict:
         idx = self._shard(torch.randint(len(self.train_data.images), (stage.batch_size,), generator=g))
-        out = ddp(self.pixels(self.train_data, idx), self.train_data.labels[idx])
+        tok = self.token_labels()[idx] if stage.vision_labels == "mask" else None
+        out = ddp(self.pixels(self.train_data, idx), self.train_data.labels[idx], tok)
         n = _all_sum(out["count"])
         return {"loss": out["loss_sum"] / n * _world()[1], "bce": _all_sum(out["loss_sum"]) / n}
 

@@ -44,6 +44,8 @@ class Stage:
     dice_fraction: float = 0.1      # fraction of caption samples that get the dice loss
     dice_layers: tuple = ()         # cross-attention layers the loss reads (): all
     gate_lr_mult: float = 1.0       # LR multiplier for the tanh gates of cross-attention blocks
+    vision_labels: str = "image"    # vision stage: image (default) | mask (ablation: + per-token
+                                    # labels from the object masks, which teach grounding to all)
 
     def validate(self) -> "Stage":
         if self.kind not in KINDS:
@@ -55,6 +57,8 @@ class Stage:
             raise BadInput(f"stage {self.name}: steps >= 0, batch_size >= 1 and lr > 0 required")
         if not 0 <= self.dice_fraction <= 1 or self.dice_weight < 0:
             raise BadInput(f"stage {self.name}: dice_fraction in 0..1 and dice_weight >= 0 required")
+        if self.vision_labels not in ("image", "mask"):
+            raise BadInput(f"stage {self.name}: vision_labels must be image or mask")
         if self.gate_lr_mult <= 0:
             raise BadInput(f"stage {self.name}: gate_lr_mult must be > 0")
         if self.kind == "vlm" and self.captions + self.questions <= 0:

@@ -45,10 +45,18 @@ class VisionStep(nn.Module):
         self.vision, self.head = model.vision, head
         self.register_buffer("pos_weight", pos_weight)
 
-    def forward(self, pixels: torch.Tensor, labels: torch.Tensor) -> dict:
-        logits = self.head(self.vision(pixels))
+    def forward(self, pixels: torch.Tensor, labels: torch.Tensor,
+                token_labels: torch.Tensor | None = None) -> dict:
+        """labels [B,L] image-level; token_labels [B,N,L] (mask-supervised ablation only) add a
+        per-token BCE on the head's token logits, weighted like the image-level one."""
+        tokens = self.vision(pixels)
+        logits = self.head(tokens)
         loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum",
                                                   pos_weight=self.pos_weight) / labels.shape[1]
+        if token_labels is not None:
+            per_token = F.binary_cross_entropy_with_logits(
+                self.head.fc(tokens), token_labels.float(), reduction="sum", pos_weight=self.pos_weight)
+            loss = loss + per_token / (labels.shape[1] * tokens.shape[1])
         return {"loss_sum": loss, "count": torch.tensor(labels.shape[0]), "logits": logits.detach()}
 
 
