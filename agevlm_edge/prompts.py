@@ -16,6 +16,11 @@ def question_prompt(question: str) -> str:
     return f"Question: {question} Answer:"
 
 
+def context_question_prompt(context: str, question: str) -> str:
+    """A question about a text in front of it (LM pretraining only: reading comprehension)."""
+    return f"{context.strip()} {question_prompt(question)}"
+
+
 def target_text(answer: str) -> str:
     """The target follows the prompt after one space (byte-level BPE keeps it in the token)."""
     return " " + answer.strip()

@@ -183,3 +183,30 @@ def test_mask_supervised_vision_ablation_changes_the_tower(tmp_path, world):
     assert runs["image"][0] != runs["mask"][0]
     with pytest.raises(Exception, match="vision_labels must be image or mask"):
         recipe_from_dict(_recipe([{**STAGES[1], "vision_labels": "boxes"}]))
+
+
+def test_context_questions_put_the_caption_before_the_question(world):
+    from agevlm_edge.data.datadir import load_split
+    from agevlm_edge.data.tokenizer import load_tokenizer
+    from agevlm_edge.train.batches import context_questions
+
+    tok = load_tokenizer(world / "tokenizer.json")
+    recs = load_split(world, "train")[:3]
+    samples = context_questions(recs, tok, bos=1, eos=2)
+    assert len(samples) == sum(len(r["questions"]) for r in recs)
+    s, rec, q = samples[1], recs[0], recs[0]["questions"][1]
+    cap = rec["captions"][1 % len(rec["captions"])]["text"]
+    assert s.ids[0] == 1 and s.ids[-1] == 2 and s.image == 0
+    assert tok.decode(s.ids[1:s.prompt_len]) == f"{cap} Question: {q['question']} Answer:"
+    assert tok.decode(s.ids[s.prompt_len:-1]).strip() == q["answer"]
+
+
+def test_lm_stage_mixes_in_context_questions(tmp_path, world):
+    from agevlm_edge.train.loop import train
+
+    stage = {**STAGES[0], "steps": 2, "context_qa": 0.5}
+    train(world, tmp_path / "r", recipe_from_dict(_recipe([stage])), limit=32)
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 <= rows[-1]["val"]["val_context_yesno_acc"] <= 1
+    with pytest.raises(Exception, match="context_qa must be in 0..1"):
+        recipe_from_dict(_recipe([{**STAGES[0], "context_qa": 1.5}]))

@@ -27,7 +27,7 @@ from agevlm_edge.fsutil import staged_dir, write_json_atomic
 from agevlm_edge.model import AgeVLM, build_config
 from agevlm_edge.preprocess import Preprocessor
 
-from .batches import SplitData, collate, load_split_data, token_labels
+from .batches import SplitData, collate, context_questions, load_split_data, token_labels
 from .losses import lm_loss_sum
 from .recipe import Recipe, Stage
 from .steps import LMStep, VisionHead, VisionStep, VLMStep
@@ -135,6 +135,14 @@ class Run:
         self.optimizer: torch.optim.Optimizer | None = None
 
     # -- data --------------------------------------------------------------------------
+    def context_questions(self, split: str = "train") -> list:
+        """Reading-comprehension LM samples (batches.context_questions), built on first use."""
+        cache = self.__dict__.setdefault("_context", {})
+        if split not in cache:
+            data = self.train_data if split == "train" else self.val_data
+            cache[split] = context_questions(data.records, self.tok, self.cfg.bos_id, self.cfg.eos_id)
+        return cache[split]
+
     def token_labels(self) -> torch.Tensor:
         """Per-token train labels for the mask-supervised ablation, built on first use."""
         if getattr(self, "_token_labels", None) is None:
@@ -166,8 +174,13 @@ class Run:
     # -- one step per stage kind -------------------------------------------------------
     def step_lm(self, ddp, stage: Stage, g: torch.Generator) -> dict:
         pool = self.train_data.captions + self.train_data.questions
-        idx = self._shard(torch.randint(len(pool), (stage.batch_size,), generator=g))
-        batch = collate([pool[i] for i in idx], self.cfg.pad_id, self.cfg.n_image_tokens, lm_only=True)
+        n_ctx = round(stage.batch_size * stage.context_qa)
+        samples = [pool[i] for i in torch.randint(len(pool), (stage.batch_size - n_ctx,), generator=g)]
+        if n_ctx:
+            ctx = self.context_questions()
+            samples += [ctx[i] for i in torch.randint(len(ctx), (n_ctx,), generator=g)]
+        samples = [samples[i] for i in self._shard(torch.arange(len(samples)))]
+        batch = collate(samples, self.cfg.pad_id, self.cfg.n_image_tokens, lm_only=True)
         out = ddp(batch)
         n = _all_sum(out["lm_count"])
         loss = out["lm_sum"] / n * _world()[1]
@@ -228,6 +241,11 @@ class Run:
             res[f"val_{name}_loss"] = round(float(s / n), 4)
             if name == "question" and stage.kind == "vlm":
                 res["val_yesno_acc"] = self._yes_no_accuracy(out.logits, batch, pool)
+        if stage.kind == "lm" and stage.context_qa > 0:   # reading comprehension, text only
+            pool = self.context_questions("val")[:VAL_LIMIT]
+            batch = collate(pool, self.cfg.pad_id, self.cfg.n_image_tokens, lm_only=True)
+            out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"])
+            res["val_context_yesno_acc"] = self._yes_no_accuracy(out.logits, batch, pool)
         return res
 
     def _yes_no_accuracy(self, logits, batch, pool) -> float:
