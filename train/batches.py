@@ -19,8 +19,7 @@ from agevlm_edge.data.datadir import decode_mask, load_meta, load_split
 from agevlm_edge.eval.common import ImageStore
 from agevlm_edge.eval.grounding import mask_to_grid
 from agevlm_edge.eval.text import encode_with_spans, prompt_ids
-from agevlm_edge.prompts import target_text
-from agevlm_edge.prompts import caption_prompt, context_question_prompt, question_prompt
+from agevlm_edge.prompts import caption_prompt, context_question_prompt, question_prompt, target_text
 
 IGNORE = -100
 
