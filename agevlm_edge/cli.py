@@ -248,7 +248,7 @@ def train_cmd(data_dir, out, preset, variant, config_file, sets, scale, resume, 
 
 @cli.command("eval")
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
-              help="RUN DIR (or, once export lands, an EXPORT DIR).")
+              help="RUN DIR, or an EXPORT DIR (runs on onnxruntime; no itm suite).")
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="DATA DIR.")
 @click.option("--suite", default="pope,chair,grounding,itm,vqa", show_default=True,
               help="Comma-separated suites: pope, chair, grounding, itm, vqa.")
@@ -269,6 +269,72 @@ def eval_cmd(model_dir, data_dir, suite, split, limit, out_json, bnb) -> None:
     else:
         results = evaluate(model_dir, data_dir, suite, out_json=out_json, limit=limit, split=split)
     click.echo(format_report(results))
+
+
+@cli.command("export")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="RUN DIR to export.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="EXPORT DIR to write.")
+@click.option("--target", type=click.Choice(["cpu", "mobile-gpu"]), default="cpu", show_default=True,
+              help="cpu: opset-23 Attention/RMSNormalization/RotaryEmbedding; mobile-gpu: "
+                   "com.microsoft MultiHeadAttention/GroupQueryAttention for WebGPU and phones.")
+@click.option("--fuse/--no-fuse", default=True, show_default=True,
+              help="--no-fuse: opset 18, attention as a MatMul/Softmax chain (the baseline).")
+@click.option("--xattn-probs/--no-xattn-probs", default=True, show_default=True,
+              help="Also output cross-attention probabilities (heatmaps, grounding eval); "
+                   "the cross-attention then runs unfused.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="DATA DIR for parity pairs and object words (default: the run's own data).")
+@click.option("--pairs", default=20, show_default=True, help="Image/prompt pairs whose greedy "
+              "generations must match PyTorch token for token.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
+def export_cmd(model_dir, out, target, fuse, xattn_probs, data_dir, pairs, overwrite) -> None:
+    """Export a RUN DIR to ONNX (vision -> cross K/V; decoder with KV cache) and check parity.
+
+    Parity runs right after export: fp32 logits within 1e-4 of PyTorch and identical greedy
+    generations on --pairs image/prompt pairs. A failed parity exits 1 and writes nothing.
+    """
+    from .export.onnx_export import export_run
+
+    r = export_run(model_dir, out, target=target, fused=fuse, xattn_probs=xattn_probs,
+                   data_dir=data_dir, n_pairs=pairs, overwrite=overwrite)
+    p = r["parity"]
+    click.echo(f"exported {r['out']} ({r['target']}, {'fused' if r['fused'] else 'unfused'}, "
+               f"{r['bytes'] / 1e6:.1f} MB): parity logits max abs diff "
+               f"{p['logits_max_abs_diff']:.2e}, greedy generations identical "
+               f"{p['generations_identical']}/{p['pairs']}")
+
+
+@cli.command("infer")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="EXPORT DIR (made by `agevlm export`).")
+@click.option("--image", required=True, type=click.Path(path_type=Path), help="Image file.")
+@click.option("--prompt", "prompts", multiple=True, required=True,
+              help="Prompt, e.g. 'Question: Is there a cat in the image? Answer:' or 'Caption:'; "
+                   "repeat for several (the image is encoded once).")
+@click.option("--heatmap", type=click.Path(path_type=Path), default=None,
+              help="PNG: where each object word of the first answer looked.")
+@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-k", default=0, show_default=True, help="0: no top-k cut.")
+@click.option("--top-p", default=1.0, show_default=True, help="1: no nucleus cut.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--provider", type=click.Choice(["cpu", "webgpu", "cuda", "coreml", "nnapi", "xnnpack"]),
+              default="cpu", show_default=True, help="onnxruntime execution provider.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: all cores).")
+def infer_cmd(model_dir, image, prompts, heatmap, max_new_tokens, temperature, top_k, top_p,
+              seed, provider, threads) -> None:
+    """Answer prompts about an image on the device runtime (onnxruntime, no torch)."""
+    from .runtime.infer import run_infer
+    from .runtime.session import GenerationConfig
+
+    def write(s: str) -> None:
+        click.echo(s, nl=False)
+
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, seed=seed)
+    run_infer(model_dir, image, prompts, gen, heatmap=heatmap, provider=provider,
+              threads=threads, write=write)
 
 
 def main() -> None:

@@ -182,13 +182,15 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float()
                                 / head_dim))
     freqs = positions.float()[..., None] * inv_freq                 # (B, T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]                # (B, 1, T, hd)
-    return emb.cos(), emb.sin()
+    emb = torch.cat([freqs, freqs], dim=-1)                         # (B, T, hd)
+    return emb.cos()[:, None], emb.sin()[:, None]                   # (B, 1, T, hd)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    # Written as HF Llama's rotate_half (slices, then cos/sin after the concat) so that the
+    # ONNX rewriter recognises it and fuses it into one RotaryEmbedding op (export/fusion.py).
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., h:], x[..., :h]], dim=-1) * sin
 
 
 class SelfAttention(nn.Module):

@@ -1,6 +1,7 @@
 """Run the evaluation suites on one backend and one DATA DIR split; format the results.
 
     evaluate(RUN DIR, DATA DIR) -> TorchBackend -> run_suite -> results dict (-> JSON)
+    evaluate(EXPORT DIR, DATA DIR) -> runtime.backend.OnnxBackend -> the same
 
 ``run_suite`` only talks to the EvalBackend interface, so an ONNX backend runs the same
 suites. Results are plain JSON types (None where a rate has no denominator).
@@ -66,15 +67,22 @@ def run_suite(backend: EvalBackend, data_dir: str | os.PathLike,
 
 def load_backend(model_dir: str | os.PathLike, batch_size: int = 64,
                  model_transform: Callable | None = None) -> tuple[EvalBackend, dict]:
-    """(backend, model info) for a RUN DIR; ``model_transform`` may rewrite the loaded torch
+    """(backend, model info) for a RUN DIR or an EXPORT DIR; ``model_transform`` may rewrite the loaded torch
     model first (e.g. bitsandbytes int8/nf4 variants from agevlm_edge.quant.bnb)."""
     from ..checkpoint import load_model_files
     from .backend import TorchBackend
 
     model_dir = Path(model_dir)
-    if (model_dir / "manifest.json").is_file():
-        raise BadInput(f"{model_dir} is an EXPORT DIR; evaluating ONNX exports is not supported "
-                       "yet, pass the RUN DIR it was exported from")
+    if (model_dir / "manifest.json").is_file():     # an EXPORT DIR: the device runtime
+        from ..runtime.backend import OnnxBackend
+        from ..runtime.session import Runtime
+
+        if model_transform is not None:
+            raise BadInput(f"{model_dir} is an EXPORT DIR; bitsandbytes variants need the RUN DIR")
+        rt = Runtime(model_dir)
+        info = {"dir": str(model_dir), "arch": rt.arch, "export": {
+            k: rt.manifest.get(k) for k in ("target", "precision", "scheme", "fused")}}
+        return OnnxBackend(rt, batch_size=batch_size), info
     model, tokenizer, pre, _ = load_model_files(model_dir)
     info = {"dir": str(model_dir), "arch": model.cfg.arch, "parameters": model.num_parameters()}
     if model_transform is not None:

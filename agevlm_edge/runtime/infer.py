@@ -1,0 +1,40 @@
+"""`agevlm infer`: one image, one or more prompts, answers streamed; an optional heatmap."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+from ..errors import BadInput
+from .heatmap import save_heatmap, word_maps
+from .session import GenerationConfig, Runtime, TextStreamer
+
+
+def run_infer(export_dir: str | os.PathLike, image: str | os.PathLike, prompts: Sequence[str],
+              gen: GenerationConfig = GenerationConfig(), heatmap: str | os.PathLike | None = None,
+              provider: str = "cpu", threads: int | None = None,
+              write: Callable[[str], None] = print) -> list[str]:
+    """Answer every prompt about ``image`` (its K/V computed once); returns the answers.
+
+    Answers stream through ``write`` piece by piece. ``heatmap``: a PNG of the first
+    answer's object words and where each looked.
+    """
+    if not prompts:
+        raise BadInput("give at least one --prompt")
+    rt = Runtime(export_dir, provider=provider, threads=threads)
+    pixels = rt.load_image(image)
+    seqs = [rt.prompt_ids(p) for p in prompts]          # every prompt checked before any work
+    state = rt.encode_images([pixels])                  # once, reused by every prompt
+    answers = []
+    for k, (prompt, seq) in enumerate(zip(prompts, seqs)):
+        write(prompt)
+        streamer = TextStreamer(rt.tokenizer, write)
+        res = rt.generate(state, [seq], gen, with_maps=bool(heatmap) and k == 0,
+                          on_token=lambda _row, tok: streamer.put(tok))
+        write("\n")
+        answers.append(res.texts[0])
+        if heatmap and k == 0:
+            panels = word_maps(rt.tokenizer, res.ids[0], res.maps[0], rt.manifest.get("object_words", []))
+            save_heatmap(heatmap, pixels, panels)
+            write(f"heatmap ({', '.join(w for w, _ in panels) or 'no object words'}) -> {heatmap}\n")
+    return answers

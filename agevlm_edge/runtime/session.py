@@ -1,0 +1,266 @@
+"""The device runtime: two onnxruntime sessions (vision, decoder), a tokenizer and numpy.
+
+An image goes through vision.onnx once: its cross-attention K/V (or, for concat, its image
+embeddings) are kept as an ``ImageState`` and fed to every decoder step of every question
+asked about it. The decoder graph returns the grown self-attention cache, which is fed back
+as OrtValues bound to the next step (no copy back to numpy between steps).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..data.tokenizer import load_tokenizer
+from ..errors import BadInput
+from ..eval.text import left_pad
+from ..preprocess import Preprocessor
+from .images import load_image
+from .manifest import load_manifest
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "webgpu": "WebGpuExecutionProvider", "coreml": "CoreMLExecutionProvider",
+             "nnapi": "NnapiExecutionProvider", "xnnpack": "XnnpackExecutionProvider"}
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0        # 0: greedy
+    top_k: int = 0                  # 0: no top-k cut
+    top_p: float = 1.0              # 1: no nucleus cut
+    seed: int | None = None
+    stop_ids: tuple = ()            # stop tokens besides the model's eos
+
+    def validate(self) -> "GenerationConfig":
+        if self.max_new_tokens < 1:
+            raise BadInput("max_new_tokens must be at least 1")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise BadInput("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        return self
+
+
+@dataclass
+class ImageState:
+    """vision.onnx outputs for a batch of images, by decoder input name."""
+    feeds: dict
+    batch: int
+
+
+@dataclass
+class Generation:
+    ids: list                                   # generated ids per row (eos excluded)
+    texts: list
+    maps: list = field(default_factory=list)    # per row, per generated token: [g, g] or None
+
+
+def sample_next(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
+    """logits [B, V] -> next ids [B]: argmax at temperature 0, else temperature/top-k/top-p."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    x = logits.astype(np.float64) / cfg.temperature
+    if cfg.top_k and cfg.top_k < x.shape[-1]:
+        kth = np.partition(x, -cfg.top_k, axis=-1)[:, -cfg.top_k][:, None]
+        x = np.where(x < kth, -np.inf, x)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if cfg.top_p < 1:
+        order = np.argsort(-p, axis=-1)
+        sorted_p = np.take_along_axis(p, order, -1)
+        keep_sorted = np.cumsum(sorted_p, -1) - sorted_p < cfg.top_p   # always keeps the top one
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, -1)
+        p = np.where(keep, p, 0.0)
+        p /= p.sum(-1, keepdims=True)
+    return np.array([rng.choice(p.shape[-1], p=row) for row in p])
+
+
+class TextStreamer:
+    """Token ids in, new text out: decodes the whole answer so far and writes what is new,
+    holding back an incomplete UTF-8 character (byte-level BPE splits them)."""
+
+    def __init__(self, tokenizer, write: Callable[[str], None]):
+        self.tokenizer, self.write = tokenizer, write
+        self.ids: list[int] = []
+        self.said = ""
+
+    def put(self, tok: int) -> None:
+        self.ids.append(tok)
+        text = self.tokenizer.decode(self.ids)
+        if len(text) > len(self.said) and not text.endswith("\ufffd"):
+            self.write(text[len(self.said):])
+            self.said = text
+
+
+class Runtime:
+    """An EXPORT DIR loaded for inference (hashes verified first)."""
+
+    def __init__(self, export_dir: str | os.PathLike, provider: str = "cpu",
+                 threads: int | None = None, verify: bool = True):
+        import onnxruntime as ort
+
+        self.dir = Path(export_dir)
+        self.manifest = load_manifest(self.dir, verify=verify)
+        self.cfg = self.manifest["model"]
+        self.arch = self.cfg["arch"]
+        self.pre = Preprocessor.load(self.dir / "preprocessor.json")
+        self.tokenizer = load_tokenizer(self.dir / "tokenizer.json")
+        self.image_size = int(self.cfg["image_size"])
+        self.grid = self.image_size // int(self.cfg["patch_size"])
+        self.max_seq_len = int(self.cfg["max_seq_len"])
+        self.eos_id, self.bos_id, self.pad_id = (int(self.cfg[k]) for k in ("eos_id", "bos_id", "pad_id"))
+        if provider not in PROVIDERS:
+            raise BadInput(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+        name = PROVIDERS[provider]
+        if name not in ort.get_available_providers():
+            raise BadInput(f"this onnxruntime build has no {name} (available: "
+                           f"{', '.join(ort.get_available_providers())}); install the onnxruntime "
+                           f"package built for {provider} or use --provider cpu")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        providers = [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
+        self.provider = provider
+        self.vision = ort.InferenceSession(str(self.dir / "vision.onnx"), opts, providers=providers)
+        self.decoder = ort.InferenceSession(str(self.dir / "decoder.onnx"), opts, providers=providers)
+        self._ort = ort
+        outs = [o.name for o in self.decoder.get_outputs()]
+        self.n_layers = int(self.cfg["n_layers"])
+        self.present_names = [n for n in outs if n.startswith("present_")]
+        self.prob_names = [n for n in outs if n.startswith("xattn_probs_")]
+        self.has_probs = bool(self.prob_names)
+        self.kv_heads, self.head_dim = int(self.cfg["n_kv_heads"]), int(self.cfg["head_dim"])
+
+    # -- images ------------------------------------------------------------------------
+    def load_image(self, path: str | os.PathLike) -> np.ndarray:
+        return load_image(path, self.pre)
+
+    def encode_images(self, images: Sequence[np.ndarray]) -> ImageState:
+        """uint8 [3, S, S] images -> their cross K/V (or embeddings): once per image."""
+        x = self.pre.normalize(np.stack([np.asarray(im, np.uint8) for im in images]))
+        names = [o.name for o in self.vision.get_outputs()]
+        outs = self.vision.run(names, {"pixel_values": x.astype(np.float32)})
+        return ImageState(dict(zip(names, outs)), len(images))
+
+    # -- one decoder call --------------------------------------------------------------
+    def _empty_past(self, batch: int) -> dict:
+        z = np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
+        return {f"past_{kv}_{l}": z for l in range(self.n_layers) for kv in ("key", "value")}
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, past: dict, image: ImageState,
+             prefill: bool) -> tuple[np.ndarray, dict, dict]:
+        """(logits [B,T,V], presents as OrtValues by past name, probs by layer) for one call."""
+        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64), **past}
+        if self.arch == "concat":
+            emb = image.feeds["image_embeds"]
+            feeds["image_embeds"] = emb if prefill else emb[:, :0]
+        else:
+            feeds.update(image.feeds)
+        binding = self.decoder.io_binding()
+        for k, v in feeds.items():
+            if isinstance(v, np.ndarray):
+                binding.bind_cpu_input(k, np.ascontiguousarray(v))
+            else:
+                binding.bind_ortvalue_input(k, v)
+        for o in self.decoder.get_outputs():
+            binding.bind_output(o.name)
+        self.decoder.run_with_iobinding(binding)
+        outs = dict(zip([o.name for o in self.decoder.get_outputs()], binding.get_outputs()))
+        logits = outs["logits"].numpy()
+        presents = {n.replace("present_", "past_"): outs[n] for n in self.present_names}
+        probs = {int(n.rsplit("_", 1)[1]): outs[n].numpy() for n in self.prob_names}
+        return logits, presents, probs
+
+    # -- prompts -----------------------------------------------------------------------
+    def prompt_ids(self, prompt: str) -> list[int]:
+        if not prompt or not prompt.strip():
+            raise BadInput("the prompt is empty; give a question or 'Caption:'")
+        return [self.bos_id] + self.tokenizer.encode(prompt, add_special_tokens=False).ids
+
+    def _check_length(self, n_prompt: int, max_new: int) -> None:
+        n_img = (self.image_size // int(self.cfg["patch_size"])) ** 2 if self.arch == "concat" else 0
+        if n_img + n_prompt + max_new > self.max_seq_len:
+            raise BadInput(f"prompt of {n_prompt} tokens + {max_new} new tokens"
+                           + (f" + {n_img} image tokens" if n_img else "")
+                           + f" exceeds the model's maximum context of {self.max_seq_len}; "
+                           "shorten the prompt or lower --max-new-tokens")
+
+    # -- generation --------------------------------------------------------------------
+    def generate(self, image: ImageState, prompts: Sequence[Sequence[int]],
+                 cfg: GenerationConfig = GenerationConfig(), with_maps: bool = False,
+                 on_token: Callable[[int, int], None] | None = None) -> Generation:
+        """Generate for B prompts (token ids) about B images (left padding).
+
+        ``with_maps``: per generated token, its cross-attention map [g, g] (mean over heads
+        and cross-attention layers), as the eval suite's phrase maps. ``on_token(row, id)``
+        is called as each token is chosen.
+        """
+        it = self._tokens(image, prompts, cfg, with_maps)
+        while True:
+            try:
+                row, tok = next(it)
+            except StopIteration as stop:
+                return stop.value
+            if on_token:
+                on_token(row, tok)
+
+    def stream(self, image: ImageState, prompt: str, cfg: GenerationConfig = GenerationConfig()
+               ) -> Iterator[str]:
+        """Yield one answer's text piece by piece as its tokens are generated."""
+        pieces: list[str] = []
+        streamer = TextStreamer(self.tokenizer, pieces.append)
+        for _, tok in self._tokens(image, [self.prompt_ids(prompt)], cfg, False):
+            streamer.put(tok)
+            yield from pieces
+            pieces.clear()
+
+    def _tokens(self, image: ImageState, prompts: Sequence[Sequence[int]],
+                cfg: GenerationConfig, with_maps: bool):
+        """Yields (row, token) as chosen; returns the Generation."""
+        cfg = cfg.validate()
+        if with_maps and not self.has_probs:
+            raise BadInput("this export has no cross-attention probabilities (exported without "
+                           "--xattn-probs, or a concat model); re-export to get heatmaps")
+        B = len(prompts)
+        if image.batch != B:
+            raise BadInput(f"{image.batch} images for {B} prompts")
+        self._check_length(max(len(p) for p in prompts), cfg.max_new_tokens)
+        ids, mask = (np.array(a, np.int64) for a in left_pad(prompts, self.pad_id))
+        n_img = image.feeds["image_embeds"].shape[1] if self.arch == "concat" else 0
+        full_mask = np.concatenate([np.ones((B, n_img), np.int64), mask], 1) if n_img else mask
+        rng = np.random.default_rng(cfg.seed)
+        stops = {self.eos_id, *cfg.stop_ids}
+        logits, past, probs = self.step(ids, full_mask, self._empty_past(B), image, prefill=True)
+        done = np.zeros(B, bool)
+        out: list[list[int]] = [[] for _ in range(B)]
+        maps: list[list] = [[] for _ in range(B)]
+        for t in range(cfg.max_new_tokens):
+            nxt = sample_next(logits[:, -1], cfg, rng)
+            nxt = np.where(done, self.pad_id, nxt)
+            for b in range(B):
+                if not done[b]:
+                    if int(nxt[b]) in stops:
+                        done[b] = True
+                    else:
+                        out[b].append(int(nxt[b]))
+                        yield b, int(nxt[b])
+            last = done.all() or t == cfg.max_new_tokens - 1
+            # A generated token's map comes from the step that feeds it: one more step at
+            # the end when maps are wanted and the last tokens were not fed yet.
+            if last and not (with_maps and any(len(m) < len(o) for m, o in zip(maps, out))):
+                break
+            full_mask = np.concatenate([full_mask, np.ones((B, 1), np.int64)], 1)
+            logits, past, probs = self.step(nxt[:, None], full_mask, past, image, prefill=False)
+            if with_maps:
+                m = np.mean([p[:, :, -1].mean(1) for p in probs.values()], axis=0)   # (B, N)
+                for b in range(B):
+                    if len(maps[b]) < len(out[b]):
+                        maps[b].append(m[b].reshape(self.grid, self.grid))
+            if last:
+                break
+        texts = [self.tokenizer.decode(o).strip() for o in out]
+        return Generation(out, texts, maps)

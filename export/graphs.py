@@ -1,0 +1,86 @@
+"""The modules that become ONNX graphs, with flat, named inputs and outputs.
+
+    vision.onnx   pixel_values [B,3,H,W]
+                    xattn:  -> cross_key_<i>, cross_value_<i> [B,Hkv,N,hd] per cross-attention layer i
+                    concat: -> image_embeds [B,N,D]
+    decoder.onnx  input_ids [B,T], attention_mask [B,S], past_key_<l>, past_value_<l> [B,Hkv,P,hd]
+                    xattn:  + cross_key_<i>, cross_value_<i>
+                    concat: + image_embeds [B,M,D] (M = N at prefill, 0 afterwards)
+                  -> logits [B,T,V], present_key_<l>, present_value_<l> [B,Hkv,P+M+T,hd]
+                    (+ xattn_probs_<i> [B,Hq,T,N] when exported with cross-attention probabilities)
+
+attention_mask covers every key the step sees (past, then image tokens for a concat prefill,
+then the new tokens; 1 = real, 0 = padding), so one graph serves prefill (an empty past) and
+decode. Positions come from it (cumulative sum), as in `AgeVLM.forward`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from agevlm_edge.model import AgeVLM, attention_mask_4d
+
+
+def layer_names(model: AgeVLM) -> dict[str, list[str]]:
+    cfg = model.cfg
+    past = [f"past_{kv}_{l}" for l in range(cfg.n_layers) for kv in ("key", "value")]
+    present = [f"present_{kv}_{l}" for l in range(cfg.n_layers) for kv in ("key", "value")]
+    cross = [f"cross_{kv}_{i}" for i in cfg.cross_layers for kv in ("key", "value")]
+    return {"past": past, "present": present, "cross": cross,
+            "probs": [f"xattn_probs_{i}" for i in cfg.cross_layers]}
+
+
+class VisionGraph(nn.Module):
+    """pixels -> every cross-attention layer's K/V (xattn), or projected image tokens (concat):
+    the image side is computed once per image, never per generated token."""
+
+    def __init__(self, model: AgeVLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor):
+        img = self.model.image_tokens(pixel_values)
+        if self.model.cfg.arch == "concat":
+            return img
+        kv = self.model.cross_kv(img)
+        return tuple(t for i in self.model.cfg.cross_layers for t in kv[str(i)])
+
+
+class DecoderGraph(nn.Module):
+    """One decoder step over new tokens with an explicit KV cache (see the module docstring).
+
+    ``impl`` picks the attention path: "fused" (SDPA, which the exporter turns into the
+    opset-23 Attention op) or "eager" (the MatMul/Softmax chain, the unfused baseline).
+    ``probs`` adds the cross-attention probabilities as outputs (the cross-attention then runs
+    eager, since a fused op does not return them).
+    """
+
+    def __init__(self, model: AgeVLM, impl: str = "fused", probs: bool = False):
+        super().__init__()
+        self.model, self.impl, self.probs = model, impl, probs
+        self.n_layers = model.cfg.n_layers
+        self.cross = [str(i) for i in model.cfg.cross_layers]
+
+    def forward(self, input_ids, attention_mask, *tensors):
+        m, cfg = self.model, self.model.cfg
+        L = self.n_layers
+        past = [(tensors[2 * l], tensors[2 * l + 1]) for l in range(L)]
+        h = m.decoder.embed_tokens(input_ids)
+        cross_kv = None
+        if cfg.arch == "concat":
+            h = torch.cat([tensors[2 * L], h], dim=1)              # image embeds (maybe 0 rows)
+        else:
+            rest = tensors[2 * L:]
+            cross_kv = {k: (rest[2 * j], rest[2 * j + 1]) for j, k in enumerate(self.cross)}
+        q_len = h.shape[1]
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+        mask = attention_mask_4d(attention_mask, q_len)
+        h, presents, probs, _ = m.decoder(h, positions, mask, cross_kv, past, self.impl,
+                                          self.probs, False)
+        if cfg.arch == "concat":
+            h = h[:, q_len - input_ids.shape[1]:]                  # text positions only
+        out = [m.lm_head(h)] + [t for kv in presents for t in kv]
+        if self.probs:
+            out += [probs[int(k)] for k in self.cross]
+        return tuple(out)

@@ -1,0 +1,196 @@
+"""`agevlm export`: RUN DIR -> EXPORT DIR (vision.onnx, decoder.onnx, manifest.json, ...).
+
+    export_run(run, out, target="cpu")
+      1. torch.onnx.export(dynamo=True) of export.graphs.VisionGraph and DecoderGraph
+         (fused: opset 23, SDPA -> Attention and the exporter's RMSNormalization /
+         RotaryEmbedding fusions; unfused: opset 18, the MatMul/Softmax chain);
+      2. per-target rewrites (export.fusion);
+      3. parity against PyTorch (export.parity) through the device runtime itself;
+      4. manifest.json (hashes, graph signatures, op histograms, parity), written last.
+    The directory is built aside and swapped in only when parity passes: a failed parity
+    raises CheckFailed (exit 1) and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from agevlm_edge import __version__
+from agevlm_edge.errors import BadInput, CheckFailed
+from agevlm_edge.fsutil import sha256_file, staged_dir, write_json_atomic
+from agevlm_edge.runtime.manifest import FORMAT, FORMAT_VERSION
+
+from .graphs import DecoderGraph, VisionGraph, layer_names
+
+TARGETS = ("cpu", "mobile-gpu")
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, opset: int, input_names: list[str],
+            output_names: list[str], dynamic_shapes) -> None:
+    """One graph through the dynamo exporter, quietly (it logs every pass at INFO)."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
+                                    input_names=input_names, output_names=output_names,
+                                    dynamic_shapes=dynamic_shapes, verbose=False,
+                                    external_data=False)
+    program.save(str(path))
+    name_nodes(path)
+
+
+def export_graphs(model, out_dir: Path, fused: bool = True, xattn_probs: bool = False) -> dict:
+    """Write vision.onnx and decoder.onnx for ``model`` (eval mode, fp32) into ``out_dir``."""
+    from torch.export import Dim
+
+    cfg = model.cfg
+    opset = 23 if fused else 18
+    names = layer_names(model)
+    B, T, P = 2, 5, 3
+    batch, seq, past_len = Dim("batch"), Dim("seq"), Dim("past")
+    torch.manual_seed(0)
+    pixels = torch.randn(B, 3, cfg.image_size, cfg.image_size)
+    vision = VisionGraph(model).eval()
+    with torch.no_grad():
+        vis = vision(pixels)
+    vis = vis if isinstance(vis, tuple) else (vis,)
+    vis_names = names["cross"] if cfg.arch == "xattn" else ["image_embeds"]
+    _export(vision, (pixels,), out_dir / "vision.onnx", opset, ["pixel_values"], vis_names,
+            ({0: batch},))
+
+    past = [torch.randn(B, cfg.n_kv_heads, P, cfg.head_dim) for _ in names["past"]]
+    ids = torch.randint(3, cfg.vocab_size, (B, T))
+    n_img = vis[0].shape[1] if cfg.arch == "concat" else 0
+    mask = torch.ones(B, P + n_img + T, dtype=torch.long)
+    image_dims = ({0: batch, 1: Dim("image_tokens", min=0)},) if cfg.arch == "concat" \
+        else tuple({0: batch} for _ in vis)
+    dyn = ({0: batch, 1: seq}, {0: batch, 1: Dim("keys")},
+           tuple({0: batch, 2: past_len} for _ in past) + image_dims)
+    decoder = DecoderGraph(model, impl="fused" if fused else "eager", probs=xattn_probs).eval()
+    out_names = ["logits"] + names["present"] + (names["probs"] if xattn_probs else [])
+    _export(decoder, (ids, mask, *past, *vis), out_dir / "decoder.onnx", opset,
+            ["input_ids", "attention_mask"] + names["past"] + vis_names, out_names, dyn)
+    return {"opset": opset}
+
+
+def module_path(node) -> str:
+    """The module path a node came from ("decoder.layers.1.self_attn"), from the exporter's
+    namespace metadata; "graph" for nodes outside any submodule."""
+    ns = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
+    scopes = [seg.split(":")[0].strip() for seg in ns.split("/")[:-1]]
+    scopes = [s for s in scopes if s and not s.startswith("_empty_nn_module_stack")]
+    path = scopes[-1] if scopes else ""
+    path = path[len("model."):] if path.startswith("model.") else path
+    return path or "graph"
+
+
+def name_nodes(path: Path) -> None:
+    """Rename every node "<module path>/<Op>_<k>" (k counts per path and op in graph order):
+    stable across exports of the same model, readable in profiles, and what per-part
+    quantization selects on."""
+    import onnx
+
+    m = onnx.load(str(path))
+    seen: collections.Counter = collections.Counter()
+    for node in m.graph.node:
+        key = f"{module_path(node)}/{node.op_type}"
+        node.name = f"{key}_{seen[key]}"
+        seen[key] += 1
+    onnx.save(m, str(path))
+
+
+def graph_info(path: Path) -> dict:
+    """Inputs/outputs (name, dtype, shape with symbolic dims) and the op histogram."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+
+    def io(values) -> list[dict]:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                        "shape": shape})
+        return out
+
+    ops = collections.Counter((f"{n.domain}." if n.domain not in ("", "ai.onnx") else "") + n.op_type
+                              for n in m.graph.node)
+    return {"file": path.name, "inputs": io(m.graph.input), "outputs": io(m.graph.output),
+            "ops": dict(sorted(ops.items())), "nodes": len(m.graph.node),
+            "opset": {o.domain or "ai.onnx": o.version for o in m.opset_import}}
+
+
+def object_words(data_dir: Path | None) -> list[str]:
+    """Object names (classes, plurals, synonyms) from a DATA DIR, for heatmaps; [] without one."""
+    if data_dir is None or not (Path(data_dir) / "dataset.json").is_file():
+        return []
+    from agevlm_edge.data.datadir import load_meta
+
+    vocab = load_meta(data_dir).get("vocabulary", {}).get("classes", {})
+    words = set()
+    for name, v in vocab.items():
+        words.update([name, v.get("plural", ""), *v.get("synonyms", []), *v.get("synonym_plurals", [])])
+    return sorted(w for w in words if w)
+
+
+def write_manifest(out_dir: Path, man: dict) -> dict:
+    files = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name != "manifest.json")
+    man = {**man, "files": {f: sha256_file(out_dir / f) for f in files}}
+    man["graphs"] = {name: graph_info(out_dir / f"{name}.onnx") for name in ("vision", "decoder")}
+    write_json_atomic(out_dir / "manifest.json", man)
+    return man
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str = "cpu",
+               fused: bool = True, xattn_probs: bool = True, data_dir: str | os.PathLike | None = None,
+               n_pairs: int = 20, overwrite: bool = False) -> dict:
+    """Export a RUN DIR for ``target``, check parity, and write the EXPORT DIR atomically."""
+    from agevlm_edge.checkpoint import load_model_files
+
+    from .fusion import apply_target
+    from .parity import check_parity
+
+    if target not in TARGETS:
+        raise BadInput(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
+    run_dir = Path(run_dir)
+    model, tokenizer, pre, config = load_model_files(run_dir)
+    if model.cfg.vision_hf_config:
+        raise BadInput("exporting a model with a Hugging Face vision tower is not supported yet; "
+                       "export a model with the built-in tower")
+    xattn_probs = xattn_probs and model.cfg.arch == "xattn"
+    data = Path(data_dir) if data_dir else (Path(config["data"]) if config.get("data") else None)
+    data = data if data is not None and (data / "dataset.json").is_file() else None
+    t0 = time.perf_counter()
+    with staged_dir(out, overwrite=overwrite) as tmp:
+        info = export_graphs(model, tmp, fused=fused, xattn_probs=xattn_probs)
+        rewrites = apply_target(tmp, target, fused)
+        for name in ("tokenizer.json", "preprocessor.json"):
+            shutil.copyfile(run_dir / name, tmp / name)
+        man = {"format": FORMAT, "format_version": FORMAT_VERSION,
+               "created_by": f"agevlm-edge {__version__}", "target": target, "fused": fused,
+               "opset": info["opset"], "precision": "fp32", "scheme": {"name": "fp32"},
+               "model": model.cfg.to_dict(), "xattn_probs": xattn_probs,
+               "object_words": object_words(data), "rewrites": rewrites,
+               "source": {"run_dir": str(run_dir.resolve()),
+                          "model_sha256": sha256_file(run_dir / "model.safetensors")}}
+        write_manifest(tmp, man)
+        parity = check_parity(model, tmp, data, n_pairs=n_pairs)
+        man = write_manifest(tmp, {**man, "parity": parity,
+                                   "export_seconds": round(time.perf_counter() - t0, 1)})
+        if not parity["passed"]:
+            raise CheckFailed(f"parity with PyTorch failed ({parity['failures'][0]}); "
+                              "no export was written")
+    size = sum(p.stat().st_size for p in Path(out).iterdir())
+    return {"out": str(out), "target": target, "fused": fused, "bytes": size,
+            "parity": {k: parity[k] for k in ("logits_max_abs_diff", "generations_identical",
+                                              "pairs")},
+            "ops": man["graphs"]["decoder"]["ops"]}

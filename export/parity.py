@@ -1,0 +1,129 @@
+"""Parity of an export against the PyTorch model it came from, run through the device runtime.
+
+    fixed inputs: vision K/V (or embeddings) and their shapes; prefill and one decode step's
+                  logits (fp32 max abs diff <= 1e-4); cross-attention probabilities if exported
+    generations:  greedy answers on ``n_pairs`` image/prompt pairs (test images and their
+                  questions and caption prompts from a DATA DIR, or seeded noise images and
+                  fixed prompts without one) must be token-identical
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agevlm_edge.eval.text import left_pad
+from agevlm_edge.prompts import caption_prompt, question_prompt
+from agevlm_edge.runtime.session import GenerationConfig, Runtime
+
+LOGITS_TOL = 1e-4
+FALLBACK_QUESTIONS = ("Is there a circle in the image?", "What colour is the square?",
+                      "How many objects are there?", "Is there a star in the image?")
+
+
+def parity_pairs(data_dir: Path | None, image_size: int, n: int) -> tuple[list[np.ndarray], list[str]]:
+    """n (uint8 image [3,S,S], prompt) pairs: a DATA DIR's test split, else seeded noise."""
+    images, prompts = [], []
+    if data_dir is not None:
+        from agevlm_edge.data.datadir import load_meta, load_split
+        from agevlm_edge.eval.common import ImageStore
+
+        split = "test" if "test" in load_meta(data_dir).get("splits", {}) else "val"
+        store = ImageStore(data_dir, image_size)
+        for i, rec in enumerate(load_split(data_dir, split)[:n]):
+            images.append(store.get(rec["file"]))
+            qs = rec.get("questions", [])
+            prompts.append(question_prompt(qs[0]["question"]) if qs and i % 2 else caption_prompt())
+    rng = np.random.default_rng(0)
+    while len(images) < n:
+        images.append(rng.integers(0, 256, (3, image_size, image_size), dtype=np.uint8))
+        i = len(prompts)
+        prompts.append(caption_prompt() if i % 2 == 0 else
+                       question_prompt(FALLBACK_QUESTIONS[i // 2 % len(FALLBACK_QUESTIONS)]))
+    return images, prompts
+
+
+def _max_diff(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+def check_parity(model, export_dir: Path, data_dir: Path | None, n_pairs: int = 20,
+                 batch_size: int = 10) -> dict:
+    model = model.eval()
+    cfg = model.cfg
+    rt = Runtime(export_dir, verify=False)
+    images, prompts = parity_pairs(data_dir, cfg.image_size, max(n_pairs, 2))
+    failures: list[str] = []
+    res: dict = {"pairs": len(images), "tolerance": LOGITS_TOL}
+
+    # -- fixed inputs: two images, two prompts of different lengths (left padding) --------
+    seqs = [rt.prompt_ids(p) for p in prompts[:2]]
+    ids, mask = (np.array(a, np.int64) for a in left_pad(seqs, cfg.pad_id))
+    state = rt.encode_images(images[:2])
+    pixels = torch.from_numpy(rt.pre.normalize(np.stack(images[:2])))
+    with torch.no_grad():
+        img = model.image_tokens(pixels)
+        if cfg.arch == "concat":
+            ref_vis = {"image_embeds": img.numpy()}
+        else:
+            kv = model.cross_kv(img)
+            ref_vis = {f"cross_{n}_{i}": kv[str(i)][j].numpy()
+                       for i in cfg.cross_layers for j, n in enumerate(("key", "value"))}
+        ref = model(torch.from_numpy(ids), image_tokens=img, attention_mask=torch.from_numpy(mask),
+                    attn_impl="eager", output_xattn=rt.has_probs)
+        nxt = ref.logits[:, -1].argmax(-1)[:, None]
+        mask2 = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+        cross = None if cfg.arch == "concat" else kv
+        ref2 = model(nxt, cross_kv=cross, attention_mask=torch.from_numpy(mask2),
+                     past_key_values=ref.past_key_values)
+    res["vision_shapes"] = {k: list(v.shape) for k, v in state.feeds.items()}
+    bad_shapes = [k for k, v in ref_vis.items() if state.feeds.get(k) is None
+                  or state.feeds[k].shape != v.shape]
+    if bad_shapes:
+        failures.append(f"vision outputs {bad_shapes} missing or of the wrong shape")
+        res["vision_max_abs_diff"] = None
+    else:
+        res["vision_max_abs_diff"] = max(_max_diff(state.feeds[k], v) for k, v in ref_vis.items())
+    n_img = cfg.n_image_tokens if cfg.arch == "concat" else 0
+    full = np.concatenate([np.ones((2, n_img), np.int64), mask], 1) if n_img else mask
+    logits, past, probs = rt.step(ids, full, rt._empty_past(2), state, prefill=True)
+    full2 = np.concatenate([full, np.ones((2, 1), np.int64)], 1)
+    logits2, _, _ = rt.step(nxt.numpy(), full2, past, state, prefill=False)
+    res["logits_max_abs_diff"] = max(_max_diff(logits, ref.logits.numpy()),
+                                     _max_diff(logits2, ref2.logits.numpy()))
+    if not res["logits_max_abs_diff"] <= LOGITS_TOL:
+        failures.append(f"logits differ by {res['logits_max_abs_diff']:.2e} > {LOGITS_TOL:g}")
+    if rt.has_probs:
+        res["xattn_probs_max_abs_diff"] = max(_max_diff(probs[i], ref.xattn_probs[i].numpy())
+                                              for i in cfg.cross_layers)
+        if not res["xattn_probs_max_abs_diff"] <= LOGITS_TOL:
+            failures.append(f"cross-attention probabilities differ by "
+                            f"{res['xattn_probs_max_abs_diff']:.2e}")
+
+    # -- greedy generations ---------------------------------------------------------------
+    same = 0
+    examples = []
+    gen_cfg = GenerationConfig(max_new_tokens=24)
+    for s in range(0, len(images), batch_size):
+        ims, ps = images[s:s + batch_size], prompts[s:s + batch_size]
+        seqs = [rt.prompt_ids(p) for p in ps]
+        got = rt.generate(rt.encode_images(ims), seqs, gen_cfg)
+        ids_b, mask_b = (torch.tensor(a) for a in left_pad(seqs, cfg.pad_id))
+        pix = torch.from_numpy(rt.pre.normalize(np.stack(ims)))
+        want = model.generate(ids_b, pix, mask_b, max_new_tokens=gen_cfg.max_new_tokens).tolist()
+        for g, w, p in zip(got.ids, want, ps):
+            w = w[:w.index(cfg.eos_id)] if cfg.eos_id in w else w
+            w = [t for t in w if t != cfg.pad_id]
+            same += g == w
+            if len(examples) < 3:
+                examples.append({"prompt": p, "onnx": rt.tokenizer.decode(g),
+                                 "torch": rt.tokenizer.decode(w)})
+    res["generations_identical"] = same
+    res["examples"] = examples
+    if same < len(images):
+        failures.append(f"greedy generations differ on {len(images) - same} of {len(images)} pairs")
+    res["failures"] = failures
+    res["passed"] = not failures
+    return res

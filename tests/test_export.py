@@ -1,0 +1,297 @@
+"""ONNX export (graphs, fusion, parity, manifest) and the torch-free device runtime, on tiny
+random models with open gates (the image must matter)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from agevlm_edge.errors import BadInput, CheckFailed
+from conftest import assert_one_line_error, run_cli
+
+S = 64
+
+
+@pytest.fixture(scope="module")
+def tokenizer(small_world):
+    from agevlm_edge.data.tokenizer import corpus, train_bpe
+
+    return train_bpe(corpus(small_world), 400)
+
+
+def _run_dir(path, tokenizer, arch: str):
+    import torch
+
+    from agevlm_edge.checkpoint import save_model_files
+    from agevlm_edge.model import AgeVLM, AgeVLMConfig
+    from agevlm_edge.preprocess import Preprocessor
+
+    torch.manual_seed(1)
+    cfg = AgeVLMConfig(image_size=S, patch_size=8, vision_width=32, vision_heads=2,
+                       vocab_size=tokenizer.get_vocab_size(), d_model=32, n_layers=2, n_heads=4,
+                       n_kv_heads=2, ffn_hidden=64, arch=arch, max_seq_len=128)
+    model = AgeVLM(cfg).eval()
+    with torch.no_grad():
+        for blk in model.decoder.xattn.values():
+            blk.attn_gate.fill_(0.7)
+            blk.mlp_gate.fill_(0.7)
+    save_model_files(path, model, tokenizer, Preprocessor(S))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("runs")
+    return {a: _run_dir(root / a, tokenizer, a) for a in ("xattn", "concat")}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, runs, small_world):
+    from agevlm_edge.export.onnx_export import export_run
+
+    root = tmp_path_factory.mktemp("exports")
+    out = {}
+    for name, run, kw in (("xattn", runs["xattn"], {}), ("concat", runs["concat"], {}),
+                          ("unfused", runs["xattn"], {"fused": False, "xattn_probs": False})):
+        export_run(run, root / name, data_dir=small_world, **kw)
+        out[name] = root / name
+    return out
+
+
+def _manifest(d):
+    return json.loads((d / "manifest.json").read_text())
+
+
+# ----------------------------------------------------------------------------- export
+def test_export_manifest_parity_and_fused_ops(exported, runs):
+    from agevlm_edge.fsutil import sha256_file
+
+    man = _manifest(exported["xattn"])
+    assert man["format_version"] == 1 and man["target"] == "cpu" and man["fused"] is True
+    for name, digest in man["files"].items():
+        assert sha256_file(exported["xattn"] / name) == digest
+    assert man["source"]["model_sha256"] == sha256_file(runs["xattn"] / "model.safetensors")
+    p = man["parity"]
+    assert p["passed"] and p["logits_max_abs_diff"] <= 1e-4 and p["xattn_probs_max_abs_diff"] <= 1e-4
+    assert p["pairs"] >= 20 and p["generations_identical"] == p["pairs"]
+    assert p["vision_shapes"]["cross_key_1"] == [2, 2, 64, 8]          # [B, Hkv, N, hd]
+    ops = man["graphs"]["decoder"]["ops"]
+    # 2 self-attention layers: Attention ops with GQA; norms and rotary fused as well.
+    assert ops["Attention"] == 2 and ops["RotaryEmbedding"] == 4 and ops["RMSNormalization"] >= 5
+    names = [i["name"] for i in man["graphs"]["decoder"]["inputs"]]
+    assert names[:4] == ["input_ids", "attention_mask", "past_key_0", "past_value_0"]
+    assert names[-2:] == ["cross_key_1", "cross_value_1"]
+    assert "xattn_probs_1" in [o["name"] for o in man["graphs"]["decoder"]["outputs"]]
+    assert "circle" in man["object_words"]
+
+
+def test_node_names_follow_module_paths(exported):
+    import onnx
+
+    names = [n.name for n in onnx.load(str(exported["xattn"] / "decoder.onnx")).graph.node]
+    assert len(set(names)) == len(names)
+    assert "decoder.layers.0.self_attn.q_proj/MatMul_0" in names
+    assert any(n.startswith("decoder.xattn.1.attn/") for n in names)
+    vision = [n.name for n in onnx.load(str(exported["xattn"] / "vision.onnx")).graph.node]
+    assert any(n.startswith("decoder.xattn.1.attn.k_proj/") for n in vision)   # K/V in the vision graph
+
+
+def test_unfused_and_concat_exports_pass_parity(exported):
+    unfused = _manifest(exported["unfused"])
+    assert unfused["opset"] == 18 and "Attention" not in unfused["graphs"]["decoder"]["ops"]
+    assert unfused["parity"]["passed"] and not unfused["xattn_probs"]
+    concat = _manifest(exported["concat"])
+    assert concat["parity"]["passed"] and concat["parity"]["generations_identical"] >= 20
+    assert [o["name"] for o in concat["graphs"]["vision"]["outputs"]] == ["image_embeds"]
+
+
+def test_failed_parity_exits_1_and_leaves_nothing(runs, tmp_path, monkeypatch):
+    from agevlm_edge.export import onnx_export, parity
+
+    out = tmp_path / "exp"
+    monkeypatch.setattr(parity, "LOGITS_TOL", -1.0)        # no export can pass this
+    with pytest.raises(CheckFailed, match="parity with PyTorch failed"):
+        onnx_export.export_run(runs["xattn"], out, n_pairs=2)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]
+    # An existing export survives a failed --overwrite.
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(CheckFailed):
+        onnx_export.export_run(runs["xattn"], out, n_pairs=2, overwrite=True)
+    assert (out / "keep.txt").read_text() == "old"
+
+
+def test_export_cli_bad_inputs(tmp_path, runs):
+    assert_one_line_error(run_cli("export", "--model", tmp_path / "nope", "--out", tmp_path / "e"),
+                          "not a RUN DIR")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "f").write_text("x")
+    assert_one_line_error(run_cli("export", "--model", runs["xattn"], "--out", tmp_path / "busy"),
+                          "already exists")
+
+
+# ----------------------------------------------------------------------------- runtime
+def test_runtime_imports_and_runs_without_torch(exported, small_world):
+    img = next((small_world / "images" / "test").iterdir())
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'transformers', 'optimum', 'onnxscript'):
+            raise ImportError('blocked ' + name)
+sys.meta_path.insert(0, Block())
+from agevlm_edge.runtime import Runtime, GenerationConfig
+from agevlm_edge.runtime.backend import OnnxBackend
+rt = Runtime({str(exported['xattn'])!r})
+state = rt.encode_images([rt.load_image({str(img)!r})])
+g = rt.generate(state, [rt.prompt_ids('Caption:')], GenerationConfig(max_new_tokens=5), with_maps=True)
+assert len(g.maps[0]) == len(g.ids[0]) and g.maps[0][0].shape == (8, 8)
+print('ok', sorted(m for m in ('torch', 'transformers', 'agevlm_edge.train', 'agevlm_edge.export') if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok []"
+
+
+def test_runtime_refuses_tampered_missing_and_foreign_dirs(exported, tmp_path):
+    from agevlm_edge.runtime import Runtime
+
+    bad = tmp_path / "bad"
+    shutil.copytree(exported["xattn"], bad)
+    with open(bad / "decoder.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BadInput, match="does not match its sha256"):
+        Runtime(bad)
+    (bad / "decoder.onnx").unlink()
+    with pytest.raises(BadInput, match="decoder.onnx is missing"):
+        Runtime(bad)
+    man = _manifest(exported["xattn"])
+    (bad / "manifest.json").write_text(json.dumps({**man, "format_version": 99}))
+    with pytest.raises(BadInput, match="format version 99"):
+        Runtime(bad)
+    with pytest.raises(BadInput, match="manifest.json is missing"):
+        Runtime(tmp_path)
+    with pytest.raises(BadInput, match="no XnnpackExecutionProvider|no NnapiExecutionProvider"):
+        Runtime(exported["xattn"], provider="nnapi")
+
+
+def _save(path, im, **kw):
+    im.save(path, **kw)
+    return path
+
+
+def test_runtime_image_inputs(exported, tmp_path):
+    from PIL import Image
+
+    from agevlm_edge.runtime import Runtime
+
+    rt = Runtime(exported["xattn"])
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    ok = {
+        "palette": _save(tmp_path / "p.png", rgb.convert("P")),
+        "rgba": _save(tmp_path / "a.png", rgb.convert("RGBA")),
+        "16bit": _save(tmp_path / "i16.png", Image.fromarray(
+            (np.arange(40 * 50).reshape(40, 50) * 30).astype(np.uint16))),
+        "cmyk": _save(tmp_path / "c.jpg", rgb.convert("CMYK")),
+        "grey": _save(tmp_path / "l.png", rgb.convert("L")),
+    }
+    for name, path in ok.items():
+        x = rt.load_image(path)
+        assert x.shape == (3, S, S) and x.dtype == np.uint8, name
+    assert rt.load_image(ok["16bit"]).max() > 100                    # scaled, not clipped to 0/255
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "trunc.png"
+    truncated.write_bytes(ok["palette"].read_bytes()[:60])
+    text = tmp_path / "text.png"
+    text.write_text("not an image")
+    huge = _save(tmp_path / "huge.png", Image.new("1", (9000, 9000)))
+    for path, msg in ((empty, "empty"), (truncated, "truncated|decode"), (text, "not an image"),
+                      (huge, "pixel limit"), (tmp_path / "none.png", "not found")):
+        with pytest.raises(BadInput, match=msg):
+            rt.load_image(path)
+
+
+def test_runtime_preprocessing_matches_training(exported, small_world):
+    """The runtime's pixels (Pillow + numpy from the file) equal the trainer's (train/loop.py:
+    its image cache, then Preprocessor.normalize), bit for bit."""
+    from agevlm_edge.data.datadir import load_split
+    from agevlm_edge.runtime import Runtime
+    from agevlm_edge.train.batches import _load_images
+
+    rt = Runtime(exported["xattn"])
+    recs = load_split(small_world, "test")[:3]
+    ours = np.stack([rt.pre.normalize(rt.load_image(small_world / r["file"])) for r in recs])
+    theirs = rt.pre.normalize(_load_images(small_world, recs, S).numpy())
+    assert np.array_equal(ours, theirs)
+
+
+def test_generation_options(exported, small_world):
+    from agevlm_edge.runtime import GenerationConfig, Runtime
+
+    rt = Runtime(exported["xattn"])
+    img = rt.load_image(next((small_world / "images" / "test").iterdir()))
+    state = rt.encode_images([img])
+    seq = [rt.prompt_ids("Caption:")]
+    greedy = rt.generate(state, seq, GenerationConfig(max_new_tokens=8)).ids[0]
+    assert rt.generate(state, seq, GenerationConfig(max_new_tokens=8, temperature=1.0, top_k=1,
+                                                    seed=5)).ids[0] == greedy
+    a = rt.generate(state, seq, GenerationConfig(max_new_tokens=8, temperature=2.0, seed=3)).ids[0]
+    b = rt.generate(state, seq, GenerationConfig(max_new_tokens=8, temperature=2.0, seed=3)).ids[0]
+    c = rt.generate(state, seq, GenerationConfig(max_new_tokens=8, temperature=2.0, top_p=0.9,
+                                                 seed=4)).ids[0]
+    assert a == b and len(a) >= 1 and a != greedy or c != greedy
+    stop = rt.generate(state, seq, GenerationConfig(max_new_tokens=8, stop_ids=(greedy[2],))).ids[0]
+    assert stop == greedy[:greedy.index(greedy[2])]
+    assert "".join(rt.stream(state, "Caption:", GenerationConfig(max_new_tokens=8))).strip() == \
+        rt.tokenizer.decode(greedy).strip()
+    with pytest.raises(BadInput, match="prompt is empty"):
+        rt.prompt_ids("  ")
+    with pytest.raises(BadInput, match="maximum context of 128"):
+        rt.generate(state, [rt.prompt_ids("Caption: " + "red " * 130)], GenerationConfig(max_new_tokens=8))
+    concat = Runtime(exported["concat"])
+    with pytest.raises(BadInput, match="no cross-attention probabilities"):
+        concat.generate(concat.encode_images([img]), seq, with_maps=True)
+
+
+def test_eval_on_the_export_matches_torch(exported, runs, small_world):
+    from agevlm_edge.eval import evaluate
+
+    for arch in ("xattn", "concat"):
+        t = evaluate(runs[arch], small_world, "pope,grounding", limit=6)
+        o = evaluate(exported[arch], small_world, "pope,grounding", limit=6)
+        for split, f in t["suites"]["pope"]["files"].items():
+            assert [a["raw"] for a in o["suites"]["pope"]["files"][split]["answers"]] == \
+                [a["raw"] for a in f["answers"]]
+        if arch == "xattn":
+            assert o["suites"]["grounding"]["iou"] == pytest.approx(t["suites"]["grounding"]["iou"], abs=1e-6)
+    with pytest.raises(BadInput, match="itm suite needs decoder hidden states"):
+        evaluate(exported["xattn"], small_world, "itm", limit=2)
+
+
+def test_infer_cli_streams_answers_and_writes_a_heatmap(exported, small_world, tmp_path):
+    from PIL import Image
+
+    img = next((small_world / "images" / "test").iterdir())
+    heat = tmp_path / "heat.png"
+    proc = run_cli("infer", "--model", exported["xattn"], "--image", img, "--prompt", "Caption:",
+                   "--prompt", "Question: Is there a circle in the image? Answer:",
+                   "--max-new-tokens", "6", "--heatmap", heat, check_rc=0)
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("Caption:") and lines[1].startswith("heatmap (")
+    assert lines[2].startswith("Question: Is there a circle")
+    with Image.open(heat) as im:
+        assert im.height > S and im.width >= 192
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"")
+    assert_one_line_error(run_cli("infer", "--model", exported["xattn"], "--image", bad,
+                                  "--prompt", "Caption:"), "empty")
+    assert_one_line_error(run_cli("infer", "--model", exported["xattn"], "--image", img,
+                                  "--prompt", " "), "prompt is empty")
+    assert_one_line_error(run_cli("infer", "--model", tmp_path, "--image", img,
+                                  "--prompt", "Caption:"), "manifest.json is missing")
