@@ -35,11 +35,14 @@ def _stage(log: list[dict], out: Path, name: str, fn, *args, **kwargs) -> str:
 
 def run_pipeline(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, short: bool = False,
                  overwrite: bool = False) -> None:
-    """data synth (easy world) -> masks (exact, rendered) -> tokenizer -> train (guided) -> eval."""
+    """data synth (easy world) -> masks (exact, rendered) -> tokenizer -> train (guided) -> eval
+    -> export (cpu, parity checked) -> one example `infer` with a heatmap."""
     from .data.masks import make_masks
     from .data.synth import synthesize
     from .data.tokenizer import build_tokenizer
     from .eval.suite import evaluate, format_report
+    from .export.onnx_export import export_run
+    from .runtime.infer import run_infer
     from .train.loop import train
     from .train.recipe import preset_recipe
 
@@ -67,5 +70,25 @@ def run_pipeline(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, sh
                 f"{results['suites']['chair']['chair_i']}, written to {out / 'eval.json'}")
 
     _stage(log, out, "eval", _eval)
+
+    def _export() -> str:
+        r = export_run(out / "run", out / "export-cpu", target="cpu", data_dir=data, overwrite=True)
+        p = r["parity"]
+        return (f"{r['out']} ({r['bytes'] / 1e6:.1f} MB), parity logits max abs diff "
+                f"{p['logits_max_abs_diff']:.1e}, greedy generations identical "
+                f"{p['generations_identical']}/{p['pairs']}")
+
+    _stage(log, out, "export cpu", _export)
+
+    def _infer() -> str:
+        from .data.datadir import load_split
+
+        rec = load_split(data, "test")[0]
+        pieces: list[str] = []
+        answers = run_infer(out / "export-cpu", data / rec["file"], ["Caption:"],
+                            heatmap=out / "heatmap.png", write=pieces.append)
+        return f"{rec['file']}: {answers[0]!r}, heatmap {out / 'heatmap.png'}"
+
+    _stage(log, out, "infer", _infer)
     click.echo(format_report(results))
     click.echo(f"pipeline finished: {out} (stages: {', '.join(s['stage'] for s in log)})")

@@ -13,7 +13,11 @@ def test_short_pipeline_runs_every_stage(tmp_path):
     proc = run_cli("pipeline", "--out", out, "--short", check_rc=0)
     assert "pipeline finished" in proc.stdout
     stages = [s["stage"] for s in json.loads((out / "pipeline.json").read_text())["stages"]]
-    assert stages == ["data synth", "data masks", "data tokenizer", "train", "eval"]
+    assert stages == ["data synth", "data masks", "data tokenizer", "train", "eval", "export cpu",
+                      "infer"]
+    manifest = json.loads((out / "export-cpu" / "manifest.json").read_text())
+    assert manifest["parity"]["passed"] and manifest["target"] == "cpu"
+    assert (out / "heatmap.png").stat().st_size > 0
     assert (out / "run" / "model.safetensors").is_file()
     results = json.loads((out / "eval.json").read_text())
     assert {"pope", "chair", "grounding", "itm", "vqa"} <= set(results["suites"])
