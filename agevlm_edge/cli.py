@@ -337,6 +337,29 @@ def infer_cmd(model_dir, image, prompts, heatmap, max_new_tokens, temperature, t
               threads=threads, write=write)
 
 
+@cli.command("bench")
+@click.argument("export_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--prompt-len", default=32, show_default=True, help="Prompt tokens (one image).")
+@click.option("--new-tokens", default=64, show_default=True, help="Greedy decode steps timed.")
+@click.option("--repeats", default=3, show_default=True, help="Runs per export (median).")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def bench_cmd(export_dirs, prompt_len, new_tokens, repeats, threads, as_json) -> None:
+    """Time to first token, decode tokens/s and peak RSS of EXPORT DIRs on the device runtime.
+
+    Each export runs in its own process, one after another in this command; speeds are
+    compared with the first one. The full comparison (PyTorch, unfused, naive K/V, peers,
+    bandwidth bound) is benchmarks/bench_decode.py.
+    """
+    import json as _json
+
+    from .runtime.bench import bench_dirs, format_table
+
+    rows = bench_dirs(list(export_dirs), prompt_len=prompt_len, new_tokens=new_tokens,
+                      repeats=repeats, threads=threads)
+    click.echo(_json.dumps(rows, indent=2) if as_json else format_table(rows))
+
+
 def main() -> None:
     cli(prog_name="agevlm")
 

@@ -1,4 +1,4 @@
-"""Attention and normalisation fusion per target.
+"""Attention and normalisation fusion per target, and the mobile artifacts.
 
 cpu: the dynamo exporter at opset 23 already emits the fused forms this target wants:
 SDPA becomes the standard `Attention` op (GQA natively, for self- and cross-attention) and
@@ -6,27 +6,91 @@ its onnxscript optimizer fuses our RMSNorm and HF-style rotary into `RMSNormaliz
 `RotaryEmbedding` (model.apply_rope is written in the form that rule matches). Here we only
 count them, so a model change that silently breaks a fusion shows up in the manifest and in
 tests.
+
+mobile-gpu: exported at opset 18 (phone and web runtimes take the contrib ops, not opset-23
+Attention), then onnxscript's ORT fusions rewrite SDPA into com.microsoft
+`MultiHeadAttention` and the norms into `SimplifiedLayerNormalization` /
+`SkipSimplifiedLayerNormalization`, ops the WebGPU execution provider runs. The ORT-format
+files (`*.ort`, Fixed optimisation) and onnxruntime's mobile usability verdicts (NNAPI,
+CoreML) are added to the EXPORT DIR and the manifest.
 """
 
 from __future__ import annotations
 
 import collections
+import re
+import subprocess
+import sys
 from pathlib import Path
 
-from agevlm_edge.errors import BadInput
+GRAPHS = ("vision", "decoder")
 
 
 def op_counts(path: Path) -> collections.Counter:
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
-    return collections.Counter(n.op_type for n in m.graph.node)
+    return collections.Counter((f"{n.domain}." if n.domain not in ("", "ai.onnx") else "") + n.op_type
+                               for n in m.graph.node)
+
+
+def target_opset(target: str, fused: bool) -> int:
+    return 23 if target == "cpu" and fused else 18
+
+
+def ort_fuse(path: Path) -> dict[str, int]:
+    """onnxscript's ORT fusions, in place; returns the fusions applied by name."""
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model = ir.load(str(path))
+    model, counts = optimize_for_ort(model)
+    ir.save(model, str(path))
+    return {k: v for k, v in sorted(counts.items()) if v}
+
+
+def to_ort_format(out_dir: Path) -> list[str]:
+    """`convert_onnx_models_to_ort --optimization_style Fixed` for each graph; the .ort files."""
+    made = []
+    for name in GRAPHS:
+        src = out_dir / f"{name}.onnx"
+        proc = subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort",
+                               str(src), "--optimization_style", "Fixed"],
+                              capture_output=True, text=True)
+        ort_file = out_dir / f"{name}.ort"
+        if proc.returncode or not ort_file.is_file():
+            raise RuntimeError(f"ORT-format conversion of {src.name} failed: "
+                               f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        made.append(ort_file.name)
+    for extra in out_dir.glob("*.config"):       # the converter's op-type config: not needed
+        extra.unlink()
+    return made
+
+
+def mobile_usability(path: Path) -> dict:
+    """onnxruntime's check_onnx_model_mobile_usability verdicts for one graph."""
+    proc = subprocess.run([sys.executable, "-m", "onnxruntime.tools.check_onnx_model_mobile_usability",
+                           str(path)], capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    verdicts = {}
+    for m in re.finditer(r"Model should perform well with (.+?) (as is|if modified to have fixed "
+                         r"input shapes): (YES|NO|MAYBE)", text):
+        key = m.group(1) + (" (fixed shapes)" if m.group(2) != "as is" else "")
+        verdicts[key] = m.group(3)
+    rec = re.search(r"For optimal performance the model should be used with the (.+?)\.?\s*$", text, re.M)
+    return {"verdicts": verdicts, "recommendation": rec.group(1).strip() if rec else None}
 
 
 def apply_target(out_dir: Path, target: str, fused: bool) -> dict:
-    """Rewrite the graphs in ``out_dir`` for ``target``; returns what was fused, by op."""
-    if target == "mobile-gpu":
-        raise BadInput("the mobile-gpu target is not implemented yet; export with --target cpu")
-    ops = op_counts(out_dir / "decoder.onnx")
-    return {"decoder": {k: ops.get(k, 0) for k in ("Attention", "RMSNormalization",
-                                                   "RotaryEmbedding")}}
+    """Rewrite the graphs in ``out_dir`` for ``target``; returns what was done, for the manifest."""
+    if target == "cpu":
+        ops = op_counts(out_dir / "decoder.onnx")
+        return {"decoder": {k: ops.get(k, 0) for k in ("Attention", "RMSNormalization",
+                                                       "RotaryEmbedding")}}
+    done: dict = {"fusions": {}, "usability": {}}
+    for name in GRAPHS:
+        done["fusions"][name] = ort_fuse(out_dir / f"{name}.onnx")
+    for name in GRAPHS:
+        done["usability"][name] = mobile_usability(out_dir / f"{name}.onnx")
+    done["ort_format"] = to_ort_format(out_dir)
+    return done

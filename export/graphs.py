@@ -3,9 +3,11 @@
     vision.onnx   pixel_values [B,3,H,W]
                     xattn:  -> cross_key_<i>, cross_value_<i> [B,Hkv,N,hd] per cross-attention layer i
                     concat: -> image_embeds [B,N,D]
+                    naive_kv (benchmark baseline): -> image_tokens [B,N,D]
     decoder.onnx  input_ids [B,T], attention_mask [B,S], past_key_<l>, past_value_<l> [B,Hkv,P,hd]
                     xattn:  + cross_key_<i>, cross_value_<i>
                     concat: + image_embeds [B,M,D] (M = N at prefill, 0 afterwards)
+                    naive_kv: + image_tokens [B,N,D]
                   -> logits [B,T,V], present_key_<l>, present_value_<l> [B,Hkv,P+M+T,hd]
                     (+ xattn_probs_<i> [B,Hq,T,N] when exported with cross-attention probabilities)
 
@@ -33,15 +35,19 @@ def layer_names(model: AgeVLM) -> dict[str, list[str]]:
 
 class VisionGraph(nn.Module):
     """pixels -> every cross-attention layer's K/V (xattn), or projected image tokens (concat):
-    the image side is computed once per image, never per generated token."""
+    the image side is computed once per image, never per generated token.
 
-    def __init__(self, model: AgeVLM):
+    ``naive_kv``: output the projected image tokens and leave the K/V projections to the
+    decoder, which then redoes them every step (the benchmark's baseline).
+    """
+
+    def __init__(self, model: AgeVLM, naive_kv: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.naive_kv = model, naive_kv
 
     def forward(self, pixel_values: torch.Tensor):
         img = self.model.image_tokens(pixel_values)
-        if self.model.cfg.arch == "concat":
+        if self.model.cfg.arch == "concat" or self.naive_kv:
             return img
         kv = self.model.cross_kv(img)
         return tuple(t for i in self.model.cfg.cross_layers for t in kv[str(i)])
@@ -56,9 +62,10 @@ class DecoderGraph(nn.Module):
     eager, since a fused op does not return them).
     """
 
-    def __init__(self, model: AgeVLM, impl: str = "fused", probs: bool = False):
+    def __init__(self, model: AgeVLM, impl: str = "fused", probs: bool = False,
+                 naive_kv: bool = False):
         super().__init__()
-        self.model, self.impl, self.probs = model, impl, probs
+        self.model, self.impl, self.probs, self.naive_kv = model, impl, probs, naive_kv
         self.n_layers = model.cfg.n_layers
         self.cross = [str(i) for i in model.cfg.cross_layers]
 
@@ -70,6 +77,8 @@ class DecoderGraph(nn.Module):
         cross_kv = None
         if cfg.arch == "concat":
             h = torch.cat([tensors[2 * L], h], dim=1)              # image embeds (maybe 0 rows)
+        elif self.naive_kv:                                          # K/V again every step
+            cross_kv = m.cross_kv(tensors[2 * L])
         else:
             rest = tensors[2 * L:]
             cross_kv = {k: (rest[2 * j], rest[2 * j + 1]) for j, k in enumerate(self.cross)}

@@ -4,7 +4,9 @@
       1. torch.onnx.export(dynamo=True) of export.graphs.VisionGraph and DecoderGraph
          (fused: opset 23, SDPA -> Attention and the exporter's RMSNormalization /
          RotaryEmbedding fusions; unfused: opset 18, the MatMul/Softmax chain);
-      2. per-target rewrites (export.fusion);
+      2. per-target rewrites (export.fusion: cpu keeps opset-23 Attention; mobile-gpu is
+         exported at opset 18 and rewritten to com.microsoft MultiHeadAttention etc., plus
+         ORT-format files and the mobile usability verdicts);
       3. parity against PyTorch (export.parity) through the device runtime itself;
       4. manifest.json (hashes, graph signatures, op histograms, parity), written last.
     The directory is built aside and swapped in only when parity passes: a failed parity
@@ -47,22 +49,29 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, opset: int, input_
     name_nodes(path)
 
 
-def export_graphs(model, out_dir: Path, fused: bool = True, xattn_probs: bool = False) -> dict:
-    """Write vision.onnx and decoder.onnx for ``model`` (eval mode, fp32) into ``out_dir``."""
+def export_graphs(model, out_dir: Path, fused: bool = True, xattn_probs: bool = False,
+                  naive_kv: bool = False, opset: int | None = None) -> dict:
+    """Write vision.onnx and decoder.onnx for ``model`` (eval mode, fp32) into ``out_dir``.
+
+    ``fused`` picks the attention path (SDPA or the eager chain); the opset defaults to 23
+    for fused (SDPA -> Attention) and 18 otherwise.
+    """
     from torch.export import Dim
 
     cfg = model.cfg
-    opset = 23 if fused else 18
+    opset = opset or (23 if fused else 18)
     names = layer_names(model)
     B, T, P = 2, 5, 3
     batch, seq, past_len = Dim("batch"), Dim("seq"), Dim("past")
     torch.manual_seed(0)
     pixels = torch.randn(B, 3, cfg.image_size, cfg.image_size)
-    vision = VisionGraph(model).eval()
+    naive_kv = naive_kv and cfg.arch == "xattn"
+    vision = VisionGraph(model, naive_kv).eval()
     with torch.no_grad():
         vis = vision(pixels)
     vis = vis if isinstance(vis, tuple) else (vis,)
-    vis_names = names["cross"] if cfg.arch == "xattn" else ["image_embeds"]
+    vis_names = ["image_embeds"] if cfg.arch == "concat" else \
+        ["image_tokens"] if naive_kv else names["cross"]
     _export(vision, (pixels,), out_dir / "vision.onnx", opset, ["pixel_values"], vis_names,
             ({0: batch},))
 
@@ -71,10 +80,11 @@ def export_graphs(model, out_dir: Path, fused: bool = True, xattn_probs: bool = 
     n_img = vis[0].shape[1] if cfg.arch == "concat" else 0
     mask = torch.ones(B, P + n_img + T, dtype=torch.long)
     image_dims = ({0: batch, 1: Dim("image_tokens", min=0)},) if cfg.arch == "concat" \
-        else tuple({0: batch} for _ in vis)
+        else tuple({0: batch} for _ in vis)     # N is fixed by the model's image size
     dyn = ({0: batch, 1: seq}, {0: batch, 1: Dim("keys")},
            tuple({0: batch, 2: past_len} for _ in past) + image_dims)
-    decoder = DecoderGraph(model, impl="fused" if fused else "eager", probs=xattn_probs).eval()
+    decoder = DecoderGraph(model, impl="fused" if fused else "eager", probs=xattn_probs,
+                           naive_kv=naive_kv).eval()
     out_names = ["logits"] + names["present"] + (names["probs"] if xattn_probs else [])
     _export(decoder, (ids, mask, *past, *vis), out_dir / "decoder.onnx", opset,
             ["input_ids", "attention_mask"] + names["past"] + vis_names, out_names, dyn)
@@ -152,11 +162,11 @@ def write_manifest(out_dir: Path, man: dict) -> dict:
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str = "cpu",
                fused: bool = True, xattn_probs: bool = True, data_dir: str | os.PathLike | None = None,
-               n_pairs: int = 20, overwrite: bool = False) -> dict:
+               n_pairs: int = 20, overwrite: bool = False, naive_kv: bool = False) -> dict:
     """Export a RUN DIR for ``target``, check parity, and write the EXPORT DIR atomically."""
     from agevlm_edge.checkpoint import load_model_files
 
-    from .fusion import apply_target
+    from .fusion import apply_target, target_opset
     from .parity import check_parity
 
     if target not in TARGETS:
@@ -171,7 +181,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str =
     data = data if data is not None and (data / "dataset.json").is_file() else None
     t0 = time.perf_counter()
     with staged_dir(out, overwrite=overwrite) as tmp:
-        info = export_graphs(model, tmp, fused=fused, xattn_probs=xattn_probs)
+        info = export_graphs(model, tmp, fused=fused, xattn_probs=xattn_probs, naive_kv=naive_kv,
+                             opset=target_opset(target, fused))
         rewrites = apply_target(tmp, target, fused)
         for name in ("tokenizer.json", "preprocessor.json"):
             shutil.copyfile(run_dir / name, tmp / name)
@@ -179,6 +190,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str =
                "created_by": f"agevlm-edge {__version__}", "target": target, "fused": fused,
                "opset": info["opset"], "precision": "fp32", "scheme": {"name": "fp32"},
                "model": model.cfg.to_dict(), "xattn_probs": xattn_probs,
+               "naive_kv": naive_kv and model.cfg.arch == "xattn",
                "object_words": object_words(data), "rewrites": rewrites,
                "source": {"run_dir": str(run_dir.resolve()),
                           "model_sha256": sha256_file(run_dir / "model.safetensors")}}

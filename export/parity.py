@@ -1,7 +1,14 @@
 """Parity of an export against the PyTorch model it came from, run through the device runtime.
 
     fixed inputs: vision K/V (or embeddings) and their shapes; prefill and one decode step's
-                  logits (fp32 max abs diff <= 1e-4); cross-attention probabilities if exported
+                  logits at real (non-padding) positions: fp32 max abs diff <= 1e-4 x
+                  max(1, max |logit|); cross-attention probabilities (<= 1e-4) if exported
+
+The logits tolerance scales with the logits because real weights make 1e-4 absolute
+unreachable even inside PyTorch: on SmolLM2-135M (logits up to ~32) torch's eager and SDPA
+paths differ by up to 1.2e-3 at one position of the parity prompts, and onnxruntime by
+5.7e-4 from eager; the manifest records that noise floor (torch_eager_vs_sdpa_max_abs_diff)
+beside the diff. Tiny models' logits stay below 1, where the bound is 1e-4 absolute.
     generations:  greedy answers on ``n_pairs`` image/prompt pairs (test images and their
                   questions and caption prompts from a DATA DIR, or seeded noise images and
                   fixed prompts without one) must be token-identical
@@ -18,7 +25,8 @@ from agevlm_edge.eval.text import left_pad
 from agevlm_edge.prompts import caption_prompt, question_prompt
 from agevlm_edge.runtime.session import GenerationConfig, Runtime
 
-LOGITS_TOL = 1e-4
+LOGITS_TOL = 1e-4            # x max(1, max |logit|)
+PROBS_TOL = 1e-4
 FALLBACK_QUESTIONS = ("Is there a circle in the image?", "What colour is the square?",
                       "How many objects are there?", "Is there a star in the image?")
 
@@ -56,7 +64,7 @@ def check_parity(model, export_dir: Path, data_dir: Path | None, n_pairs: int = 
     rt = Runtime(export_dir, verify=False)
     images, prompts = parity_pairs(data_dir, cfg.image_size, max(n_pairs, 2))
     failures: list[str] = []
-    res: dict = {"pairs": len(images), "tolerance": LOGITS_TOL}
+    res: dict = {"pairs": len(images)}
 
     # -- fixed inputs: two images, two prompts of different lengths (left padding) --------
     seqs = [rt.prompt_ids(p) for p in prompts[:2]]
@@ -65,18 +73,17 @@ def check_parity(model, export_dir: Path, data_dir: Path | None, n_pairs: int = 
     pixels = torch.from_numpy(rt.pre.normalize(np.stack(images[:2])))
     with torch.no_grad():
         img = model.image_tokens(pixels)
-        if cfg.arch == "concat":
-            ref_vis = {"image_embeds": img.numpy()}
+        kv = model.cross_kv(img) if cfg.arch == "xattn" else None
+        if cfg.arch == "concat" or rt.manifest.get("naive_kv"):
+            ref_vis = {"image_embeds" if cfg.arch == "concat" else "image_tokens": img.numpy()}
         else:
-            kv = model.cross_kv(img)
             ref_vis = {f"cross_{n}_{i}": kv[str(i)][j].numpy()
                        for i in cfg.cross_layers for j, n in enumerate(("key", "value"))}
         ref = model(torch.from_numpy(ids), image_tokens=img, attention_mask=torch.from_numpy(mask),
                     attn_impl="eager", output_xattn=rt.has_probs)
         nxt = ref.logits[:, -1].argmax(-1)[:, None]
         mask2 = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
-        cross = None if cfg.arch == "concat" else kv
-        ref2 = model(nxt, cross_kv=cross, attention_mask=torch.from_numpy(mask2),
+        ref2 = model(nxt, cross_kv=kv, attention_mask=torch.from_numpy(mask2),
                      past_key_values=ref.past_key_values)
     res["vision_shapes"] = {k: list(v.shape) for k, v in state.feeds.items()}
     bad_shapes = [k for k, v in ref_vis.items() if state.feeds.get(k) is None
@@ -91,14 +98,25 @@ def check_parity(model, export_dir: Path, data_dir: Path | None, n_pairs: int = 
     logits, past, probs = rt.step(ids, full, rt._empty_past(2), state, prefill=True)
     full2 = np.concatenate([full, np.ones((2, 1), np.int64)], 1)
     logits2, _, _ = rt.step(nxt.numpy(), full2, past, state, prefill=False)
-    res["logits_max_abs_diff"] = max(_max_diff(logits, ref.logits.numpy()),
+    real = mask.astype(bool)                # padding positions' logits are never used
+    res["logits_max_abs_diff"] = max(_max_diff(logits[real], ref.logits.numpy()[real]),
                                      _max_diff(logits2, ref2.logits.numpy()))
-    if not res["logits_max_abs_diff"] <= LOGITS_TOL:
-        failures.append(f"logits differ by {res['logits_max_abs_diff']:.2e} > {LOGITS_TOL:g}")
+    # The noise floor: PyTorch's own two attention paths on the same inputs.
+    with torch.no_grad():
+        sdpa = model(torch.from_numpy(ids), image_tokens=img, attention_mask=torch.from_numpy(mask),
+                     attn_impl="fused").logits.numpy()
+    res["torch_eager_vs_sdpa_max_abs_diff"] = _max_diff(sdpa[real], ref.logits.numpy()[real])
+    scale = float(np.abs(ref.logits.numpy()[real]).max())
+    res["logits_abs_max"] = scale
+    tol = LOGITS_TOL * max(1.0, scale)
+    res["logits_tolerance"] = tol
+    if not res["logits_max_abs_diff"] <= tol:
+        failures.append(f"logits differ by {res['logits_max_abs_diff']:.2e} > {tol:.2e}")
     if rt.has_probs:
-        res["xattn_probs_max_abs_diff"] = max(_max_diff(probs[i], ref.xattn_probs[i].numpy())
-                                              for i in cfg.cross_layers)
-        if not res["xattn_probs_max_abs_diff"] <= LOGITS_TOL:
+        res["xattn_probs_max_abs_diff"] = max(
+            _max_diff(probs[i].transpose(0, 2, 1, 3)[real], ref.xattn_probs[i].numpy().transpose(0, 2, 1, 3)[real])
+            for i in cfg.cross_layers)
+        if not res["xattn_probs_max_abs_diff"] <= PROBS_TOL:
             failures.append(f"cross-attention probabilities differ by "
                             f"{res['xattn_probs_max_abs_diff']:.2e}")
 

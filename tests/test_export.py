@@ -57,7 +57,8 @@ def exported(tmp_path_factory, runs, small_world):
     root = tmp_path_factory.mktemp("exports")
     out = {}
     for name, run, kw in (("xattn", runs["xattn"], {}), ("concat", runs["concat"], {}),
-                          ("unfused", runs["xattn"], {"fused": False, "xattn_probs": False})):
+                          ("unfused", runs["xattn"], {"fused": False, "xattn_probs": False}),
+                          ("mobile", runs["xattn"], {"target": "mobile-gpu", "xattn_probs": False})):
         export_run(run, root / name, data_dir=small_world, **kw)
         out[name] = root / name
     return out
@@ -108,6 +109,49 @@ def test_unfused_and_concat_exports_pass_parity(exported):
     concat = _manifest(exported["concat"])
     assert concat["parity"]["passed"] and concat["parity"]["generations_identical"] >= 20
     assert [o["name"] for o in concat["graphs"]["vision"]["outputs"]] == ["image_embeds"]
+
+
+def test_mobile_gpu_export_uses_contrib_attention_and_ships_ort_files(exported):
+    from agevlm_edge.runtime import Runtime
+
+    man = _manifest(exported["mobile"])
+    ops = man["graphs"]["decoder"]["ops"]
+    assert man["opset"] == 18 and "Attention" not in ops
+    # The 2 self-attentions; the cross-attention (SDPA without a mask) is not matched yet.
+    assert ops["com.microsoft.MultiHeadAttention"] == 2
+    assert ops["com.microsoft.SkipSimplifiedLayerNormalization"] >= 2
+    assert man["parity"]["passed"] and {"vision.ort", "decoder.ort"} <= set(man["files"])
+    assert set(man["rewrites"]["usability"]["decoder"]["verdicts"]) >= {"NNAPI", "CoreML MLProgram"}
+    Runtime(exported["mobile"])                                   # hashes of .ort files hold
+
+
+def _tiny_graph(tmp_path, norm: str):
+    import torch
+
+    from agevlm_edge.model import RMSNorm
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = RMSNorm(16, 1e-5) if norm == "rms" else torch.nn.LayerNorm(16)
+            self.lin = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.lin(self.norm(x))
+
+    path = tmp_path / f"{norm}.onnx"
+    torch.onnx.export(M().eval(), (torch.randn(2, 3, 16),), dynamo=True, opset_version=18).save(str(path))
+    return path
+
+
+def test_ort_fusion_changes_rmsnorm_and_leaves_layernorm_alone(tmp_path):
+    from agevlm_edge.export.fusion import op_counts, ort_fuse
+
+    rms, ln = _tiny_graph(tmp_path, "rms"), _tiny_graph(tmp_path, "ln")
+    assert ort_fuse(rms).get("rms_normalization") == 1
+    assert op_counts(rms)["SimplifiedLayerNormalization"] == 1
+    assert "rms_normalization" not in ort_fuse(ln)
+    assert "SimplifiedLayerNormalization" not in op_counts(ln) and op_counts(ln)["LayerNormalization"] == 1
 
 
 def test_failed_parity_exits_1_and_leaves_nothing(runs, tmp_path, monkeypatch):

@@ -1,0 +1,134 @@
+"""`agevlm bench`: time-to-first-token, decode speed and peak memory of EXPORT DIRs on the
+device runtime, each measured in its own process (so peak RSS is that export's alone), all
+in one command so the ratios compare like with like on a shared machine.
+
+Protocol per export: one seeded random image and a 32-token prompt; TTFT = vision graph +
+prefill; decode = the median per-token latency over ``new_tokens`` greedy steps (eos does
+not stop it); each figure is the median of ``repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadInput
+
+
+def prompt_of(tokenizer, n: int, bos: int) -> list[int]:
+    """Exactly n ids: bos + a fixed English text's tokens, repeated as needed."""
+    text = ("Question: Describe the objects in the picture, their colours and where they are. "
+            "Answer:")
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    return [bos] + (ids * (n // max(len(ids), 1) + 1))[:n - 1]
+
+
+def decode_loop(step, first_logits, n: int) -> list[float]:
+    """Per-token seconds of n greedy steps; ``step(token ids [B,1]) -> logits``."""
+    times, logits = [], first_logits
+    for _ in range(n):
+        nxt = logits[:, -1].argmax(-1)[:, None]
+        t0 = time.perf_counter()
+        logits = step(nxt)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure(export_dir: str | os.PathLike, prompt_len: int = 32, new_tokens: int = 64,
+            repeats: int = 3, threads: int | None = None, provider: str = "cpu") -> dict:
+    """TTFT and decode figures of one EXPORT DIR in this process."""
+    from .session import Runtime
+
+    rt = Runtime(export_dir, provider=provider, threads=threads)
+    image = np.random.default_rng(0).integers(0, 256, (3, rt.image_size, rt.image_size), dtype=np.uint8)
+    ids = np.array([prompt_of(rt.tokenizer, prompt_len, rt.bos_id)], np.int64)
+    ttft, per_token = [], []
+    for _ in range(repeats + 1):                       # the first run warms up, not counted
+        t0 = time.perf_counter()
+        state = rt.encode_images([image])
+        n_img = state.feeds["image_embeds"].shape[1] if rt.arch == "concat" else 0
+        mask = np.ones((1, n_img + prompt_len), np.int64)
+        logits, past, _ = rt.step(ids, mask, rt._empty_past(1), state, prefill=True)
+        ttft.append(time.perf_counter() - t0)
+        box = {"past": past, "mask": mask}
+
+        def step(tok):
+            box["mask"] = np.concatenate([box["mask"], np.ones((1, 1), np.int64)], 1)
+            lg, box["past"], _ = rt.step(tok, box["mask"], box["past"], state, prefill=False)
+            return lg
+
+        per_token.append(statistics.median(decode_loop(step, logits, new_tokens)))
+    ttft, per_token = ttft[1:], per_token[1:]
+    files = rt.manifest["files"]
+    size = sum((Path(export_dir) / f).stat().st_size for f in files)
+    return {"dir": str(export_dir), "target": rt.manifest.get("target"),
+            "fused": rt.manifest.get("fused"), "precision": rt.manifest.get("precision"),
+            "image_tokens": (rt.image_size // int(rt.cfg["patch_size"])) ** 2,
+            "ttft_ms": 1e3 * statistics.median(ttft),
+            "decode_ms_per_token": 1e3 * statistics.median(per_token),
+            "decode_tokens_per_s": 1.0 / statistics.median(per_token),
+            "artifact_mb": size / 1e6,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bench_dirs(dirs: list[str | os.PathLike], **kw) -> list[dict]:
+    """``measure`` each dir in a fresh process, one after another."""
+    out = []
+    for d in dirs:
+        if not (Path(d) / "manifest.json").is_file():
+            raise BadInput(f"{d} is not an EXPORT DIR (no manifest.json); make one with `agevlm export`")
+        args = [sys.executable, "-m", "agevlm_edge.runtime.bench", str(d)]
+        for k, v in kw.items():
+            if v is not None:
+                args += [f"--{k.replace('_', '-')}", str(v)]
+        proc = subprocess.run(args, capture_output=True, text=True)
+        if proc.returncode:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise BadInput(f"benchmarking {d} failed: {last}")
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    """One line per export, with speed ratios against the first row."""
+    base = rows[0]
+    head = (f"{'export':32} {'img tok':>7} {'TTFT ms':>8} {'ms/tok':>7} {'tok/s':>7} {'x first':>7} "
+            f"{'MB':>7} {'RSS MB':>7} {'RSS/budget':>10}")
+    lines = [head]
+    for r in rows:
+        name = Path(r["dir"]).name
+        lines.append(f"{name[:32]:32} {r['image_tokens']:7d} {r['ttft_ms']:8.1f} "
+                     f"{r['decode_ms_per_token']:7.2f} {r['decode_tokens_per_s']:7.1f} "
+                     f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:7.2f} "
+                     f"{r['artifact_mb']:7.1f} {r['peak_rss_mb']:7.1f} "
+                     f"{r['peak_rss_mb'] / (1.3 * r['artifact_mb'] + 150):10.2f}")
+    return "\n".join(lines)
+
+
+def _main() -> None:
+    ap = argparse.ArgumentParser(description="measure one EXPORT DIR (used by agevlm bench)")
+    ap.add_argument("dir")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--provider", default="cpu")
+    a = ap.parse_args()
+    try:
+        print(json.dumps(measure(a.dir, a.prompt_len, a.new_tokens, a.repeats, a.threads, a.provider)))
+    except BadInput as e:
+        print(f"agevlm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _main()

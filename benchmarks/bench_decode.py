@@ -1,0 +1,268 @@
+"""Decode speed of the `smol` VLM (real SmolLM2-135M weights) on this CPU, side by side, in one run.
+
+    python benchmarks/bench_decode.py [--lm-dir DIR] [--work DIR] [--new-tokens 64] [--repeats 3]
+
+Builds the smol VLM (SmolLM2-135M + 8 cross-attention blocks, gates opened to 0.1 so the
+image path is live) at 64 and 576 image tokens, exports it (agevlm export, parity checked),
+and measures with one protocol (one image, a 32-token prompt, median per-token latency of
+greedy steps, median of --repeats runs after a warm-up):
+
+    PyTorch eager fp32 | ONNX fp32 unfused (opset 18) | ONNX fused (opset 23 Attention ...)
+    576 vs 64 image tokens with cached cross K/V | the naive graph recomputing K/V each step
+    optimum-onnx's export of SmolLM2 as a plain LlamaForCausalLM (text only, same weights)
+    the bandwidth bound: measured read bandwidth / bytes read per token
+    peak RSS of the runtime process vs artifact size
+
+and prints each target of the export issue with its measured ratio. llama.cpp is measured
+only when `llama_cpp` (llama-cpp-python) is importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def smol_run_dir(lm_dir: Path, out: Path, image_size: int) -> Path:
+    """A RUN DIR of the smol VLM at ``image_size`` (8 px patches), untrained fusion."""
+    import torch
+
+    from agevlm_edge.checkpoint import save_model_files
+    from agevlm_edge.data.tokenizer import load_tokenizer
+    from agevlm_edge.preprocess import Preprocessor
+    from agevlm_edge.smol import build_smol
+
+    if (out / "model.safetensors").is_file():
+        return out
+    torch.manual_seed(0)
+    model = build_smol(lm_dir, image_size=image_size)
+    with torch.no_grad():
+        for g in model.gates():
+            g.fill_(0.1)
+    save_model_files(out, model, load_tokenizer(lm_dir), Preprocessor(image_size))
+    return out
+
+
+def export(run: Path, out: Path, **kw) -> Path:
+    from agevlm_edge.export.onnx_export import export_run
+
+    if not (out / "manifest.json").is_file():
+        t0 = time.perf_counter()
+        r = export_run(run, out, xattn_probs=False, **kw)
+        print(f"  exported {out.name} in {time.perf_counter() - t0:.0f}s, parity "
+              f"{r['parity']['logits_max_abs_diff']:.1e}, {r['parity']['generations_identical']}/"
+              f"{r['parity']['pairs']} generations identical", flush=True)
+    return out
+
+
+def torch_eager(run: Path, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    """The runtime's protocol on the PyTorch model (eager attention, fp32, no_grad)."""
+    import torch
+
+    from agevlm_edge.checkpoint import load_model_files
+    from agevlm_edge.runtime.bench import decode_loop, prompt_of
+
+    model, tok, pre, _ = load_model_files(run)
+    cfg = model.cfg
+    image = np.random.default_rng(0).integers(0, 256, (1, 3, cfg.image_size, cfg.image_size), dtype=np.uint8)
+    ids = torch.tensor([prompt_of(tok, prompt_len, cfg.bos_id)])
+    ttft, per_token = [], []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            kv = model.cross_kv(model.image_tokens(torch.from_numpy(pre.normalize(image))))
+            out = model(ids, cross_kv=kv, attn_impl="eager")
+            ttft.append(time.perf_counter() - t0)
+            box = {"past": out.past_key_values}
+
+            def step(t):
+                o = model(torch.as_tensor(t), cross_kv=kv, past_key_values=box["past"], attn_impl="eager")
+                box["past"] = o.past_key_values
+                return o.logits.numpy()
+
+            per_token.append(statistics.median(decode_loop(step, out.logits.numpy(), new_tokens)))
+    return {"ttft_ms": 1e3 * statistics.median(ttft[1:]),
+            "decode_ms_per_token": 1e3 * statistics.median(per_token[1:]),
+            "decode_tokens_per_s": 1 / statistics.median(per_token[1:])}
+
+
+def optimum_peer(lm_dir: Path, work: Path, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    """optimum-onnx's export of the same SmolLM2 weights (text only), same protocol."""
+    import onnxruntime as ort
+    from optimum.exporters.onnx import main_export
+
+    from agevlm_edge.data.tokenizer import load_tokenizer
+    from agevlm_edge.runtime.bench import decode_loop, prompt_of
+
+    out = work / "optimum-smollm2"
+    if not (out / "model.onnx").is_file():
+        main_export(str(lm_dir), str(out), task="text-generation-with-past", device="cpu",
+                    no_post_process=False)
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    cfg = json.loads((lm_dir / "config.json").read_text())
+    hkv, hd = cfg["num_key_value_heads"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    tok = load_tokenizer(lm_dir)
+    ids = np.array([prompt_of(tok, prompt_len, cfg["bos_token_id"])], np.int64)
+
+    def run(input_ids, past, length):
+        feeds = {"input_ids": input_ids, "attention_mask": np.ones((1, length), np.int64)}
+        if "position_ids" in names:
+            feeds["position_ids"] = np.arange(length - input_ids.shape[1], length, dtype=np.int64)[None]
+        feeds.update(past)
+        outs = sess.run(None, feeds)
+        onames = [o.name for o in sess.get_outputs()]
+        new_past = {n.replace("present", "past_key_values"): v for n, v in zip(onames[1:], outs[1:])}
+        return outs[0], new_past
+
+    empty = {n: np.zeros((1, hkv, 0, hd), np.float32) for n in names if n.startswith("past_key_values")}
+    ttft, per_token = [], []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        logits, past = run(ids, empty, prompt_len)
+        ttft.append(time.perf_counter() - t0)
+        box = {"past": past, "len": prompt_len}
+
+        def step(t):
+            box["len"] += 1
+            lg, box["past"] = run(np.asarray(t, np.int64), box["past"], box["len"])
+            return lg
+
+        per_token.append(statistics.median(decode_loop(step, logits, new_tokens)))
+    size = sum(p.stat().st_size for p in out.glob("model.onnx*"))
+    return {"ttft_ms": 1e3 * statistics.median(ttft[1:]),
+            "decode_ms_per_token": 1e3 * statistics.median(per_token[1:]),
+            "decode_tokens_per_s": 1 / statistics.median(per_token[1:]), "artifact_mb": size / 1e6}
+
+
+def read_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
+    """Single-process read bandwidth: numpy sum over a buffer far larger than the caches."""
+    a = np.ones(mb * (1 << 20) // 4, np.float32)
+    a.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - t0)
+    return a.nbytes / statistics.median(times) / 1e9
+
+
+def bytes_per_token(export_dir: Path, prompt_len: int, new_tokens: int) -> float:
+    """Weights of decoder.onnx + cross K/V + the mean self-attention cache, all read once a token."""
+    import onnx
+
+    man = json.loads((export_dir / "manifest.json").read_text())
+    cfg = man["model"]
+    m = onnx.load(str(export_dir / "decoder.onnx"))
+    users: dict[str, set] = {}
+    for node in m.graph.node:
+        for name in node.input:
+            users.setdefault(name, set()).add(node.op_type)
+    # An initializer only looked up by Gather (the token embedding) is read one row a token;
+    # every other weight (lm_head included, tied or not) is read whole.
+    weights = sum(int(np.prod(t.dims)) * 4 for t in m.graph.initializer
+                  if users.get(t.name, set()) != {"Gather"})
+    n_img = (cfg["image_size"] // cfg["patch_size"]) ** 2
+    n_cross = len(range(1, cfg["n_layers"], cfg["xattn_every"])) if cfg["arch"] == "xattn" else 0
+    cross = n_cross * 2 * cfg["n_kv_heads"] * n_img * cfg["head_dim"] * 4
+    self_kv = cfg["n_layers"] * 2 * cfg["n_kv_heads"] * (prompt_len + new_tokens / 2) * cfg["head_dim"] * 4
+    return float(weights + cross + self_kv)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lm-dir", type=Path, default=None, help="SmolLM2 HF dir (agevlm lm import-gguf)")
+    ap.add_argument("--work", type=Path, default=None, help="where run/export dirs are kept")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-optimum", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    a = ap.parse_args()
+    work = a.work or Path(tempfile.mkdtemp(prefix="bench-decode-"))
+    work.mkdir(parents=True, exist_ok=True)
+    lm = a.lm_dir
+    if lm is None:
+        from agevlm_edge.smol import import_gguf
+
+        lm = work / "smolhf"
+        if not (lm / "config.json").is_file():
+            print(import_gguf(lm), flush=True)
+    from agevlm_edge.runtime.bench import bench_dirs, format_table
+
+    print(f"[bench] building and exporting under {work}", flush=True)
+    run64, run576 = smol_run_dir(lm, work / "run-64", 64), smol_run_dir(lm, work / "run-576", 192)
+    exports = {
+        "fused-576": export(run576, work / "fused-576"),
+        "unfused-576": export(run576, work / "unfused-576", fused=False),
+        "naive-kv-576": export(run576, work / "naive-kv-576", naive_kv=True),
+        "fused-64": export(run64, work / "fused-64"),
+        "naive-kv-64": export(run64, work / "naive-kv-64", naive_kv=True),
+    }
+    kw = dict(prompt_len=a.prompt_len, new_tokens=a.new_tokens, repeats=a.repeats)
+    print("[bench] measuring the ONNX exports (one process each)", flush=True)
+    rows = bench_dirs(list(exports.values()), **kw)
+    by = {name: r for name, r in zip(exports, rows)}
+    print("[bench] measuring PyTorch eager", flush=True)
+    eager = torch_eager(run576, **kw)
+    peers = {}
+    if not a.skip_optimum:
+        print("[bench] measuring optimum-onnx's export of the same LM", flush=True)
+        peers["optimum-onnx (text only)"] = optimum_peer(lm, work, **kw)
+    try:
+        import llama_cpp  # noqa: F401
+        peers["llama.cpp"] = None           # measured by hand where installed; see README
+    except ImportError:
+        pass
+    bw = read_bandwidth_gbs()
+    bpt = bytes_per_token(exports["fused-576"], a.prompt_len, a.new_tokens)
+    bound = bw * 1e9 / bpt
+
+    print()
+    print(format_table(rows))
+    print()
+    f, u, e = by["fused-576"], by["unfused-576"], eager
+    lines = [
+        ("PyTorch eager fp32 (576 img tok)", e["decode_tokens_per_s"], e["ttft_ms"]),
+        ("ONNX fp32 unfused (576)", u["decode_tokens_per_s"], u["ttft_ms"]),
+        ("ONNX fp32 fused (576)", f["decode_tokens_per_s"], f["ttft_ms"]),
+    ] + [(k, v["decode_tokens_per_s"], v["ttft_ms"]) for k, v in peers.items() if v]
+    print(f"{'':36} {'tok/s':>7} {'TTFT ms':>8}")
+    for name, tps, ttft in lines:
+        print(f"{name:36} {tps:7.1f} {ttft:8.1f}")
+    lat = lambda k: by[k]["decode_ms_per_token"]  # noqa: E731
+    targets = [
+        ("fused / unfused decode tok/s", f["decode_tokens_per_s"] / u["decode_tokens_per_s"], ">= 1.3"),
+        ("fused / PyTorch eager decode tok/s", f["decode_tokens_per_s"] / e["decode_tokens_per_s"], ">= 2"),
+        ("576/64 image-token per-token latency, cached K/V", lat("fused-576") / lat("fused-64"), "<= 1.15"),
+        ("576/64 image-token per-token latency, naive K/V", lat("naive-kv-576") / lat("naive-kv-64"), "(baseline)"),
+        ("naive / cached K/V per-token latency at 576", lat("naive-kv-576") / lat("fused-576"), "(baseline)"),
+        (f"share of bandwidth bound ({bw:.1f} GB/s / {bpt / 1e6:.0f} MB = {bound:.1f} tok/s)",
+         f["decode_tokens_per_s"] / bound, ">= 0.7"),
+        ("peak RSS / (1.3 x artifact + 150 MB)",
+         f["peak_rss_mb"] / (1.3 * f["artifact_mb"] + 150), "<= 1"),
+    ]
+    for k, v in peers.items():
+        if v:
+            targets.append((f"fused / {k} decode tok/s", f["decode_tokens_per_s"] / v["decode_tokens_per_s"], ">= 1"))
+    print()
+    for name, value, target in targets:
+        print(f"{name:72} {value:6.2f}  target {target}")
+    if a.json:
+        a.json.write_text(json.dumps({"exports": by, "torch_eager": eager, "peers": peers,
+                                      "bandwidth_gbs": bw, "bytes_per_token": bpt,
+                                      "targets": [{"name": n, "value": v, "target": t}
+                                                  for n, v, t in targets]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
