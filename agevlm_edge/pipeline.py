@@ -36,7 +36,7 @@ def _stage(log: list[dict], out: Path, name: str, fn, *args, **kwargs) -> str:
 def run_pipeline(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, short: bool = False,
                  overwrite: bool = False) -> None:
     """data synth (easy world) -> masks (exact, rendered) -> tokenizer -> train (guided) -> eval
-    -> export (cpu, parity checked) -> one example `infer` with a heatmap."""
+    -> export (cpu and mobile-gpu, parity checked) -> one example `infer` with a heatmap."""
     from .data.masks import make_masks
     from .data.synth import synthesize
     from .data.tokenizer import build_tokenizer
@@ -71,14 +71,16 @@ def run_pipeline(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, sh
 
     _stage(log, out, "eval", _eval)
 
-    def _export() -> str:
-        r = export_run(out / "run", out / "export-cpu", target="cpu", data_dir=data, overwrite=True)
+    def _export(target: str) -> str:
+        r = export_run(out / "run", out / f"export-{target}", target=target, data_dir=data,
+                       overwrite=True)
         p = r["parity"]
         return (f"{r['out']} ({r['bytes'] / 1e6:.1f} MB), parity logits max abs diff "
                 f"{p['logits_max_abs_diff']:.1e}, greedy generations identical "
                 f"{p['generations_identical']}/{p['pairs']}")
 
-    _stage(log, out, "export cpu", _export)
+    _stage(log, out, "export cpu", _export, "cpu")
+    _stage(log, out, "export mobile-gpu", _export, "mobile-gpu")
 
     def _infer() -> str:
         from .data.datadir import load_split

@@ -1,7 +1,8 @@
 """Attention and normalisation fusion per target, and the mobile artifacts.
 
 cpu: the dynamo exporter at opset 23 already emits the fused forms this target wants:
-SDPA becomes the standard `Attention` op (GQA natively, for self- and cross-attention) and
+SDPA becomes the standard `Attention` op (GQA natively; self-attention always, cross-attention
+when exported without its probabilities, which need the unfused chain) and
 its onnxscript optimizer fuses our RMSNorm and HF-style rotary into `RMSNormalization` and
 `RotaryEmbedding` (model.apply_rope is written in the form that rule matches). Here we only
 count them, so a model change that silently breaks a fusion shows up in the manifest and in
@@ -10,9 +11,11 @@ tests.
 mobile-gpu: exported at opset 18 (phone and web runtimes take the contrib ops, not opset-23
 Attention), then onnxscript's ORT fusions rewrite SDPA into com.microsoft
 `MultiHeadAttention` and the norms into `SimplifiedLayerNormalization` /
-`SkipSimplifiedLayerNormalization`, ops the WebGPU execution provider runs. The ORT-format
-files (`*.ort`, Fixed optimisation) and onnxruntime's mobile usability verdicts (NNAPI,
-CoreML) are added to the EXPORT DIR and the manifest.
+`SkipSimplifiedLayerNormalization`, ops the WebGPU execution provider runs. Not matched yet:
+the cross-attention (SDPA without a mask), GroupQueryAttention with fused rotary for the
+self-attention, fp16. The ORT-format files (`*.ort`, Fixed optimisation: CPU-EP rewrites baked
+in; not parity-tested, the .onnx graphs are) and onnxruntime's mobile usability verdicts
+(NNAPI, CoreML) are added to the EXPORT DIR and the manifest.
 """
 
 from __future__ import annotations

@@ -171,7 +171,14 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str =
 
     if target not in TARGETS:
         raise BadInput(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
-    run_dir = Path(run_dir)
+    run_dir, out = Path(run_dir), Path(out)
+    if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
+        raise BadInput(f"--out {out} would replace the RUN DIR {run_dir}; choose another --out")
+    if data_dir is not None and not (Path(data_dir) / "dataset.json").is_file():
+        raise BadInput(f"--data {data_dir} is not a DATA DIR (no dataset.json)")
+    if target == "mobile-gpu" and not fused:
+        raise BadInput("--target mobile-gpu always fuses attention (its runtimes need the "
+                       "contrib ops); drop --no-fuse or use --target cpu")
     model, tokenizer, pre, config = load_model_files(run_dir)
     if model.cfg.vision_hf_config:
         raise BadInput("exporting a model with a Hugging Face vision tower is not supported yet; "

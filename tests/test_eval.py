@@ -15,7 +15,7 @@ from agevlm_edge.errors import BadInput
 from agevlm_edge.eval import chair, grounding, itm, pope, vqa
 from agevlm_edge.eval.common import ImageStore
 from agevlm_edge.eval.suite import format_report, run_suite
-from agevlm_edge.eval.text import BOS_ID, decode_generated, encode_with_spans, prompt_ids
+from agevlm_edge.text import BOS_ID, decode_generated, encode_with_spans, prompt_ids
 from agevlm_edge.prompts import caption_prompt, parse_yes_no
 
 S, G = 64, 8                                        # image size, patch grid of the tiny models

@@ -170,6 +170,20 @@ def test_failed_parity_exits_1_and_leaves_nothing(runs, tmp_path, monkeypatch):
     assert (out / "keep.txt").read_text() == "old"
 
 
+def test_export_refuses_to_replace_its_run_dir_and_bad_flags(runs, tmp_path):
+    from agevlm_edge.export.onnx_export import export_run
+
+    with pytest.raises(BadInput, match="would replace the RUN DIR"):
+        export_run(runs["xattn"], runs["xattn"], overwrite=True)
+    with pytest.raises(BadInput, match="would replace the RUN DIR"):
+        export_run(runs["xattn"], runs["xattn"].parent, overwrite=True)
+    with pytest.raises(BadInput, match="not a DATA DIR"):
+        export_run(runs["xattn"], tmp_path / "e", data_dir=tmp_path)
+    with pytest.raises(BadInput, match="mobile-gpu always fuses"):
+        export_run(runs["xattn"], tmp_path / "e", target="mobile-gpu", fused=False)
+    assert (runs["xattn"] / "model.safetensors").is_file()
+
+
 def test_export_cli_bad_inputs(tmp_path, runs):
     assert_one_line_error(run_cli("export", "--model", tmp_path / "nope", "--out", tmp_path / "e"),
                           "not a RUN DIR")
@@ -195,7 +209,7 @@ rt = Runtime({str(exported['xattn'])!r})
 state = rt.encode_images([rt.load_image({str(img)!r})])
 g = rt.generate(state, [rt.prompt_ids('Caption:')], GenerationConfig(max_new_tokens=5), with_maps=True)
 assert len(g.maps[0]) == len(g.ids[0]) and g.maps[0][0].shape == (8, 8)
-print('ok', sorted(m for m in ('torch', 'transformers', 'agevlm_edge.train', 'agevlm_edge.export') if m in sys.modules))
+print('ok', sorted(m for m in ('torch', 'transformers', 'agevlm_edge.train', 'agevlm_edge.export', 'agevlm_edge.eval') if m in sys.modules))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -314,8 +328,11 @@ def test_eval_on_the_export_matches_torch(exported, runs, small_world):
                 [a["raw"] for a in f["answers"]]
         if arch == "xattn":
             assert o["suites"]["grounding"]["iou"] == pytest.approx(t["suites"]["grounding"]["iou"], abs=1e-6)
-    with pytest.raises(BadInput, match="itm suite needs decoder hidden states"):
-        evaluate(exported["xattn"], small_world, "itm", limit=2)
+    with pytest.raises(BadInput, match="cannot run the itm suite"):
+        evaluate(exported["xattn"], small_world, "pope,itm", limit=2)
+    with pytest.raises(BadInput, match="cannot run the grounding, itm suite .*--no-xattn-probs"):
+        evaluate(exported["unfused"], small_world, "grounding,itm", limit=2)
+    assert list(evaluate(exported["unfused"], small_world, limit=2)["suites"]) == ["pope", "chair", "vqa"]
 
 
 def test_infer_cli_streams_answers_and_writes_a_heatmap(exported, small_world, tmp_path):
@@ -339,3 +356,7 @@ def test_infer_cli_streams_answers_and_writes_a_heatmap(exported, small_world, t
                                   "--prompt", " "), "prompt is empty")
     assert_one_line_error(run_cli("infer", "--model", tmp_path, "--image", img,
                                   "--prompt", "Caption:"), "manifest.json is missing")
+    proc = run_cli("infer", "--model", exported["concat"], "--image", img, "--prompt", "Caption:",
+                   "--heatmap", heat)
+    assert_one_line_error(proc, "no cross-attention probabilities")
+    assert proc.stdout == ""                                     # refused before any output

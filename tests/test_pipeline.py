@@ -14,9 +14,10 @@ def test_short_pipeline_runs_every_stage(tmp_path):
     assert "pipeline finished" in proc.stdout
     stages = [s["stage"] for s in json.loads((out / "pipeline.json").read_text())["stages"]]
     assert stages == ["data synth", "data masks", "data tokenizer", "train", "eval", "export cpu",
-                      "infer"]
+                      "export mobile-gpu", "infer"]
     manifest = json.loads((out / "export-cpu" / "manifest.json").read_text())
     assert manifest["parity"]["passed"] and manifest["target"] == "cpu"
+    assert json.loads((out / "export-mobile-gpu" / "manifest.json").read_text())["parity"]["passed"]
     assert (out / "heatmap.png").stat().st_size > 0
     assert (out / "run" / "model.safetensors").is_file()
     results = json.loads((out / "eval.json").read_text())

@@ -1,7 +1,7 @@
 """Training data from a DATA DIR: images as uint8 tensors, encoded captions with grounded
 phrases (token indices + mask grids), encoded questions, image-level labels.
 
-Text layout: agevlm_edge.eval.text.encode_with_spans, shared with evaluation and the runtime
+Text layout: agevlm_edge.text.encode_with_spans, shared with evaluation and the runtime
 ([bos] + prompt + target + [eos]). The loss covers the target tokens and eos; for LM
 pretraining it covers everything after bos.
 """
@@ -18,7 +18,7 @@ import torch
 from agevlm_edge.data.datadir import decode_mask, load_meta, load_split
 from agevlm_edge.eval.common import ImageStore
 from agevlm_edge.eval.grounding import mask_to_grid
-from agevlm_edge.eval.text import encode_with_spans, prompt_ids
+from agevlm_edge.text import encode_with_spans, prompt_ids
 from agevlm_edge.prompts import caption_prompt, context_question_prompt, question_prompt, target_text
 
 IGNORE = -100

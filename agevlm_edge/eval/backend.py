@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import BadInput
 from ..prompts import caption_prompt, question_prompt
-from .text import decode_generated, encode_with_spans, left_pad, prompt_ids
+from ..text import decode_generated, encode_with_spans, left_pad, prompt_ids
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +40,7 @@ class EvalBackend(Protocol):
                     ) -> list[list[np.ndarray]] | None:
         """Per text, per span: cross-attention over patches [g, g] (sums to 1).
 
-        The text follows the caption prompt (eval.text.encode_with_spans); each map is the
+        The text follows the caption prompt (agevlm_edge.text.encode_with_spans); each map is the
         attention probability averaged over heads, the span's tokens and every
         cross-attention layer. None when the model has no cross-attention (concat).
         """

@@ -91,13 +91,23 @@ def load_backend(model_dir: str | os.PathLike, batch_size: int = 64,
 
 
 def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
-             suites: str | Sequence[str] = DEFAULT_SUITES, out_json: str | os.PathLike | None = None,
+             suites: str | Sequence[str] | None = None, out_json: str | os.PathLike | None = None,
              limit: int | None = None, split: str = "test", batch_size: int = 64,
              model_transform: Callable | None = None) -> dict:
     """Evaluate a RUN DIR on a DATA DIR split; write ``out_json`` atomically when given."""
-    parse_suites(suites)                  # fail on a typo before loading the model
+    if suites is not None:
+        parse_suites(suites)              # fail on a typo before loading the model
     load_split(data_dir, split)
     backend, info = load_backend(model_dir, batch_size, model_transform)
+    # Some backends cannot run every suite (an export has no hidden states): the default is
+    # what the backend supports, and asking for more fails before anything runs.
+    supported = getattr(backend, "supported_suites", DEFAULT_SUITES)
+    if suites is None:
+        suites = supported
+    missing = [n for n in parse_suites(suites) if n not in supported]
+    if missing:
+        raise BadInput(f"{model_dir} cannot run the {', '.join(missing)} suite "
+                       f"({backend.unsupported_reason}); choose from {', '.join(supported)}")
     results = {"model": info, **run_suite(backend, data_dir, suites, split, limit)}
     if out_json is not None:
         write_json_atomic(out_json, results)

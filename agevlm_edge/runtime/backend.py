@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import BadInput
-from ..eval.text import encode_with_spans, left_pad
+from ..text import encode_with_spans, left_pad
 from ..prompts import caption_prompt, question_prompt
 from .session import GenerationConfig, Runtime
 
@@ -21,6 +21,13 @@ class OnnxBackend:
     def __init__(self, runtime: Runtime, batch_size: int = 64):
         self.rt, self.batch_size = runtime, batch_size
         self.image_size, self.grid = runtime.image_size, runtime.grid
+        # itm needs decoder hidden states, which exports do not output; grounding needs the
+        # cross-attention probabilities of an xattn export (a concat one skips it by itself).
+        self.supported_suites = ("pope", "chair", "vqa") + \
+            (("grounding",) if runtime.has_probs or runtime.arch == "concat" else ())
+        self.unsupported_reason = ("an EXPORT DIR has no hidden states for itm"
+                                   + ("" if "grounding" in self.supported_suites else
+                                      ", and this one was exported with --no-xattn-probs"))
 
     def _chunks(self, n: int) -> list[slice]:
         return [slice(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]

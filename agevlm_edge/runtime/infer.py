@@ -21,7 +21,12 @@ def run_infer(export_dir: str | os.PathLike, image: str | os.PathLike, prompts: 
     """
     if not prompts:
         raise BadInput("give at least one --prompt")
+    if heatmap is not None and os.path.isdir(heatmap):
+        raise BadInput(f"--heatmap {heatmap} is a directory; give a .png file path")
     rt = Runtime(export_dir, provider=provider, threads=threads)
+    if heatmap is not None and not rt.has_probs:
+        raise BadInput(f"{export_dir} has no cross-attention probabilities (a concat model, or "
+                       "exported with --no-xattn-probs); re-export without it for --heatmap")
     pixels = rt.load_image(image)
     seqs = [rt.prompt_ids(p) for p in prompts]          # every prompt checked before any work
     state = rt.encode_images([pixels])                  # once, reused by every prompt

@@ -3,7 +3,8 @@
 An image goes through vision.onnx once: its cross-attention K/V (or, for concat, its image
 embeddings) are kept as an ``ImageState`` and fed to every decoder step of every question
 asked about it. The decoder graph returns the grown self-attention cache, which is fed back
-as OrtValues bound to the next step (no copy back to numpy between steps).
+as OrtValues bound to the next step (on the CPU provider, no copy back to numpy between
+steps).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from ..data.tokenizer import load_tokenizer
 from ..errors import BadInput
-from ..eval.text import left_pad
+from ..text import left_pad
 from ..preprocess import Preprocessor
 from .images import load_image
 from .manifest import load_manifest
@@ -105,14 +106,19 @@ class Runtime:
 
         self.dir = Path(export_dir)
         self.manifest = load_manifest(self.dir, verify=verify)
-        self.cfg = self.manifest["model"]
-        self.arch = self.cfg["arch"]
+        try:
+            self.cfg = self.manifest["model"]
+            self.arch = self.cfg["arch"]
+            self.image_size = int(self.cfg["image_size"])
+            self.grid = self.image_size // int(self.cfg["patch_size"])
+            self.max_seq_len = int(self.cfg["max_seq_len"])
+            self.eos_id, self.bos_id, self.pad_id = (int(self.cfg[k]) for k in ("eos_id", "bos_id", "pad_id"))
+            self.n_layers = int(self.cfg["n_layers"])
+            self.kv_heads, self.head_dim = int(self.cfg["n_kv_heads"]), int(self.cfg["head_dim"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadInput(f"{self.dir}/manifest.json has no valid model config ({e!r}); re-export") from None
         self.pre = Preprocessor.load(self.dir / "preprocessor.json")
         self.tokenizer = load_tokenizer(self.dir / "tokenizer.json")
-        self.image_size = int(self.cfg["image_size"])
-        self.grid = self.image_size // int(self.cfg["patch_size"])
-        self.max_seq_len = int(self.cfg["max_seq_len"])
-        self.eos_id, self.bos_id, self.pad_id = (int(self.cfg[k]) for k in ("eos_id", "bos_id", "pad_id"))
         if provider not in PROVIDERS:
             raise BadInput(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
         name = PROVIDERS[provider]
@@ -125,15 +131,18 @@ class Runtime:
             opts.intra_op_num_threads = int(threads)
         providers = [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
         self.provider = provider
-        self.vision = ort.InferenceSession(str(self.dir / "vision.onnx"), opts, providers=providers)
-        self.decoder = ort.InferenceSession(str(self.dir / "decoder.onnx"), opts, providers=providers)
-        self._ort = ort
+        try:
+            self.vision = ort.InferenceSession(str(self.dir / "vision.onnx"), opts, providers=providers)
+            self.decoder = ort.InferenceSession(str(self.dir / "decoder.onnx"), opts, providers=providers)
+        except Exception as e:   # onnxruntime raises its own pybind error types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BadInput(f"onnxruntime {ort.__version__} cannot load {self.dir}'s graphs ({first}); "
+                           "the cpu target needs opset 23 (onnxruntime >= 1.22), or re-export "
+                           "with --target mobile-gpu (opset 18)") from None
         outs = [o.name for o in self.decoder.get_outputs()]
-        self.n_layers = int(self.cfg["n_layers"])
         self.present_names = [n for n in outs if n.startswith("present_")]
         self.prob_names = [n for n in outs if n.startswith("xattn_probs_")]
         self.has_probs = bool(self.prob_names)
-        self.kv_heads, self.head_dim = int(self.cfg["n_kv_heads"]), int(self.cfg["head_dim"])
 
     # -- images ------------------------------------------------------------------------
     def load_image(self, path: str | os.PathLike) -> np.ndarray:
@@ -152,8 +161,13 @@ class Runtime:
         return {f"past_{kv}_{l}": z for l in range(self.n_layers) for kv in ("key", "value")}
 
     def step(self, ids: np.ndarray, mask: np.ndarray, past: dict, image: ImageState,
-             prefill: bool) -> tuple[np.ndarray, dict, dict]:
-        """(logits [B,T,V], presents as OrtValues by past name, probs by layer) for one call."""
+             prefill: bool, want_probs: bool = True) -> tuple[np.ndarray, dict, dict]:
+        """(logits [B,T,V], presents as OrtValues by past name, probs by layer) for one call.
+
+        The presents stay onnxruntime values bound to the next call (on the CPU provider no
+        copy through numpy; other providers still bind outputs to CPU memory here).
+        Probabilities are copied out only when ``want_probs``.
+        """
         feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64), **past}
         if self.arch == "concat":
             emb = image.feeds["image_embeds"]
@@ -172,7 +186,7 @@ class Runtime:
         outs = dict(zip([o.name for o in self.decoder.get_outputs()], binding.get_outputs()))
         logits = outs["logits"].numpy()
         presents = {n.replace("present_", "past_"): outs[n] for n in self.present_names}
-        probs = {int(n.rsplit("_", 1)[1]): outs[n].numpy() for n in self.prob_names}
+        probs = {int(n.rsplit("_", 1)[1]): outs[n].numpy() for n in self.prob_names} if want_probs else {}
         return logits, presents, probs
 
     # -- prompts -----------------------------------------------------------------------
@@ -234,7 +248,8 @@ class Runtime:
         full_mask = np.concatenate([np.ones((B, n_img), np.int64), mask], 1) if n_img else mask
         rng = np.random.default_rng(cfg.seed)
         stops = {self.eos_id, *cfg.stop_ids}
-        logits, past, probs = self.step(ids, full_mask, self._empty_past(B), image, prefill=True)
+        logits, past, probs = self.step(ids, full_mask, self._empty_past(B), image, prefill=True,
+                                        want_probs=False)
         done = np.zeros(B, bool)
         out: list[list[int]] = [[] for _ in range(B)]
         maps: list[list] = [[] for _ in range(B)]
@@ -254,7 +269,8 @@ class Runtime:
             if last and not (with_maps and any(len(m) < len(o) for m, o in zip(maps, out))):
                 break
             full_mask = np.concatenate([full_mask, np.ones((B, 1), np.int64)], 1)
-            logits, past, probs = self.step(nxt[:, None], full_mask, past, image, prefill=False)
+            logits, past, probs = self.step(nxt[:, None], full_mask, past, image, prefill=False,
+                                            want_probs=with_maps)
             if with_maps:
                 m = np.mean([p[:, :, -1].mean(1) for p in probs.values()], axis=0)   # (B, N)
                 for b in range(B):

@@ -1,4 +1,4 @@
-"""Token conventions shared by evaluation and training (no torch here).
+"""Token conventions shared by training, evaluation and the device runtime (no torch here).
 
     caption sample:  [bos] + enc("Caption:") + enc(" " + caption.strip()) [+ eos]
     question sample: [bos] + enc("Question: <q> Answer:") + enc(" " + answer.strip()) [+ eos]
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..data.tokenizer import SPECIAL_TOKENS, span_tokens
-from ..prompts import target_text
+from .data.tokenizer import SPECIAL_TOKENS, span_tokens
+from .prompts import target_text
 
 PAD_ID = SPECIAL_TOKENS.index("<|pad|>")
 BOS_ID = SPECIAL_TOKENS.index("<|bos|>")
