@@ -19,4 +19,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/agevlm pipeline --out $(OUT) --overwrite
 
 test: $(VENV)/.installed
+	# onnxruntime-webgpu (own venv) + Mesa software Vulkan for tests/test_webgpu.py; best
+	# effort: what cannot be installed makes that test skip with the reason.
+	bash scripts/setup_webgpu.sh
 	$(PY) -m pytest -q tests

@@ -1,0 +1,72 @@
+"""Run an EXPORT DIR's graphs on WebGpuExecutionProvider and on the CPU provider; print JSON.
+
+    .venv-webgpu/bin/python tests/webgpu_probe.py EXPORT_DIR
+
+Runs in the separate onnxruntime-webgpu venv (scripts/setup_webgpu.sh), so it needs only
+numpy and onnxruntime. Node placement comes from onnxruntime's profiler: every node event
+names the execution provider that ran it. Prints {"skip": reason} when no WebGPU adapter
+can be created here.
+"""
+
+import glob
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+import onnxruntime as ort
+
+DIMS = {"batch": 1, "seq": 5, "past": 3, "keys": 8}
+
+
+def feeds_for(graph: dict, vocab: int, rng) -> dict:
+    out = {}
+    for i in graph["inputs"]:
+        shape = [DIMS.get(d, d) if isinstance(d, str) else d for d in i["shape"]]
+        if i["name"] == "input_ids":
+            out[i["name"]] = rng.integers(3, vocab, shape).astype(np.int64)
+        elif i["dtype"] == "int64":
+            out[i["name"]] = np.ones(shape, np.int64)
+        else:
+            out[i["name"]] = rng.standard_normal(shape).astype(np.float32)
+    return out
+
+
+def main() -> None:
+    d = sys.argv[1]
+    man = json.load(open(os.path.join(d, "manifest.json")))
+    if "WebGpuExecutionProvider" not in ort.get_available_providers():
+        print(json.dumps({"skip": f"onnxruntime {ort.__version__} here has no WebGpuExecutionProvider"}))
+        return
+    rng = np.random.default_rng(0)
+    res = {"onnxruntime": ort.__version__, "graphs": {}}
+    tmp = tempfile.mkdtemp()
+    for name in ("vision", "decoder"):
+        path = os.path.join(d, f"{name}.onnx")
+        so = ort.SessionOptions()
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tmp, name)
+        try:
+            gpu = ort.InferenceSession(path, so, providers=["WebGpuExecutionProvider", "CPUExecutionProvider"])
+        except Exception as e:                      # no adapter (no Vulkan driver), etc.
+            print(json.dumps({"skip": f"no WebGPU session here: {str(e).splitlines()[0]}"}))
+            return
+        cpu = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        feeds = feeds_for(man["graphs"][name], int(man["model"]["vocab_size"]), rng)
+        a, b = gpu.run(None, feeds), cpu.run(None, feeds)
+        gpu.end_profiling()
+        events = json.load(open(sorted(glob.glob(os.path.join(tmp, f"{name}*.json")))[-1]))
+        placement = {}
+        for ev in events:
+            args = ev.get("args", {})
+            if ev.get("cat") == "Node" and "provider" in args and ev["name"].endswith("_kernel_time"):
+                placement[ev["name"][: -len("_kernel_time")]] = (args["op_name"], args["provider"])
+        res["graphs"][name] = {
+            "max_abs_diff": max(float(np.abs(x - y).max()) for x, y in zip(a, b)),
+            "placement": placement}
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
