@@ -62,9 +62,14 @@ def main() -> None:
             args = ev.get("args", {})
             if ev.get("cat") == "Node" and "provider" in args and ev["name"].endswith("_kernel_time"):
                 placement[ev["name"][: -len("_kernel_time")]] = (args["op_name"], args["provider"])
+        names = [o.name for o in cpu.get_outputs()]
         res["graphs"][name] = {
-            "max_abs_diff": max(float(np.abs(x - y).max()) for x, y in zip(a, b)),
+            "outputs": {n: {"max_abs_diff": float(np.abs(x - y).max()),
+                            "ref_abs_max": float(np.abs(y).max())} for n, x, y in zip(names, a, b)},
             "placement": placement}
+        if "logits" in names:
+            x, y = a[names.index("logits")], b[names.index("logits")]
+            res["graphs"][name]["top1_agreement"] = float((x.argmax(-1) == y.argmax(-1)).mean())
     print(json.dumps(res))
 
 
