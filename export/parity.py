@@ -68,8 +68,9 @@ def check_parity(model, export_dir: Path, data_dir: Path | None, n_pairs: int = 
 
     # -- fixed inputs: two images, two prompts of different lengths (left padding) --------
     seqs = [rt.prompt_ids(p) for p in prompts[:2]]
-    ids, mask = (np.array(a, np.int64) for a in left_pad(seqs, cfg.pad_id))
     state = rt.encode_images(images[:2])
+    ids, full, logits, past, probs = rt.prefill(state, seqs)
+    mask = full[:, full.shape[1] - ids.shape[1]:]                 # the text part
     pixels = torch.from_numpy(rt.pre.normalize(np.stack(images[:2])))
     with torch.no_grad():
         img = model.image_tokens(pixels)
@@ -96,9 +97,6 @@ def check_parity(model, export_dir: Path, data_dir: Path | None, n_pairs: int = 
         vis_tol = LOGITS_TOL * max(1.0, max(float(np.abs(v).max()) for v in ref_vis.values()))
         if not res["vision_max_abs_diff"] <= vis_tol:
             failures.append(f"vision outputs differ by {res['vision_max_abs_diff']:.2e} > {vis_tol:.2e}")
-    n_img = cfg.n_image_tokens if cfg.arch == "concat" else 0
-    full = np.concatenate([np.ones((2, n_img), np.int64), mask], 1) if n_img else mask
-    logits, past, probs = rt.step(ids, full, rt._empty_past(2), state, prefill=True)
     full2 = np.concatenate([full, np.ones((2, 1), np.int64)], 1)
     logits2, _, _ = rt.step(nxt.numpy(), full2, past, state, prefill=False)
     real = mask.astype(bool)                # padding positions' logits are never used

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import BadInput
-from ..text import encode_with_spans, left_pad
+from ..text import encode_with_spans
 from ..prompts import caption_prompt, question_prompt
 from .session import GenerationConfig, Runtime
 
@@ -47,11 +47,7 @@ class OnnxBackend:
         return self._generate(images, [caption_prompt()] * len(images), max_new_tokens)
 
     def _prefill(self, images, seqs):
-        ids, mask = (np.array(a, np.int64) for a in left_pad(seqs, self.rt.pad_id))
-        state = self.rt.encode_images(images)
-        n_img = state.feeds["image_embeds"].shape[1] if self.rt.arch == "concat" else 0
-        full = np.concatenate([np.ones((len(seqs), n_img), np.int64), mask], 1) if n_img else mask
-        logits, _, probs = self.rt.step(ids, full, self.rt._empty_past(len(seqs)), state, prefill=True)
+        ids, _, logits, _, probs = self.rt.prefill(self.rt.encode_images(images), seqs)
         return ids, logits, probs
 
     def first_token_logprobs(self, images, questions: Sequence[str]) -> np.ndarray:

@@ -52,14 +52,12 @@ def measure(export_dir: str | os.PathLike, prompt_len: int = 32, new_tokens: int
 
     rt = Runtime(export_dir, provider=provider, threads=threads)
     image = np.random.default_rng(0).integers(0, 256, (3, rt.image_size, rt.image_size), dtype=np.uint8)
-    ids = np.array([prompt_of(rt.tokenizer, prompt_len, rt.bos_id)], np.int64)
+    prompt = [prompt_of(rt.tokenizer, prompt_len, rt.bos_id)]
     ttft, per_token = [], []
     for _ in range(repeats + 1):                       # the first run warms up, not counted
         t0 = time.perf_counter()
         state = rt.encode_images([image])
-        n_img = state.feeds["image_embeds"].shape[1] if rt.arch == "concat" else 0
-        mask = np.ones((1, n_img + prompt_len), np.int64)
-        logits, past, _ = rt.step(ids, mask, rt._empty_past(1), state, prefill=True)
+        _, mask, logits, past, _ = rt.prefill(state, prompt)
         ttft.append(time.perf_counter() - t0)
         box = {"past": past, "mask": mask}
 

@@ -160,6 +160,21 @@ class Runtime:
         z = np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
         return {f"past_{kv}_{l}": z for l in range(self.n_layers) for kv in ("key", "value")}
 
+    def prefill(self, image: ImageState, prompts: Sequence[Sequence[int]], want_probs: bool = True
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict, dict]:
+        """B prompts (token ids, left-padded here) after their images, from an empty cache.
+
+        Returns (ids [B,T], key mask [B, image rows + T] with 1 = real (what decode steps
+        extend), logits, presents, probs).
+        """
+        B = len(prompts)
+        ids, mask = (np.array(a, np.int64) for a in left_pad(prompts, self.pad_id))
+        n_img = image.feeds["image_embeds"].shape[1] if self.arch == "concat" else 0
+        keys = np.concatenate([np.ones((B, n_img), np.int64), mask], 1) if n_img else mask
+        logits, past, probs = self.step(ids, keys, self._empty_past(B), image, prefill=True,
+                                        want_probs=want_probs)
+        return ids, keys, logits, past, probs
+
     def step(self, ids: np.ndarray, mask: np.ndarray, past: dict, image: ImageState,
              prefill: bool, want_probs: bool = True) -> tuple[np.ndarray, dict, dict]:
         """(logits [B,T,V], presents as OrtValues by past name, probs by layer) for one call.
@@ -243,13 +258,9 @@ class Runtime:
         if image.batch != B:
             raise BadInput(f"{image.batch} images for {B} prompts")
         self._check_length(max(len(p) for p in prompts), cfg.max_new_tokens)
-        ids, mask = (np.array(a, np.int64) for a in left_pad(prompts, self.pad_id))
-        n_img = image.feeds["image_embeds"].shape[1] if self.arch == "concat" else 0
-        full_mask = np.concatenate([np.ones((B, n_img), np.int64), mask], 1) if n_img else mask
         rng = np.random.default_rng(cfg.seed)
         stops = {self.eos_id, *cfg.stop_ids}
-        logits, past, probs = self.step(ids, full_mask, self._empty_past(B), image, prefill=True,
-                                        want_probs=False)
+        _, full_mask, logits, past, probs = self.prefill(image, prompts, want_probs=False)
         done = np.zeros(B, bool)
         out: list[list[int]] = [[] for _ in range(B)]
         maps: list[list] = [[] for _ in range(B)]
