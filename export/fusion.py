@@ -33,10 +33,12 @@ from pathlib import Path
 GRAPHS = ("vision", "decoder")
 
 
-def op_counts(path: Path) -> collections.Counter:
+def op_counts(path_or_model) -> collections.Counter:
+    """Nodes per op type ("com.microsoft.X" for contrib ops), of a file or a loaded model."""
     import onnx
 
-    m = onnx.load(str(path), load_external_data=False)
+    m = path_or_model if isinstance(path_or_model, onnx.ModelProto) else \
+        onnx.load(str(path_or_model), load_external_data=False)
     return collections.Counter((f"{n.domain}." if n.domain not in ("", "ai.onnx") else "") + n.op_type
                                for n in m.graph.node)
 

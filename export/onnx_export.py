@@ -30,6 +30,7 @@ from agevlm_edge.errors import BadInput, CheckFailed
 from agevlm_edge.fsutil import sha256_file, staged_dir, write_json_atomic
 from agevlm_edge.runtime.manifest import FORMAT, FORMAT_VERSION
 
+from .fusion import apply_target, op_counts, target_opset
 from .graphs import DecoderGraph, VisionGraph, layer_names
 
 TARGETS = ("cpu", "mobile-gpu")
@@ -132,8 +133,7 @@ def graph_info(path: Path) -> dict:
                         "shape": shape})
         return out
 
-    ops = collections.Counter((f"{n.domain}." if n.domain not in ("", "ai.onnx") else "") + n.op_type
-                              for n in m.graph.node)
+    ops = op_counts(m)
     return {"file": path.name, "inputs": io(m.graph.input), "outputs": io(m.graph.output),
             "ops": dict(sorted(ops.items())), "nodes": len(m.graph.node),
             "opset": {o.domain or "ai.onnx": o.version for o in m.opset_import}}
@@ -166,7 +166,6 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str =
     """Export a RUN DIR for ``target``, check parity, and write the EXPORT DIR atomically."""
     from agevlm_edge.checkpoint import load_model_files
 
-    from .fusion import apply_target, target_opset
     from .parity import check_parity
 
     if target not in TARGETS:
