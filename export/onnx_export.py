@@ -144,12 +144,10 @@ def object_words(data_dir: Path | None) -> list[str]:
     if data_dir is None or not (Path(data_dir) / "dataset.json").is_file():
         return []
     from agevlm_edge.data.datadir import load_meta
+    from agevlm_edge.eval.chair import word_map
 
-    vocab = load_meta(data_dir).get("vocabulary", {}).get("classes", {})
-    words = set()
-    for name, v in vocab.items():
-        words.update([name, v.get("plural", ""), *v.get("synonyms", []), *v.get("synonym_plurals", [])])
-    return sorted(w for w in words if w)
+    vocab = load_meta(data_dir).get("vocabulary", {})
+    return sorted(word_map(vocab)) if vocab.get("classes") else []   # CHAIR's object words
 
 
 def write_manifest(out_dir: Path, man: dict) -> dict:
