@@ -21,38 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agevlm_edge.eval.common import image_prompt_pairs
 from agevlm_edge.text import left_pad
-from agevlm_edge.prompts import caption_prompt, question_prompt
 from agevlm_edge.runtime.session import GenerationConfig, Runtime
 
 LOGITS_TOL = 1e-4            # x max(1, max |logit|)
 PROBS_TOL = 1e-4
-FALLBACK_QUESTIONS = ("Is there a circle in the image?", "What colour is the square?",
-                      "How many objects are there?", "Is there a star in the image?")
-
-
-def parity_pairs(data_dir: Path | None, image_size: int, n: int) -> tuple[list[np.ndarray], list[str]]:
-    """n (uint8 image [3,S,S], prompt) pairs: a DATA DIR's test split, else seeded noise."""
-    images, prompts = [], []
-    if data_dir is not None:
-        from agevlm_edge.data.datadir import load_meta, load_split
-        from agevlm_edge.eval.common import ImageStore
-
-        split = "test" if "test" in load_meta(data_dir).get("splits", {}) else "val"
-        store = ImageStore(data_dir, image_size)
-        for i, rec in enumerate(load_split(data_dir, split)[:n]):
-            images.append(store.get(rec["file"]))
-            qs = rec.get("questions", [])
-            prompts.append(question_prompt(qs[0]["question"]) if qs and i % 2 else caption_prompt())
-    rng = np.random.default_rng(0)
-    while len(images) < n:
-        images.append(rng.integers(0, 256, (3, image_size, image_size), dtype=np.uint8))
-        i = len(prompts)
-        prompts.append(caption_prompt() if i % 2 == 0 else
-                       question_prompt(FALLBACK_QUESTIONS[i // 2 % len(FALLBACK_QUESTIONS)]))
-    return images, prompts
-
-
 def _max_diff(a, b) -> float:
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
@@ -62,7 +36,7 @@ def check_parity(model, export_dir: Path, data_dir: Path | None, n_pairs: int = 
     model = model.eval()
     cfg = model.cfg
     rt = Runtime(export_dir, verify=False)
-    images, prompts = parity_pairs(data_dir, cfg.image_size, max(n_pairs, 2))
+    images, prompts = image_prompt_pairs(data_dir, cfg.image_size, max(n_pairs, 2))
     failures: list[str] = []
     res: dict = {"pairs": len(images)}
 

@@ -77,3 +77,37 @@ def select_records(records: list[dict], limit: int | None) -> list[dict]:
 def ratio(num: float, den: float) -> float | None:
     """num / den, or None when the denominator is 0 (JSON null: 'not measurable')."""
     return float(num) / den if den else None
+
+
+FALLBACK_QUESTIONS = ("Is there a circle in the image?", "What colour is the square?",
+                      "How many objects are there?", "Is there a star in the image?")
+
+
+def image_prompt_pairs(data_dir: str | os.PathLike | None, image_size: int, n: int,
+                       splits: tuple[str, ...] = ("test", "val")) -> tuple[list[np.ndarray], list[str]]:
+    """n (uint8 image [3,S,S], prompt) pairs: caption prompts and questions on the images of
+    the first of ``splits`` a DATA DIR has, then seeded noise images with fixed prompts.
+
+    Export parity takes the test split; quantization calibrates on val/train so that the
+    drift gate (on test) never sees its calibration images.
+    """
+    from ..prompts import caption_prompt, question_prompt
+
+    images, prompts = [], []
+    if data_dir is not None:
+        from ..data.datadir import load_meta, split_names, load_split
+
+        have = split_names(load_meta(data_dir))
+        split = next((s for s in splits if s in have), None)
+        store = ImageStore(data_dir, image_size)
+        for i, rec in enumerate(load_split(data_dir, split)[:n] if split else []):
+            images.append(store.get(rec["file"]))
+            qs = rec.get("questions", [])
+            prompts.append(question_prompt(qs[0]["question"]) if qs and i % 2 else caption_prompt())
+    rng = np.random.default_rng(0)
+    while len(images) < n:
+        images.append(rng.integers(0, 256, (3, image_size, image_size), dtype=np.uint8))
+        i = len(prompts)
+        prompts.append(caption_prompt() if i % 2 == 0 else
+                       question_prompt(FALLBACK_QUESTIONS[i // 2 % len(FALLBACK_QUESTIONS)]))
+    return images, prompts

@@ -1,0 +1,88 @@
+"""Calibration inputs for the quantizers and the post-quantization quality check.
+
+    DATA DIR (val, else train, else test split) --fp32 runtime--> per graph, a list of feeds:
+      vision:  {"pixel_values": [1, 3, S, S]}
+      decoder: {"input_ids": [1, T], "attention_mask", empty past, the image's fp32 vision outputs}
+               for "Caption: <a caption of the image>" or "Question: ... Answer: <answer>"
+               (teacher-forced text, so the activations are those of real answers)
+Without a DATA DIR (RTN and int8-dynamic need none) the quality check falls back to seeded
+noise images and fixed prompts. Selection is seeded: the same seed, the same samples.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from agevlm_edge.errors import BadInput
+from agevlm_edge.eval.common import ImageStore, image_prompt_pairs
+from agevlm_edge.prompts import caption_prompt, question_prompt, target_text
+from agevlm_edge.runtime.session import Runtime
+
+SPLITS = ("val", "train", "test")      # calibration never prefers the split the drift gate reads
+
+
+class CalibSet:
+    def __init__(self, export_dir: str | os.PathLike, data_dir: str | os.PathLike | None,
+                 seed: int = 0):
+        self.rt = Runtime(export_dir, verify=False)      # the fp32 reference (already verified)
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.seed = seed
+        self.split = None
+        self._records: list[dict] = []
+        if self.data_dir is not None:
+            from agevlm_edge.data.datadir import load_meta, load_split, split_names
+
+            have = split_names(load_meta(self.data_dir))
+            self.split = next((s for s in SPLITS if s in have), None)
+            if self.split is None:
+                raise BadInput(f"--calib {self.data_dir} has no val, train or test split")
+            recs = load_split(self.data_dir, self.split)
+            order = np.random.default_rng(seed).permutation(len(recs))
+            self._records = [recs[i] for i in order[:512]]
+        self._used = 0
+
+    def describe(self) -> dict:
+        return {"data": str(self.data_dir) if self.data_dir else None, "split": self.split,
+                "seed": self.seed, "samples_used": self._used}
+
+    def _texts(self, rec: dict, i: int) -> str:
+        """A prompt with its teacher-forced answer: captions and questions alternate."""
+        qs, caps = rec.get("questions", []), rec.get("captions", [])
+        if (i % 2 and qs) or not caps:
+            q = qs[i // 2 % len(qs)] if qs else None
+            return question_prompt(q["question"]) + target_text(str(q["answer"])) if q \
+                else caption_prompt()
+        return caption_prompt() + target_text(caps[i // 2 % len(caps)]["text"])
+
+    def feeds(self, graph: str, n: int) -> list[dict]:
+        """n feed dicts for ``graph`` (batch 1 each: no padding rows in the statistics)."""
+        if not self._records:
+            raise BadInput("calibration needs a DATA DIR: pass --calib DATA_DIR")
+        store = ImageStore(self.data_dir, self.rt.image_size)
+        recs = [self._records[i % len(self._records)] for i in range(n)]
+        self._used = max(self._used, n)
+        out = []
+        for i, rec in enumerate(recs):
+            img = store.get(rec["file"])
+            if graph == "vision":
+                out.append({"pixel_values": self.rt.pre.normalize(img[None]).astype(np.float32)})
+                continue
+            state = self.rt.encode_images([img])
+            ids = np.array([self.rt.prompt_ids(self._texts(rec, i))], np.int64)
+            ids = ids[:, : self.rt.max_seq_len]
+            n_img = state.feeds["image_embeds"].shape[1] if self.rt.arch == "concat" else 0
+            feed = {"input_ids": ids, "attention_mask": np.ones((1, n_img + ids.shape[1]), np.int64),
+                    **self.rt._empty_past(1), **state.feeds}
+            out.append(feed)
+        return out
+
+    def quality_pairs(self, n: int) -> tuple[list[np.ndarray], list[str]]:
+        """(images, full texts) for the top-1 / KL check: calibration records or noise."""
+        if not self._records:
+            return image_prompt_pairs(None, self.rt.image_size, n)
+        store = ImageStore(self.data_dir, self.rt.image_size)
+        recs = [self._records[-1 - i % len(self._records)] for i in range(n)]   # not the first ones
+        return [store.get(r["file"]) for r in recs], [self._texts(r, i) for i, r in enumerate(recs)]

@@ -1,0 +1,259 @@
+"""`agevlm quantize`: EXPORT DIR (fp32) + Recipe -> EXPORT DIR (int8 / int4 / fp16).
+
+    quantize_export(fp32 dir, out, make_recipe("int4", {"vision": "int8-dynamic"}), calib=DATA)
+      per graph (vision.onnx, decoder.onnx):
+        nodes --schemes.part_of--> part --recipe--> scheme
+        WeightOnly  (MatMul -> MatMulNBits, Gather -> GatherBlockQuantized): RTN by onnxruntime's
+                    MatMulNBitsQuantizer, GPTQ by quant.gptq on calibration activations
+        Int8Dynamic (MatMul/Gather/Conv -> *Integer ops): optimum's ORTQuantizer with its preset
+        Int8QDQ     (QuantizeLinear/DequantizeLinear): onnxruntime quantize_static, calibrated
+        Fp16        OnnxModel.convert_float_to_float16(keep_io_types=True)
+      then the quality check (quant.quality: top-1 agreement and KL vs fp32) and manifest.json.
+The output is built aside and renamed into place; the fp32 EXPORT DIR is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import onnx
+from onnx import numpy_helper
+
+from agevlm_edge import __version__
+from agevlm_edge.errors import BadInput
+from agevlm_edge.fsutil import staged_dir
+from agevlm_edge.runtime.manifest import load_manifest
+
+from .calib import CalibSet
+from .schemes import (Fp16, Fp32, Int8Dynamic, Int8QDQ, PARTS, Recipe, WeightOnly, label,
+                      part_of)
+
+GRAPHS = ("vision", "decoder")
+WEIGHT_OPS = ("MatMul", "Gather", "Conv")
+
+
+def weight_nodes(model: onnx.ModelProto, graph: str) -> dict[str, list[str]]:
+    """{part: [node names]} of the nodes that carry a weight initializer."""
+    inits = {i.name for i in model.graph.initializer}
+    out: dict[str, list[str]] = {p: [] for p in PARTS}
+    for n in model.graph.node:
+        part = part_of(n.name, graph)
+        if part and n.op_type in WEIGHT_OPS and any(i in inits for i in n.input):
+            out[part].append(n.name)
+    return out
+
+
+def fold_tied_lm_head(model: onnx.ModelProto) -> bool:
+    """Give a tied lm_head its own [D, V] weight so the quantizers can see it.
+
+        embed W [V, D] --Transpose--> [D, V] --> lm_head/MatMul    becomes
+        lm_head.weight_t [D, V] (initializer) --> lm_head/MatMul
+
+    The fp32 copy exists only until the MatMul is quantized (a fp32 recipe never folds).
+    """
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    for n in g.node:
+        if n.op_type != "MatMul" or not n.name.startswith("lm_head/"):
+            continue
+        t = producer.get(n.input[1])
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
+            return False
+        w = numpy_helper.to_array(inits[t.input[0]]).T.copy()
+        g.initializer.append(numpy_helper.from_array(w, "lm_head.weight_t"))
+        n.input[1] = "lm_head.weight_t"
+        if not any(t.output[0] in m.input for m in g.node):
+            g.node.remove(t)
+        return True
+    return False
+
+
+def _weight_only(model: onnx.ModelProto, names: list[str], s: WeightOnly, calib, graph: str
+                 ) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                  MatMulNBitsQuantizer)
+
+    kinds = {n.name: n.op_type for n in model.graph.node}
+    if s.algo == "gptq":
+        from .gptq import gptq_model
+
+        matmuls = [n for n in names if kinds[n] == "MatMul"]
+        gptq_model(model, calib.feeds(graph, s.calib_samples), matmuls, bits=s.bits,
+                   block_size=s.block_size, symmetric=s.symmetric,
+                   accuracy_level=s.accuracy_level)
+        names = [n for n in names if kinds[n] == "Gather"]      # lookups: no activations, RTN
+    # Conv (the vision stem) stays fp32; GatherBlockQuantized takes 4 bits only.
+    ops = ("MatMul", "Gather") if s.bits == 4 else ("MatMul",)
+    names = [n for n in names if kinds[n] in ops]
+    if not names:
+        return model
+    cfg = DefaultWeightOnlyQuantConfig(block_size=s.block_size, is_symmetric=s.symmetric,
+                                       accuracy_level=s.accuracy_level, bits=s.bits,
+                                       op_types_to_quantize=ops,
+                                       quant_axes=(("MatMul", 0), ("Gather", 1))[:len(ops)])
+    # nodes_to_include only adds to op_types_to_quantize: exclude everything else instead.
+    keep = set(names)
+    others = [n.name for n in model.graph.node if n.name not in keep]
+    q = MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=cfg)
+    q.process()
+    return q.model.model
+
+
+def _int8_dynamic(model: onnx.ModelProto, names: list[str], s: Int8Dynamic, tmp: Path
+                  ) -> onnx.ModelProto:
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    src = tmp / "dyn_in"
+    src.mkdir(exist_ok=True)
+    onnx.save(model, str(src / "model.onnx"))
+    qcfg = getattr(AutoQuantizationConfig, s.preset)(
+        is_static=False, per_channel=s.per_channel, nodes_to_quantize=names,
+        operators_to_quantize=list(WEIGHT_OPS))
+    out = ORTQuantizer.from_pretrained(src, file_name="model.onnx").quantize(
+        quantization_config=qcfg, save_dir=tmp / "dyn_out", file_suffix="")
+    return onnx.load(str(Path(out) / "model.onnx"))
+
+
+def _int8_qdq(model: onnx.ModelProto, names: list[str], s: Int8QDQ, calib, graph: str,
+              tmp: Path) -> onnx.ModelProto:
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, feeds):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    src, dst = tmp / f"qdq_{graph}_in.onnx", tmp / f"qdq_{graph}_out.onnx"
+    onnx.save(model, str(src))
+    every_op = s.ops == "all"
+    quantize_static(str(src), str(dst), Reader(calib.feeds(graph, s.calib_samples)),
+                    quant_format=QuantFormat.QDQ, per_channel=s.per_channel,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=None if every_op else ["MatMul", "Gather"],
+                    nodes_to_quantize=None if every_op else names,
+                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+    return onnx.load(str(dst))
+
+
+def quantize_graph(src: Path, graph: str, recipe: Recipe, calib, tmp: Path) -> tuple[onnx.ModelProto, dict]:
+    """One graph of the fp32 export under ``recipe``; returns (model, what was done)."""
+    model = onnx.load(str(src))
+    if all(isinstance(recipe.scheme(p), Fp16) for p in PARTS):
+        from onnxruntime.transformers.onnx_model import OnnxModel
+
+        om = OnnxModel(model)
+        with contextlib.redirect_stdout(io.StringIO()):   # it prints a shape-inference note
+            om.convert_float_to_float16(keep_io_types=True)
+        return om.model, {"fp16": "whole graph"}
+    if graph == "decoder" and not isinstance(recipe.scheme("embed"), Fp32):
+        fold_tied_lm_head(model)
+    nodes = weight_nodes(model, graph)
+    done: dict = {}
+    # Weight-only first (its quantizer skips nodes already rewritten), then int8 kinds; each
+    # distinct scheme quantizes exactly the nodes of the parts assigned to it.
+    order = sorted({s for _, s in recipe.parts if not isinstance(s, Fp32)},
+                   key=lambda s: (not isinstance(s, WeightOnly), isinstance(s, Int8QDQ), str(s)))
+    for s in order:
+        names = [n for p, sc in recipe.parts if sc == s for n in nodes[p]]
+        if not names and not (isinstance(s, Int8QDQ) and s.ops == "all"):
+            continue
+        if isinstance(s, WeightOnly):
+            model = _weight_only(model, names, s, calib, graph)
+        elif isinstance(s, Int8Dynamic):
+            model = _int8_dynamic(model, names, s, tmp)
+        elif isinstance(s, Int8QDQ):
+            model = _int8_qdq(model, names, s, calib, graph, tmp)
+        done[label(s)] = len(names)
+    return model, done
+
+
+def part_bytes(model: onnx.ModelProto, graph: str) -> dict[str, int]:
+    """Initializer bytes by the part of their first consumer ("other": norms, rotary tables)."""
+    consumer: dict[str, str] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumer.setdefault(i, n.name)
+    out: dict[str, int] = {}
+    for init in model.graph.initializer:
+        part = part_of(consumer.get(init.name, ""), graph) or "other"
+        nbytes = len(init.raw_data) or numpy_helper.to_array(init).nbytes
+        out[part] = out.get(part, 0) + nbytes
+    return out
+
+
+def _check_inputs(model_dir: Path, out: Path, recipe: Recipe, calib_dir) -> dict:
+    man = load_manifest(model_dir)
+    if man.get("precision") != "fp32":
+        raise BadInput(f"{model_dir} is already quantized ({man.get('precision')}); quantize the "
+                       "fp32 export instead")
+    if out.resolve() == model_dir.resolve():
+        raise BadInput(f"--out {out} is the input EXPORT DIR; choose another --out")
+    needs = [s.name for _, s in recipe.parts
+             if (isinstance(s, WeightOnly) and s.algo == "gptq") or isinstance(s, Int8QDQ)]
+    if needs and calib_dir is None:
+        raise BadInput(f"{needs[0]} calibrates on data: pass --calib DATA_DIR")
+    if calib_dir is not None and not (Path(calib_dir) / "dataset.json").is_file():
+        raise BadInput(f"--calib {calib_dir} is not a DATA DIR (no dataset.json)")
+    if man.get("target") == "mobile-gpu" and any(isinstance(s, (Int8QDQ, Int8Dynamic))
+                                                 for _, s in recipe.parts):
+        raise BadInput("the mobile-gpu target runs int4 (MatMulNBits) and fp16 on WebGPU; "
+                       "int8 QuantizeLinear falls back to CPU there: quantize the cpu export")
+    return man
+
+
+def quantize_export(model_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
+                    calib_dir: str | os.PathLike | None = None, n_quality: int = 16,
+                    seed: int = 0, overwrite: bool = False) -> dict:
+    """Quantize an fp32 EXPORT DIR into ``out`` under ``recipe``; returns a summary dict."""
+    from agevlm_edge.export.onnx_export import write_manifest
+
+    from .quality import next_token_quality
+
+    model_dir, out = Path(model_dir), Path(out)
+    man = _check_inputs(model_dir, out, recipe, calib_dir)
+    calib = CalibSet(model_dir, calib_dir, seed=seed)
+    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401 (sets up logging on import)
+
+    for name in ("onnxruntime", "optimum", "optimum.onnxruntime.quantization"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.WARNING)     # the quantizers log each node at INFO
+    t0 = time.perf_counter()
+    sizes: dict = {}
+    with staged_dir(out, overwrite=overwrite) as tmp, \
+            tempfile.TemporaryDirectory(prefix="agevlm-quant-") as scratch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        done = {}
+        for graph in GRAPHS:
+            model, done[graph] = quantize_graph(model_dir / f"{graph}.onnx", graph, recipe, calib,
+                                                Path(scratch))
+            onnx.save(model, str(tmp / f"{graph}.onnx"))
+            sizes[graph] = part_bytes(model, graph)
+        for name in ("tokenizer.json", "preprocessor.json"):
+            shutil.copyfile(model_dir / name, tmp / name)
+        keep = {k: v for k, v in man.items() if k not in ("files", "graphs", "parity", "export_seconds")}
+        new = {**keep, "created_by": f"agevlm-edge {__version__}", "precision": recipe.label(),
+               "scheme": {"name": recipe.label(), "recipe": recipe.as_dict()},
+               "quantized_from": {"dir": str(model_dir.resolve()), "parity": man.get("parity"),
+                                  "manifest_files": man["files"]},
+               "calibration": calib.describe(), "part_bytes": sizes, "applied": done}
+        write_manifest(tmp, new)
+        quality = next_token_quality(model_dir, tmp, calib.quality_pairs(n_quality))
+        new = write_manifest(tmp, {**new, "quality": quality,
+                                   "quantize_seconds": round(time.perf_counter() - t0, 1)})
+    total = sum((out / f).stat().st_size for f in new["files"])
+    ref = sum((model_dir / f).stat().st_size for f in man["files"])
+    return {"out": str(out), "scheme": recipe.label(), "bytes": total, "fp32_bytes": ref,
+            "size_ratio": round(total / ref, 4), "quality": quality}

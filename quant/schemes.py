@@ -1,0 +1,208 @@
+"""Quantization schemes: one frozen, versioned dataclass each, and recipes that assign them to
+the parts of a model.
+
+    "int4:block_size=128,algo=gptq"  --parse_scheme-->  WeightOnly(bits=4, block_size=128, algo="gptq")
+    --scheme int4 --part vision=int8-dynamic  --make_recipe-->  Recipe({vision: Int8Dynamic(),
+                                                                       xattn: WeightOnly(), ...})
+
+A scheme is data: ``as_dict`` goes into manifest.json and reports, ``parse_scheme`` reads
+the short spec users type. Unknown names or keys are errors (no silent defaults).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from agevlm_edge.errors import BadInput
+
+# The parts a recipe can set one by one, by the module path of each node (export.onnx_export
+# names nodes "<module path>/<Op>_<k>"). The cross-attention K/V projections run in
+# vision.onnx but belong to the xattn part; gates are scalar Muls and are never quantized.
+PARTS = {
+    "vision": "vision tower and projector (vision.onnx)",
+    "xattn": "cross-attention blocks: q/k/v/o projections and their gated MLP",
+    "self_attn": "self-attention q/k/v/o projections",
+    "mlp": "the decoder layers' MLPs",
+    "embed": "token embedding and lm_head",
+}
+
+
+def part_of(node_name: str, graph: str) -> str | None:
+    """The part a node belongs to, from its name "<module path>/<Op>_<k>"; None: not a weight node."""
+    path = node_name.split("/", 1)[0]
+    if path.startswith("decoder.xattn."):
+        return "xattn"
+    if graph == "vision":
+        return "vision" if path.startswith(("vision", "projector")) else None
+    if path.startswith("decoder.layers."):
+        return "self_attn" if ".self_attn" in path else "mlp" if ".mlp" in path else None
+    if path in ("decoder.embed_tokens", "lm_head"):
+        return "embed"
+    return None
+
+
+@dataclass(frozen=True)
+class Fp32:
+    """Leave the part as exported."""
+    name: str = field(default="fp32", init=False)
+    version: int = field(default=1, init=False)
+
+
+@dataclass(frozen=True)
+class Fp16:
+    """onnxruntime's OnnxModel.convert_float_to_float16(keep_io_types=True), whole graphs only.
+    For GPU targets: on a CPU the inserted Casts make it slower than fp32."""
+    name: str = field(default="fp16", init=False)
+    version: int = field(default=1, init=False)
+
+
+@dataclass(frozen=True)
+class Int8Dynamic:
+    """MatMulInteger with activations quantized at run time, through optimum's ORTQuantizer and
+    its target presets. Weights per channel; no calibration."""
+    preset: str = "avx2"             # avx2 | avx512_vnni | arm64
+    per_channel: bool = True
+    name: str = field(default="int8-dynamic", init=False)
+    version: int = field(default=1, init=False)
+
+
+@dataclass(frozen=True)
+class Int8QDQ:
+    """Static QDQ (QuantizeLinear/DequantizeLinear pairs), activation ranges calibrated on DATA DIR
+    samples; MatMul and Gather only by default (``ops="all"`` quantizes every op: a known bad
+    variant, kept to prove the drift gate catches it). The format NPUs / NNAPI take."""
+    ops: str = "matmul"              # matmul (MatMul + Gather) | all
+    per_channel: bool = True
+    calib_samples: int = 32
+    name: str = field(default="int8-qdq", init=False)
+    version: int = field(default=1, init=False)
+
+
+@dataclass(frozen=True)
+class WeightOnly:
+    """com.microsoft MatMulNBits (and GatherBlockQuantized for the embedding): weights in
+    ``bits``-bit blocks of ``block_size`` along K, one scale (and zero point unless
+    ``symmetric``) per block. accuracy_level 4 computes in int8 (w4a8, the fastest decode on
+    CPUs); 0 keeps fp32 compute. ``algo``: rtn (round to nearest) or gptq (calibrated)."""
+    bits: int = 4
+    block_size: int = 32
+    symmetric: bool = False
+    algo: str = "rtn"                # rtn | gptq
+    accuracy_level: int = 4
+    calib_samples: int = 32
+    name: str = field(default="int4", init=False)
+    version: int = field(default=1, init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "name", f"int{self.bits}")
+
+
+Scheme = Fp32 | Fp16 | Int8Dynamic | Int8QDQ | WeightOnly
+
+# spec name -> (class, fixed arguments)
+NAMES: dict[str, tuple[type, dict]] = {
+    "fp32": (Fp32, {}), "fp16": (Fp16, {}), "int8-dynamic": (Int8Dynamic, {}),
+    "int8-qdq": (Int8QDQ, {}), "int4": (WeightOnly, {"bits": 4}),
+    "w4a8": (WeightOnly, {"bits": 4, "accuracy_level": 4}),
+    "w4a32": (WeightOnly, {"bits": 4, "accuracy_level": 0}),
+    "int2": (WeightOnly, {"bits": 2}),
+}
+CHOICES = {"preset": ("avx2", "avx512_vnni", "arm64"), "ops": ("matmul", "all"),
+           "algo": ("rtn", "gptq"), "block_size": (16, 32, 64, 128, 256), "accuracy_level": (0, 4)}
+
+
+def _value(text: str, kind: type):
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(text)
+        return text.lower() in ("true", "1", "yes")
+    return kind(text)
+
+
+def parse_scheme(spec: str) -> Scheme:
+    """'int4:block_size=128,algo=gptq' -> WeightOnly(block_size=128, algo='gptq')."""
+    name, _, rest = spec.strip().partition(":")
+    if name not in NAMES:
+        raise BadInput(f"unknown quantization scheme {name!r}; choose one of {', '.join(NAMES)} "
+                       "(options as NAME:key=value,...)")
+    cls, fixed = NAMES[name]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = dict(fixed)
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, text = item.partition("=")
+        if not eq or key not in fields or key in fixed:
+            raise BadInput(f"scheme {name!r} has no option {key!r} (options: "
+                           f"{', '.join(k for k in fields if k not in fixed) or 'none'})")
+        kind = type(fields[key].default)
+        try:
+            kwargs[key] = _value(text, kind)
+        except ValueError:
+            raise BadInput(f"scheme option {key}={text!r} is not a {kind.__name__}") from None
+        if key in CHOICES and kwargs[key] not in CHOICES[key]:
+            raise BadInput(f"scheme option {key}={text!r}: choose one of "
+                           f"{', '.join(map(str, CHOICES[key]))}")
+    return cls(**kwargs)
+
+
+def as_dict(scheme: Scheme) -> dict:
+    return dataclasses.asdict(scheme)
+
+
+def label(scheme: Scheme) -> str:
+    """A short human label: 'int4 b32 gptq a4', 'int8-dynamic avx2', 'fp32'."""
+    if isinstance(scheme, WeightOnly):
+        return (f"{scheme.name} b{scheme.block_size}{' sym' if scheme.symmetric else ''} "
+                f"{scheme.algo} a{scheme.accuracy_level}")
+    if isinstance(scheme, Int8Dynamic):
+        return f"int8-dynamic {scheme.preset}"
+    if isinstance(scheme, Int8QDQ):
+        return "int8-qdq" + (" all-ops" if scheme.ops == "all" else "")
+    return scheme.name
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One scheme per part (every part of PARTS appears)."""
+    parts: tuple                     # ((part, Scheme), ...) in PARTS order
+    version: int = 1
+
+    def scheme(self, part: str) -> Scheme:
+        return dict(self.parts)[part]
+
+    def as_dict(self) -> dict:
+        return {"version": self.version, "parts": {p: as_dict(s) for p, s in self.parts},
+                "labels": {p: label(s) for p, s in self.parts}}
+
+    def label(self) -> str:
+        labels = [label(s) for _, s in self.parts]
+        if len(set(labels)) == 1:
+            return labels[0]
+        return ", ".join(f"{p} {lab}" for (p, _), lab in zip(self.parts, labels))
+
+
+def make_recipe(scheme: str | Scheme = "fp32", parts: dict | None = None) -> Recipe:
+    """``scheme`` for every part, except the parts named in ``parts`` ({part: spec or Scheme})."""
+    base = parse_scheme(scheme) if isinstance(scheme, str) else scheme
+    parts = dict(parts or {})
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise BadInput(f"unknown model part {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    chosen = {p: parse_scheme(s) if isinstance(s, str) else s for p, s in parts.items()}
+    recipe = Recipe(tuple((p, chosen.get(p, base)) for p in PARTS))
+    fp16 = [p for p, s in recipe.parts if isinstance(s, Fp16)]
+    if fp16 and len(fp16) != len(PARTS):
+        raise BadInput("fp16 converts whole graphs: use --scheme fp16 without --part, or pick "
+                       "int8/int4 schemes for single parts")
+    return recipe
+
+
+def parse_part_options(items) -> dict[str, str]:
+    """('vision=int8-dynamic', 'embed=fp32') -> {part: spec} (CLI --part)."""
+    out = {}
+    for item in items:
+        part, eq, spec = item.partition("=")
+        if not eq or not spec:
+            raise BadInput(f"--part {item!r}: expected PART=SCHEME, e.g. vision=int8-dynamic")
+        out[part.strip()] = spec.strip()
+    return out
