@@ -94,8 +94,10 @@ def grounding_scores(maps: list[np.ndarray], fracs: list[np.ndarray], seed: int 
             "random_pointing": mean([pointing_hit(r, f) for r, (_, f) in zip(rand, keep)])}
 
 
-def run_grounding(backend: EvalBackend, data_dir: str | os.PathLike, records: list[dict]) -> dict:
-    """Phrase maps for every grounded caption phrase of ``records``, scored against masks."""
+def run_grounding(backend: EvalBackend, data_dir: str | os.PathLike, records: list[dict],
+                  maps_out: list | None = None) -> dict:
+    """Phrase maps for every grounded caption phrase of ``records``, scored against masks;
+    the maps themselves are appended to ``maps_out`` when given (the drift gate compares them)."""
     grid = backend.grid
     items = [(r, ci, spans, grids) for r in records for ci, spans, grids in phrase_targets(r, grid)]
     store = ImageStore(data_dir, backend.image_size)
@@ -109,4 +111,6 @@ def run_grounding(backend: EvalBackend, data_dir: str | os.PathLike, records: li
             return {"skipped": "the model has no cross-attention (concat): no phrase maps"}
         maps += [m for row in got for m in row]
     fracs = [f for *_, grids in items for f in grids]
+    if maps_out is not None:
+        maps_out.extend(maps)
     return {**grounding_scores(maps, fracs), "grid": grid, "captions": len(items)}

@@ -1,0 +1,175 @@
+"""`agevlm search`: the smallest per-part precision assignment that stays inside the drift budget.
+
+    ladder: int4 (GPTQ, w4a8), int8-dynamic, fp32; per part ordered by that part's measured
+            bytes under each scheme, smallest first (fp32 always last)
+    1. reference profile (fp32 export), once; the bytes of every part under every scheme
+    2. sensitivity: one part at a time on its smallest rung, the rest fp32 -> drift checks;
+       severity = max over the checks of value / limit (> 1: that part alone breaks the budget)
+    3. all parts on their smallest rung; while over budget, raise the most sensitive part that
+       can still go up by one rung (greedy up)
+    4. greedy down: try each raised part one rung lower again, least sensitive first; keep
+       every lowering that stays inside the budget
+    5. the chosen variant: the smallest (bytes) evaluated assignment inside the budget
+Every candidate is really quantized and really evaluated; the path records each one with
+its bytes and checks. The result is a local minimum along that path (5 parts x 3 rungs is
+243 assignments; each evaluation costs a full POPE/CHAIR pass), which search.json says.
+Deterministic for a seed: the seed picks the calibration samples, decoding is greedy.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import click
+
+from agevlm_edge.errors import BadInput
+from agevlm_edge.fsutil import read_json, staged_dir, write_json_atomic
+
+from .drift import Budget, compare, profile
+from .quantize import quantize_export
+from .schemes import PARTS, make_recipe, parse_scheme
+
+LADDER = ("int4:algo=gptq", "int8-dynamic", "fp32")
+PARTS_INDEX = {p: i for i, p in enumerate(PARTS)}
+
+
+def severity(res: dict) -> float:
+    """How much of the budget the worst check uses (> 1: over budget)."""
+    return max((max(c["value"], 0.0) / c["limit"] if c["limit"] > 0 else
+                (float("inf") if c["value"] > 1e-9 else 0.0)) for c in res["checks"])
+
+
+class Search:
+    def __init__(self, model_dir: Path, data_dir: Path, budget: Budget, work: Path,
+                 ladder: tuple[str, ...], limit: int | None, seed: int):
+        self.model_dir, self.data_dir, self.budget, self.work = model_dir, data_dir, budget, work
+        self.ladder, self.limit, self.seed = ladder, limit, seed
+        self.ref = profile(model_dir, data_dir, limit=limit)
+        self.fp32_bytes = sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file())
+        self.evaluated: dict[tuple, dict] = {}
+        self.ladders = self.part_ladders()
+
+    def part_ladders(self) -> dict[str, tuple[str, ...]]:
+        """Each part's rungs, smallest first by its measured bytes under each scheme (int4
+        leaves the vision stem's Convs fp32, so for the vision part int8 is smaller); fp32
+        stays the top rung."""
+        size: dict[str, dict[str, int]] = {}
+        for spec in self.ladder[:-1]:
+            out = self.work / "sizes"
+            quantize_export(self.model_dir, out, make_recipe(spec), calib_dir=self.data_dir,
+                            n_quality=1, seed=self.seed, overwrite=True)
+            pb = read_json(out / "manifest.json")["part_bytes"]
+            size[spec] = {p: sum(g.get(p, 0) for g in pb.values()) for p in PARTS}
+            shutil.rmtree(out)
+        return {p: tuple(sorted(self.ladder[:-1], key=lambda s: (size[s][p], self.ladder.index(s))))
+                + self.ladder[-1:] for p in PARTS}
+
+    def evaluate(self, levels: tuple[int, ...], why: str) -> dict:
+        """Quantize and gate one assignment (part -> rung index); cached by assignment."""
+        if levels in self.evaluated:
+            return self.evaluated[levels]
+        assign = {p: self.ladders[p][i] for p, i in zip(PARTS, levels)}
+        name = "c" + "".join(str(i) for i in levels)
+        out = self.work / name
+        click.echo(f"[search] {why}: {', '.join(f'{p}={s}' for p, s in assign.items())}", err=True)
+        if all(i == len(self.ladder) - 1 for i in levels) and self.ladder[-1] == "fp32":
+            q = {"bytes": self.fp32_bytes, "quality": None}
+            res = {"checks": [], "passed": True, "reference_itself": True}
+        else:
+            q = quantize_export(self.model_dir, out, make_recipe("fp32", assign),
+                                calib_dir=self.data_dir, seed=self.seed, overwrite=True)
+            res = compare(self.ref, profile(out, self.data_dir, limit=self.limit), self.budget)
+        row = {"candidate": name, "dir": str(out), "why": why, "assignment": assign,
+               "reference_itself": bool(res.get("reference_itself")),
+               "bytes": q["bytes"], "size_ratio": round(q["bytes"] / self.fp32_bytes, 4),
+               "quality": q["quality"], "passed": res["passed"],
+               "severity": round(severity(res), 3) if res["checks"] else 0.0,
+               "checks": res["checks"], "drift": {k: res.get(k) for k in ("pope", "chair",
+                                                                           "grounding", "first_token")}}
+        for split in (row["drift"]["pope"] or {}).values():
+            split.pop("flipped", None)
+        click.echo(f"[search]   {q['bytes'] / 1e6:.2f} MB ({row['size_ratio']:.3f} x fp32), "
+                   f"{'inside' if res['passed'] else 'OVER'} the budget "
+                   f"(severity {row['severity']:.2f})", err=True)
+        self.evaluated[levels] = row
+        return row
+
+
+def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike,
+               budget: Budget = Budget(), ladder: tuple[str, ...] = LADDER,
+               limit: int | None = None, seed: int = 0, overwrite: bool = False,
+               keep_candidates: bool = False) -> dict:
+    """Search, then write OUT/variant (the chosen EXPORT DIR) and OUT/search.json."""
+    model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
+    if not (data_dir / "dataset.json").is_file():
+        raise BadInput(f"--data {data_dir} is not a DATA DIR (no dataset.json)")
+    for spec in ladder:
+        parse_scheme(spec)
+    if len(ladder) < 2 or ladder[-1] != "fp32":
+        raise BadInput("the ladder needs at least two schemes and must end with fp32")
+    top = len(ladder) - 1
+    with staged_dir(out, overwrite=overwrite) as tmp:
+        s = Search(model_dir, data_dir, budget, tmp / "candidates", ladder, limit, seed)
+        sens = {}
+        for k, part in enumerate(PARTS):
+            levels = tuple(0 if j == k else top for j in range(len(PARTS)))
+            sens[part] = s.evaluate(levels, f"sensitivity of {part}")
+        order = sorted(PARTS, key=lambda p: (-sens[p]["severity"], p))   # most sensitive first
+        levels = [0] * len(PARTS)
+        path = [s.evaluate(tuple(levels), "every part on its smallest rung")]
+        while not path[-1]["passed"]:
+            part = next(p for p in order if levels[PARTS_INDEX[p]] < top)
+            levels[PARTS_INDEX[part]] += 1
+            path.append(s.evaluate(tuple(levels), f"up: {part} (most sensitive left)"))
+        for part in reversed(order):                                         # least sensitive first
+            i = PARTS_INDEX[part]
+            while levels[i] > 0:
+                trial = list(levels)
+                trial[i] -= 1
+                row = s.evaluate(tuple(trial), f"down: {part}")
+                path.append(row)
+                if not row["passed"]:
+                    break
+                levels = trial
+        passing = [r for r in s.evaluated.values() if r["passed"]]
+        best = min(passing, key=lambda r: (r["bytes"], r["candidate"]))
+        result = {"reference": str(model_dir), "data": str(data_dir), "budget": budget.__dict__,
+                  "ladder": list(ladder), "part_ladders": s.ladders, "seed": seed, "limit": limit,
+                  "fp32_bytes": s.fp32_bytes, "sensitivity": [sens[p] for p in PARTS],
+                  "path": path, "chosen": best,
+                  "method": "greedy up by sensitivity, then greedy down; a local minimum over "
+                            f"{len(s.evaluated)} evaluated assignments of "
+                            f"{len(ladder) ** len(PARTS)}"}
+        if best["reference_itself"]:
+            result["variant"] = str(model_dir)       # nothing smaller passed: fp32 itself
+        else:
+            shutil.move(best["dir"], tmp / "variant")
+            result["variant"] = str(out / "variant")
+        if not keep_candidates:
+            shutil.rmtree(tmp / "candidates", ignore_errors=True)
+        write_json_atomic(tmp / "search.json", result)
+    return result
+
+
+
+def format_search(res: dict) -> str:
+    """The sensitivity table, the path and the choice."""
+    head = f"{'candidate':<10} {'size':>6} {'sev':>6}  {'':<6} assignment"
+    rows = lambda rs: [f"{r['candidate']:<10} {r['size_ratio']:>6.3f} {r['severity']:>6.2f}  "
+                       f"{'ok' if r['passed'] else 'OVER':<6} "
+                       + ", ".join(f"{p}={v}" for p, v in r["assignment"].items()) for r in rs]
+    lines = ["sensitivity (one part on its smallest rung, the rest fp32; size x fp32; severity = "
+             "worst check / its limit)", head] + rows(res["sensitivity"])
+    lines += ["", "path", head] + rows(res["path"])
+    c = res["chosen"]
+    lines += ["", f"chosen: {c['candidate']} = {c['size_ratio']:.3f} x fp32 "
+              f"({c['bytes'] / 1e6:.2f} MB) -> {res['variant']}", f"({res['method']})"]
+    if c["size_ratio"] > 0.3:
+        worst = min(res["path"], key=lambda r: r["bytes"])
+        lines.append(f"no variant at <= 0.3 x fp32 stayed inside the budget: the smallest tried "
+                     f"({worst['size_ratio']:.3f} x) failed " + "; ".join(
+                         f"{ch['check']} {ch['value']:.2f} > {ch['limit']:.2f}"
+                         for ch in worst["checks"] if not ch["passed"]))
+    return "\n".join(lines) + "\n"
