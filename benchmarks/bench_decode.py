@@ -68,33 +68,11 @@ def export(run: Path, out: Path, **kw) -> Path:
 
 def torch_eager(run: Path, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     """The runtime's protocol on the PyTorch model (eager attention, fp32, no_grad)."""
-    import torch
-
     from agevlm_edge.checkpoint import load_model_files
-    from agevlm_edge.runtime.bench import decode_loop, prompt_of
+    from agevlm_edge.report import torch_decode_speed
 
     model, tok, pre, _ = load_model_files(run)
-    cfg = model.cfg
-    image = np.random.default_rng(0).integers(0, 256, (1, 3, cfg.image_size, cfg.image_size), dtype=np.uint8)
-    ids = torch.tensor([prompt_of(tok, prompt_len, cfg.bos_id)])
-    ttft, per_token = [], []
-    with torch.no_grad():
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            kv = model.cross_kv(model.image_tokens(torch.from_numpy(pre.normalize(image))))
-            out = model(ids, cross_kv=kv, attn_impl="eager")
-            ttft.append(time.perf_counter() - t0)
-            box = {"past": out.past_key_values}
-
-            def step(t):
-                o = model(torch.as_tensor(t), cross_kv=kv, past_key_values=box["past"], attn_impl="eager")
-                box["past"] = o.past_key_values
-                return o.logits.numpy()
-
-            per_token.append(statistics.median(decode_loop(step, out.logits.numpy(), new_tokens)))
-    return {"ttft_ms": 1e3 * statistics.median(ttft[1:]),
-            "decode_ms_per_token": 1e3 * statistics.median(per_token[1:]),
-            "decode_tokens_per_s": 1 / statistics.median(per_token[1:])}
+    return torch_decode_speed(model, tok, pre, prompt_len, new_tokens, repeats, attn_impl="eager")
 
 
 def optimum_peer(lm_dir: Path, work: Path, prompt_len: int, new_tokens: int, repeats: int) -> dict:

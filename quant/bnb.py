@@ -96,3 +96,22 @@ def evaluate_bnb(model_dir, data_dir, kind: str, **kwargs) -> dict:
 
         write_json_atomic(out_json, results)
     return results
+
+
+def bnb_report_rows(run_dir, data_dir, limit: int | None = None, kinds=KINDS) -> list[dict]:
+    """agevlm report rows for the bitsandbytes variants of a RUN DIR: the evaluation suite,
+    weight bytes in memory and PyTorch decode speed (to set beside the fp32 torch row)."""
+    from pathlib import Path
+
+    from agevlm_edge.checkpoint import load_model_files
+    from agevlm_edge.report import metrics_row, torch_decode_speed
+
+    rows = []
+    for kind in kinds:
+        res = evaluate_bnb(run_dir, data_dir, kind, suites=("pope", "chair", "grounding"), limit=limit)
+        model, tok, pre, _ = load_model_files(run_dir)
+        speed = torch_decode_speed(quantize_bnb(model, kind), tok, pre)
+        rows.append(metrics_row(f"{Path(run_dir).name} bnb-{kind}", "run (PyTorch bitsandbytes)",
+                                res, res["model"]["weight_bytes"], scheme=f"bnb-{kind}",
+                                label=f"bnb-{kind}", arch=model.cfg.arch, dir=str(run_dir), **speed))
+    return rows
