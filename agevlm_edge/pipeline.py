@@ -1,8 +1,10 @@
 """`agevlm pipeline`: the main job on the embedded synthetic world, stage by stage.
 
 Each stage writes its own artifact atomically under --out and appends a line to
-pipeline.json, so a run can be read (and a failed one diagnosed) stage by stage. Later
-stages (export, quantize, drift, report) add themselves here as they land.
+pipeline.json, so a run can be read (and a failed one diagnosed) stage by stage. The
+quantization stages run on the cpu export: the standard schemes, the drift gate on each (a
+variant over budget is a finding written to drift-*.json, not a pipeline failure), the
+precision search and the accuracy-vs-size report.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def _stage(log: list[dict], out: Path, name: str, fn, *args, **kwargs) -> str:
 def run_pipeline(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, short: bool = False,
                  overwrite: bool = False) -> None:
     """data synth (easy world) -> masks (exact, rendered) -> tokenizer -> train (guided) -> eval
-    -> export (cpu and mobile-gpu, parity checked) -> one example `infer` with a heatmap."""
+    -> export (cpu and mobile-gpu, parity checked) -> one example `infer` with a heatmap
+    -> quantize the standard set -> drift gate each -> precision search -> report."""
     from .data.masks import make_masks
     from .data.synth import synthesize
     from .data.tokenizer import build_tokenizer
@@ -92,5 +95,55 @@ def run_pipeline(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, sh
         return f"{rec['file']}: {answers[0]!r}, heatmap {out / 'heatmap.png'}"
 
     _stage(log, out, "infer", _infer)
+    _quant_stages(log, out, data, short)
     click.echo(format_report(results))
     click.echo(f"pipeline finished: {out} (stages: {', '.join(s['stage'] for s in log)})")
+
+
+# The standard set: what users compare first. GPTQ w4a8 is the int4 the search starts from.
+STANDARD_SCHEMES = {"fp16": "fp16", "int8-dynamic": "int8-dynamic", "int8-qdq": "int8-qdq",
+                    "int4-b32-gptq": "int4:algo=gptq", "int4-b128-rtn": "int4:block_size=128"}
+
+
+def _quant_stages(log: list[dict], out: Path, data: Path, short: bool) -> None:
+    """quantize -> drift -> search -> report, on out/export-cpu."""
+    from .quant.drift import Budget, profile, run_drift
+    from .quant.quantize import quantize_export
+    from .quant.schemes import make_recipe
+    from .quant.search import run_search
+    from .report import build_report
+
+    ref, limit = out / "export-cpu", SHORT_EVAL_IMAGES if short else None
+    variants = {name: out / f"quant-{name}" for name in STANDARD_SCHEMES}
+
+    def _quantize() -> str:
+        rs = [quantize_export(ref, variants[n], make_recipe(spec), calib_dir=data, overwrite=True)
+              for n, spec in STANDARD_SCHEMES.items()]
+        return "; ".join(f"{r['scheme']} {r['size_ratio']:.3f}x top-1 {r['quality']['top1_agreement']:.3f}"
+                         for r in rs)
+
+    def _drift() -> str:
+        ref_profile = profile(ref, data, limit=limit)
+        res = {n: run_drift(ref, d, data, Budget(), limit=limit, ref_profile=ref_profile,
+                            out_json=out / f"drift-{n}.json") for n, d in variants.items()}
+        return ", ".join(f"{n} {'pass' if r['passed'] else 'OVER'}" for n, r in res.items())
+
+    found: dict = {}
+
+    def _search() -> str:
+        r = found.update(run_search(ref, data, out / "search", Budget(), limit=limit,
+                                    overwrite=True)) or found
+        c = r["chosen"]
+        return (f"chosen {c['candidate']} at {c['size_ratio']:.3f} x fp32 "
+                f"({', '.join(f'{p}={s}' for p, s in c['assignment'].items())}) -> {r['variant']}")
+
+    def _report() -> str:
+        chosen = [Path(found["variant"])] if Path(found["variant"]) != ref else []
+        rep = build_report([out / "run", ref, *variants.values(), *chosen, out / "search"],
+                           out / "report", data, limit=limit, overwrite=True)
+        return f"{out / 'report'}: report.md, report.html, {', '.join(rep['plots'])}"
+
+    _stage(log, out, "quantize", _quantize)
+    _stage(log, out, "drift", _drift)
+    _stage(log, out, "search", _search)
+    _stage(log, out, "report", _report)

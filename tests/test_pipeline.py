@@ -1,4 +1,4 @@
-"""`agevlm pipeline --short`: every existing stage runs and records itself."""
+"""`agevlm pipeline --short`: every stage runs and records itself."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def test_short_pipeline_runs_every_stage(tmp_path):
     assert "pipeline finished" in proc.stdout
     stages = [s["stage"] for s in json.loads((out / "pipeline.json").read_text())["stages"]]
     assert stages == ["data synth", "data masks", "data tokenizer", "train", "eval", "export cpu",
-                      "export mobile-gpu", "infer"]
+                      "export mobile-gpu", "infer", "quantize", "drift", "search", "report"]
     manifest = json.loads((out / "export-cpu" / "manifest.json").read_text())
     assert manifest["parity"]["passed"] and manifest["target"] == "cpu"
     assert json.loads((out / "export-mobile-gpu" / "manifest.json").read_text())["parity"]["passed"]
@@ -25,6 +25,14 @@ def test_short_pipeline_runs_every_stage(tmp_path):
     meta = load_meta(out / "data")
     assert meta["splits"]["train"]["images"] == 400
     assert (out / "data" / "tokenizer.json").is_file()
+    int4 = json.loads((out / "quant-int4-b32-gptq" / "manifest.json").read_text())
+    assert int4["scheme"]["recipe"]["parts"]["mlp"]["algo"] == "gptq" and int4["quality"]["positions"] > 0
+    assert {"passed", "checks", "pope"} <= set(json.loads((out / "drift-int8-qdq.json").read_text()))
+    search = json.loads((out / "search" / "search.json").read_text())
+    assert search["chosen"]["passed"] and len(search["sensitivity"]) == 5
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert len(report["rows"]) >= 7 and "size_vs_pope_adversarial.png" in report["plots"]
+    assert "speed.png" in report["plots"] and (out / "report" / "report.html").stat().st_size > 10000
     # An existing run is never clobbered without --overwrite.
     assert_one_line_error(run_cli("pipeline", "--out", out, "--short"), "--overwrite")
     assert (out / "pipeline.json").is_file()

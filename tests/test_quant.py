@@ -1,0 +1,267 @@
+"""Quantization schemes, `agevlm quantize`, the drift gate, the precision search and the report,
+on a tiny seeded model exported from its real config (fp32 reference built once per module)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+
+S = 32
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory, small_world):
+    """A seeded tiny xattn RUN DIR (gates open) and its fp32 cpu export."""
+    import torch
+
+    from agevlm_edge.checkpoint import save_model_files
+    from agevlm_edge.data.tokenizer import corpus, train_bpe
+    from agevlm_edge.export.onnx_export import export_run
+    from agevlm_edge.model import AgeVLM, AgeVLMConfig
+    from agevlm_edge.preprocess import Preprocessor
+
+    root = tmp_path_factory.mktemp("quant")
+    tok = train_bpe(corpus(small_world), 400)
+    torch.manual_seed(2)
+    cfg = AgeVLMConfig(image_size=S, patch_size=8, vision_width=32, vision_heads=2,
+                       vocab_size=tok.get_vocab_size(), d_model=64, n_layers=2, n_heads=4,
+                       n_kv_heads=2, ffn_hidden=128, max_seq_len=128)
+    model = AgeVLM(cfg).eval()
+    with torch.no_grad():
+        for blk in model.decoder.xattn.values():
+            blk.attn_gate.fill_(0.7)
+            blk.mlp_gate.fill_(0.7)
+    save_model_files(root / "run", model, tok, Preprocessor(S))
+    export_run(root / "run", root / "fp32", data_dir=small_world, n_pairs=4)
+    return root / "fp32"
+
+
+def _ops(path) -> Counter:
+    import onnx
+
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+# ---------------------------------------------------------------------------------- schemes
+def test_scheme_specs_parse_into_frozen_versioned_dataclasses():
+    from agevlm_edge.errors import BadInput
+    from agevlm_edge.quant.schemes import (Int8QDQ, WeightOnly, as_dict, make_recipe, parse_scheme,
+                                           part_of)
+
+    s = parse_scheme("int4:block_size=128,symmetric=true,algo=gptq")
+    assert s == WeightOnly(block_size=128, symmetric=True, algo="gptq")
+    assert as_dict(s)["version"] == 1 and as_dict(s)["name"] == "int4"
+    assert parse_scheme("int2").bits == 2 and parse_scheme("w4a32").accuracy_level == 0
+    assert parse_scheme("int8-qdq:ops=all") == Int8QDQ(ops="all")
+    with pytest.raises(AttributeError):
+        s.bits = 8                                                  # frozen
+    for bad in ("int5", "int4:block=32", "int4:block_size=48", "int4:symmetric=maybe",
+                "w4a8:accuracy_level=0", "int8-dynamic:preset=avx9"):
+        with pytest.raises(BadInput):
+            parse_scheme(bad)
+    r = make_recipe("int4", {"vision": "int8-dynamic", "embed": "fp32"})
+    assert r.scheme("vision").name == "int8-dynamic" and r.scheme("embed").name == "fp32"
+    assert r.scheme("mlp") == WeightOnly()
+    with pytest.raises(BadInput, match="whole graphs"):
+        make_recipe("int4", {"vision": "fp16"})
+    with pytest.raises(BadInput, match="unknown model part"):
+        make_recipe("int4", {"gates": "fp32"})
+    assert part_of("decoder.xattn.1.attn.k_proj/MatMul_0", "vision") == "xattn"
+    assert part_of("projector.fc1/MatMul_0", "vision") == "vision"
+    assert part_of("decoder.layers.0.self_attn.q_proj/MatMul_0", "decoder") == "self_attn"
+    assert part_of("decoder.layers.1.mlp.up_proj/MatMul_0", "decoder") == "mlp"
+    assert part_of("lm_head/MatMul_0", "decoder") == "embed"
+    assert part_of("decoder.xattn.1/Mul_0", "decoder") == "xattn"      # gates: no weight, never quantized
+
+
+# --------------------------------------------------------------------------------- quantize
+def test_int4_rtn_rewrites_every_weight_matmul_and_records_the_recipe(fp32, tmp_path):
+    from agevlm_edge.quant.quantize import quantize_export
+    from agevlm_edge.quant.schemes import make_recipe
+    from agevlm_edge.runtime.manifest import load_manifest
+    from agevlm_edge.runtime.session import GenerationConfig, Runtime
+
+    r = quantize_export(fp32, tmp_path / "int4", make_recipe("int4:block_size=32"))
+    ops = _ops(tmp_path / "int4" / "decoder.onnx")
+    # 2 layers x 7 projections, one cross-attention block's q/o and MLP, the lm_head
+    assert ops["MatMulNBits"] == 2 * 7 + 5 + 1 and ops["GatherBlockQuantized"] == 1
+    assert _ops(tmp_path / "int4" / "vision.onnx")["MatMulNBits"] == 2 + 2   # projector + xattn K/V
+    man = load_manifest(tmp_path / "int4")                        # hashes verified
+    assert man["scheme"]["recipe"]["parts"]["mlp"]["block_size"] == 32
+    assert man["precision"] == "int4 b32 rtn a4" and "parity" not in man
+    q = man["quality"]
+    assert q["positions"] > 50 and 0.5 < q["top1_agreement"] <= 1 and q["kl_mean"] > 0
+    assert r["size_ratio"] < 0.6 and r["bytes"] < r["fp32_bytes"]
+    rt = Runtime(tmp_path / "int4")
+    img = np.zeros((3, S, S), np.uint8)
+    assert len(rt.generate(rt.encode_images([img]), [rt.prompt_ids("Caption:")],
+                           GenerationConfig(max_new_tokens=4)).ids[0]) <= 4
+
+
+def test_per_part_recipe_quantizes_only_the_named_parts(fp32, tmp_path):
+    from agevlm_edge.quant.quantize import quantize_export
+    from agevlm_edge.quant.schemes import make_recipe
+
+    quantize_export(fp32, tmp_path / "mix", make_recipe("fp32", {"mlp": "int4", "vision": "int8-dynamic"}))
+    dec = _ops(tmp_path / "mix" / "decoder.onnx")
+    assert dec["MatMulNBits"] == 2 * 3                    # the two layers' MLPs, nothing else
+    assert dec["Gather"] >= 1 and "GatherBlockQuantized" not in dec
+    vis = _ops(tmp_path / "mix" / "vision.onnx")
+    assert vis["MatMulInteger"] == 2 and "MatMulNBits" not in vis   # projector int8; xattn K/V fp32
+    man = json.loads((tmp_path / "mix" / "manifest.json").read_text())
+    assert set(man["part_bytes"]["decoder"]) >= {"mlp", "self_attn", "embed"}
+
+
+@pytest.mark.parametrize("spec,op", [("int8-dynamic", "MatMulInteger"), ("int8-qdq", "QuantizeLinear"),
+                                     ("fp16", "Cast"), ("int2", "MatMulNBits")])
+def test_each_scheme_runs_and_agrees_with_fp32(fp32, tmp_path, small_world, spec, op):
+    from agevlm_edge.quant.quantize import quantize_export
+    from agevlm_edge.quant.schemes import make_recipe
+
+    r = quantize_export(fp32, tmp_path / "v", make_recipe(spec), calib_dir=small_world, n_quality=4)
+    assert _ops(tmp_path / "v" / "decoder.onnx")[op] > 0
+    floor = {"fp16": 0.99, "int2": 0.0}.get(spec, 0.6)
+    assert r["quality"]["top1_agreement"] >= floor
+    if spec == "fp16":
+        assert r["quality"]["kl_mean"] < 1e-3
+
+
+def test_gptq_is_calibrated_deterministic_and_closer_to_fp32_than_rtn(fp32, tmp_path, small_world):
+    from agevlm_edge.fsutil import sha256_file
+    from agevlm_edge.quant.quantize import quantize_export
+    from agevlm_edge.quant.schemes import make_recipe
+
+    kl = {}
+    for name, spec in (("g1", "int4:algo=gptq,accuracy_level=0"), ("g2", "int4:algo=gptq,accuracy_level=0"),
+                       ("rtn", "int4:accuracy_level=0")):
+        kl[name] = quantize_export(fp32, tmp_path / name, make_recipe(spec), calib_dir=small_world,
+                                   n_quality=16)["quality"]["kl_mean"]
+    assert sha256_file(tmp_path / "g1" / "decoder.onnx") == sha256_file(tmp_path / "g2" / "decoder.onnx")
+    man = json.loads((tmp_path / "g1" / "manifest.json").read_text())
+    assert man["calibration"]["split"] == "val" and man["calibration"]["samples_used"] == 32
+    assert kl["g1"] < kl["rtn"], kl
+
+
+def test_quantize_bad_inputs_one_line_exit_2(fp32, tmp_path, small_world):
+    out = tmp_path / "x"
+    assert_one_line_error(run_cli("quantize", "--model", fp32, "--scheme", "int4:algo=gptq",
+                                  "--out", out), "--calib")
+    assert_one_line_error(run_cli("quantize", "--model", fp32, "--scheme", "int4:bits=3",
+                                  "--out", out), "no option 'bits'")
+    assert_one_line_error(run_cli("quantize", "--model", fp32, "--scheme", "int4", "--part", "mlp",
+                                  "--out", out), "PART=SCHEME")
+    assert_one_line_error(run_cli("quantize", "--model", fp32, "--scheme", "int4", "--out", fp32),
+                          "input EXPORT DIR")
+    assert_one_line_error(run_cli("quantize", "--model", fp32, "--scheme", "int8-qdq",
+                                  "--calib", tmp_path, "--out", out), "not a DATA DIR")
+    run_cli("quantize", "--model", fp32, "--scheme", "int4", "--out", out, check_rc=0)
+    assert_one_line_error(run_cli("quantize", "--model", out, "--scheme", "int4", "--out",
+                                  tmp_path / "y"), "already quantized")
+    before = (out / "manifest.json").read_bytes()
+    assert_one_line_error(run_cli("quantize", "--model", fp32, "--scheme", "int4", "--out", out),
+                          "--overwrite")
+    assert (out / "manifest.json").read_bytes() == before       # nothing lost
+
+
+# ------------------------------------------------------------------------------------ drift
+def test_drift_gate_passes_fp16_and_fails_int2_with_exit_codes(fp32, tmp_path, small_world):
+    from agevlm_edge.quant.quantize import quantize_export
+    from agevlm_edge.quant.schemes import make_recipe
+
+    quantize_export(fp32, tmp_path / "fp16", make_recipe("fp16"), n_quality=2)
+    quantize_export(fp32, tmp_path / "int2", make_recipe("int2:block_size=64"), n_quality=2)
+    ok = run_cli("drift", "--reference", fp32, "--candidate", tmp_path / "fp16", "--data",
+                 small_world, "--limit", "30", "--out", tmp_path / "ok.json", check_rc=0)
+    assert "PASSED" in ok.stdout
+    bad = run_cli("drift", "--reference", fp32, "--candidate", tmp_path / "int2", "--data",
+                  small_world, "--limit", "30", "--out", tmp_path / "bad.json", check_rc=1)
+    assert "FAILED" in bad.stdout and "OVER" in bad.stdout
+    res = json.loads((tmp_path / "bad.json").read_text())
+    assert not res["passed"] and set(res["pope"]) == {"random", "popular", "adversarial"}
+    flipped = sum(len(v) for p in res["pope"].values() for v in p["flipped"].values())
+    assert flipped == sum(sum(p["flips"].values()) for p in res["pope"].values())
+    assert res["first_token"]["kl_mean"] > json.loads((tmp_path / "ok.json").read_text())["first_token"]["kl_mean"]
+    again = run_cli("drift", "--reference", fp32, "--candidate", tmp_path / "int2", "--data",
+                    small_world, "--limit", "30", "--out", tmp_path / "bad2.json", check_rc=1)
+    assert again.stdout == bad.stdout                                  # deterministic
+    assert json.loads((tmp_path / "bad2.json").read_text()) == res
+
+
+def test_drift_compare_arithmetic_and_budget_loading(tmp_path):
+    from agevlm_edge.errors import BadInput
+    from agevlm_edge.quant.drift import Budget, compare, load_budget, map_drift
+
+    def prof(preds, chair_i, maps):
+        answers = [{"question_id": i, "image_id": "a", "object": "o", "label": "yes", "prediction": p}
+                   for i, p in enumerate(preds)]
+        f = {"f1": preds.count("yes") / 4, "yes_ratio": preds.count("yes") / 4, "answers": answers}
+        return {"dir": "d", "scheme": "s", "images": 1,
+                "pope": {"files": {"random": f}}, "chair": {"chair_i": chair_i, "chair_s": 0.5,
+                                                            "object_recall": 0.5},
+                "grounding": {"iou": 0.3}, "maps": maps,
+                "pope_logprobs": np.log(np.full((2, 3), 1 / 3))}
+
+    m = np.arange(16, dtype=np.float32).reshape(4, 4)
+    ref = prof(["yes", "yes", "yes", "no"], 0.10, [m])
+    cand = prof(["yes", "no", "yes", "yes"], 0.125, [m[::-1]])
+    res = compare(ref, cand, Budget())
+    assert res["pope"]["random"]["f1_drop"] == pytest.approx(0.0)
+    assert res["pope"]["random"]["flips"] == {"yes_to_no": 1, "no_to_yes": 1}
+    assert res["chair"]["chair_i_rise"] == pytest.approx(2.5)
+    assert not res["passed"] and [c["check"] for c in res["checks"] if not c["passed"]] == ["CHAIR_i rise"]
+    assert res["first_token"]["kl_mean"] == pytest.approx(0.0)
+    assert map_drift([m], [m])["topk_iou"] == 1.0 and map_drift([m], [-m])["correlation"] == pytest.approx(-1)
+    assert compare(ref, cand, Budget(chair_i_rise=3))["passed"]
+    (tmp_path / "b.yaml").write_text("chair_i_rise: 3\npope_f1_drop: 0.5\n")
+    b = load_budget(tmp_path / "b.yaml", pope_f1_drop=2.0)
+    assert (b.chair_i_rise, b.pope_f1_drop, b.yes_ratio_shift) == (3.0, 2.0, 2.0)
+    (tmp_path / "bad.json").write_text('{"chair_rise": 1}')
+    with pytest.raises(BadInput, match="unknown budget key"):
+        load_budget(tmp_path / "bad.json")
+    with pytest.raises(BadInput):
+        load_budget(None, chair_i_rise=-1)
+
+
+# ----------------------------------------------------------------------- search and report
+def test_search_finds_a_small_variant_inside_the_budget_and_the_report_plots_it(fp32, tmp_path,
+                                                                               small_world):
+    from agevlm_edge.quant.search import format_search, run_search
+    from agevlm_edge.quant.drift import Budget
+    from agevlm_edge.report import build_report
+
+    res = run_search(fp32, small_world, tmp_path / "search", Budget(pope_f1_drop=5, chair_i_rise=5,
+                                                                     yes_ratio_shift=5),
+                     ladder=("int4", "fp32"), limit=12)
+    assert [r["assignment"] for r in res["sensitivity"]][0]["vision"] == "int4"
+    assert len(res["sensitivity"]) == 5 and res["path"][0]["why"].startswith("every part")
+    chosen = res["chosen"]
+    assert chosen["passed"] and chosen["size_ratio"] == min(
+        r["size_ratio"] for r in res["sensitivity"] + res["path"] if r["passed"])
+    assert (tmp_path / "search" / "search.json").is_file()
+    assert not (tmp_path / "search" / "candidates").exists()
+    text = format_search(res)
+    assert "sensitivity" in text and "chosen" in text
+    variant = res["variant"]
+    rep = build_report([fp32, variant, tmp_path / "search"], tmp_path / "report", small_world,
+                       limit=12, bench_rounds=0)
+    assert {r["kind"] for r in rep["rows"]} == {"export"}
+    # an untrained model mentions no objects: no CHAIR_i, so no CHAIR plot
+    has_chair = any(r["chair_i"] is not None for r in rep["rows"])
+    assert sorted(rep["plots"]) == ["size_vs_chair_i.png"] * has_chair + ["size_vs_pope_adversarial.png"]
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(rep["plots"]) and "<img" in html
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Precision search" in md and "POPE F1" in md
+
+
+def test_pareto_front():
+    from agevlm_edge.report import pareto
+
+    pts = [(1.0, 0.5), (2.0, 0.7), (3.0, 0.6), (4.0, 0.8), (1.5, 0.4)]
+    assert pareto(pts, lower_y_better=False) == [0, 1, 3]
+    assert pareto([(1.0, 0.3), (2.0, 0.2), (3.0, 0.25)], lower_y_better=True) == [0, 1]
