@@ -229,7 +229,7 @@ def quantize_export(model_dir: str | os.PathLike, out: str | os.PathLike, recipe
 
     for name in ("onnxruntime", "optimum", "optimum.onnxruntime.quantization"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    logging.getLogger().setLevel(logging.WARNING)     # the quantizers log each node at INFO
+    logging.getLogger().setLevel(logging.ERROR)   # the quantizers log every node and advice
     t0 = time.perf_counter()
     sizes: dict = {}
     with staged_dir(out, overwrite=overwrite) as tmp, \
