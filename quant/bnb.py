@@ -7,6 +7,8 @@ fp32: it runs once per image). On this CPU they save weight memory, not time.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -108,9 +110,12 @@ def bnb_report_rows(run_dir, data_dir, limit: int | None = None, kinds=KINDS) ->
 
     rows = []
     for kind in kinds:
-        res = evaluate_bnb(run_dir, data_dir, kind, suites=("pope", "chair", "grounding"), limit=limit)
-        model, tok, pre, _ = load_model_files(run_dir)
-        speed = torch_decode_speed(quantize_bnb(model, kind), tok, pre)
+        with warnings.catch_warnings():    # int8 warns on every matmul that it casts to fp16
+            warnings.simplefilter("ignore")
+            res = evaluate_bnb(run_dir, data_dir, kind, suites=("pope", "chair", "grounding"),
+                               limit=limit)
+            model, tok, pre, _ = load_model_files(run_dir)
+            speed = torch_decode_speed(quantize_bnb(model, kind), tok, pre)
         rows.append(metrics_row(f"{Path(run_dir).name} bnb-{kind}", "run (PyTorch bitsandbytes)",
                                 res, res["model"]["weight_bytes"], scheme=f"bnb-{kind}",
                                 label=f"bnb-{kind}", arch=model.cfg.arch, dir=str(run_dir), **speed))
