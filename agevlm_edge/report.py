@@ -53,11 +53,12 @@ def _export_row(d: Path, data_dir: Path, limit: int | None) -> dict:
     from .runtime.manifest import load_manifest
 
     man = load_manifest(d)
-    res = evaluate(d, data_dir, limit=limit, suites=None)
-    res["suites"].pop("vqa", None)
+    grounding = man.get("xattn_probs") or man["model"]["arch"] == "concat"   # what the export can run
+    res = evaluate(d, data_dir, limit=limit, suites=("pope", "chair") + ("grounding",) * bool(grounding))
     nbytes = sum((d / f).stat().st_size for f in man["files"] if not f.endswith(".ort"))
     q = man.get("quality") or {}
-    return metrics_row(d.name, "export", res, nbytes, scheme=man.get("precision"),
+    name = f"{d.parent.name}/{d.name}" if d.parent.name else d.name    # search/variant, not variant
+    return metrics_row(name, "export", res, nbytes, scheme=man.get("precision"),
                        arch=man["model"]["arch"], target=man.get("target"),
                        top1_agreement=q.get("top1_agreement"), kl=q.get("kl_mean"), dir=str(d))
 
@@ -200,7 +201,7 @@ def markdown(rep: dict) -> str:
     out += ["", "Size and speed of PyTorch rows are weights in memory and eager decoding "
             "(bitsandbytes on this CPU saves memory, not time); export rows are file bytes "
             "and onnxruntime decoding, one process per export, median of rounds.", ""]
-    archs = [r for r in rows if r["kind"].startswith("run")]
+    archs = [r for r in rows if r["kind"] == "run (PyTorch fp32)"]
     if len({r.get("variant") for r in archs}) > 1:
         out += ["## Architectures (same data, same evaluation)", "",
                 "| run | variant | POPE F1 adv | CHAIR_i | grounding IoU |", "|---|---|---:|---:|---:|"]
