@@ -312,18 +312,20 @@ def export_cmd(model_dir, out, target, fuse, xattn_probs, data_dir, pairs, overw
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="fp32 EXPORT DIR (made by `agevlm export`).")
 @click.option("--scheme", required=True, metavar="SCHEME[:KEY=VALUE,...]",
-              help="fp16 | int8-dynamic[:preset=avx2|avx512_vnni|arm64] | int8-qdq[:ops=matmul|all] | "
-                   "int4[:block_size=32|64|128,symmetric=true,algo=rtn|gptq,accuracy_level=0|4] | "
-                   "w4a8 | w4a32 | int2 (a deliberately bad variant).")
+              help="fp16 | int8-dynamic[:preset=avx2|avx512_vnni|arm64,per_channel=] | "
+                   "int8-qdq[:ops=matmul|all,per_channel=,calib_samples=N] | "
+                   "int4[:block_size=16|32|64|128|256,symmetric=true,algo=rtn|gptq,"
+                   "accuracy_level=0|4,calib_samples=N] | w4a8 | w4a32 | int2 (deliberately bad).")
 @click.option("--part", "parts", multiple=True, metavar="PART=SCHEME",
               help="Another scheme for one part: vision, xattn, self_attn, mlp, embed; "
                    "fp32 keeps it (repeatable, e.g. --part vision=int8-dynamic --part embed=fp32).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="EXPORT DIR to write.")
 @click.option("--calib", "calib_dir", type=click.Path(path_type=Path), default=None,
               help="DATA DIR to calibrate on (needed by gptq and int8-qdq; val split first).")
-@click.option("--quality-texts", default=16, show_default=True,
+@click.option("--quality-texts", default=16, show_default=True, type=click.IntRange(min=1),
               help="Teacher-forced texts for the top-1 agreement / KL check vs fp32.")
-@click.option("--seed", default=0, show_default=True, help="Seed for picking calibration samples.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed for picking calibration samples.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 def quantize_cmd(model_dir, scheme, parts, out, calib_dir, quality_texts, seed, overwrite) -> None:
     """Quantize an fp32 EXPORT DIR, then measure next-token agreement with it.
@@ -367,10 +369,9 @@ def _budget_options(f):
               help="DATA DIR whose split both are evaluated on.")
 @_budget_options
 @click.option("--split", default="test", show_default=True)
-@click.option("--limit", type=int, default=None, help="Only the first N images of the split.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N images of the split.")
 @click.option("--out", "out_json", type=click.Path(path_type=Path), default=None,
-              help="Where to write drift.json [default: CANDIDATE/drift.json is not touched; "
-                   "./drift.json].")
+              help="Where to write drift.json [default: ./drift.json].")
 def drift_cmd(reference, candidate, data_dir, budget_file, pope_f1_drop, chair_i_rise,
               yes_ratio_shift, split, limit, out_json) -> int:
     """The hallucination-drift gate: exit 1 when the candidate is over the budget.
@@ -401,8 +402,9 @@ def drift_cmd(reference, candidate, data_dir, budget_file, pope_f1_drop, chair_i
               show_default=True, metavar="SCHEME;SCHEME;...",
               help="Schemes to try, separated by ';', ending with fp32 "
                    "(each part tries them smallest first).")
-@click.option("--limit", type=int, default=None, help="Gate on the first N test images only.")
-@click.option("--seed", default=0, show_default=True, help="Seed for calibration samples.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Gate on the first N test images only.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seed for calibration samples.")
 @click.option("--keep-candidates", is_flag=True, help="Keep every evaluated candidate export.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 def search_cmd(model_dir, data_dir, out, budget_file, pope_f1_drop, chair_i_rise,
@@ -428,7 +430,7 @@ def search_cmd(model_dir, data_dir, out, budget_file, pope_f1_drop, chair_i_rise
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
               help="DATA DIR every variant is evaluated on (test split).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="REPORT DIR to write.")
-@click.option("--limit", type=int, default=None, help="Only the first N test images.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N test images.")
 @click.option("--bench-rounds", default=1, show_default=True,
               help="Round-robin speed rounds over the exports (0: no speed columns).")
 @click.option("--bnb", is_flag=True, help="Also evaluate bitsandbytes int8 and nf4 variants of "
@@ -438,17 +440,19 @@ def report_cmd(dirs, data_dir, out, limit, bench_rounds, bnb, overwrite) -> None
     """Accuracy vs size of EXPORT DIRs, RUN DIRs and search outputs: report.md, report.html
     (self-contained), report.json and PNG plots (size vs POPE adversarial F1 and vs CHAIR_i
     with the Pareto front, decode tokens/s and time to first token)."""
-    from .report import build_report, classify
+    from .report import build_report, check_report_args
 
+    kinds = check_report_args(list(dirs), out, data_dir, overwrite)     # before any measuring
     extra = []
     if bnb:
         from .quant.bnb import bnb_report_rows
 
-        for d in dirs:
-            if classify(Path(d)) == "run":
+        for d, kind in kinds:
+            if kind == "run":
                 extra += bnb_report_rows(d, data_dir, limit)
     rep = build_report(list(dirs), out, data_dir, limit=limit, bench_rounds=bench_rounds,
-                       extra_rows=extra, overwrite=overwrite)
+                       extra_rows=extra, overwrite=overwrite,
+                       command=" ".join(["agevlm"] + sys.argv[1:]))
     click.echo((Path(out) / "report.md").read_text())
     click.echo(f"report written to {out} (report.md, report.html, report.json, "
                f"{', '.join(rep['plots'])})")

@@ -140,7 +140,8 @@ def _quant_stages(log: list[dict], out: Path, data: Path, short: bool) -> None:
     def _report() -> str:
         chosen = [Path(found["variant"])] if Path(found["variant"]) != ref else []
         rep = build_report([out / "run", ref, *variants.values(), *chosen, out / "search"],
-                           out / "report", data, limit=limit, overwrite=True)
+                           out / "report", data, limit=limit, overwrite=True,
+                           command=f"agevlm pipeline --out {out}{' --short' * short} (report stage)")
         return f"{out / 'report'}: report.md, report.html, {', '.join(rep['plots'])}"
 
     _stage(log, out, "quantize", _quantize)

@@ -8,15 +8,16 @@ report.html (plots embedded), report.json and PNG plots.
     rows --> tables, size-vs-POPE-adversarial-F1 and size-vs-CHAIR_i with the Pareto front,
              decode tokens/s and time to first token per export
 
-Every number is measured by this command on the given DATA DIR or read from an artifact
-(manifest quality, search.json); report.json records which, and the command line.
+Every number is measured by this command on the given DATA DIR, except the top-1 / KL
+columns (read from each manifest's quality check, measured by `agevlm quantize`) and the
+search tables (read from search.json, measured by `agevlm search`); report.json keeps the
+command line and each row's source directory.
 """
 
 from __future__ import annotations
 
 import base64
 import os
-import sys
 from pathlib import Path
 
 from .errors import BadInput
@@ -50,12 +51,12 @@ def metrics_row(name: str, kind: str, results: dict, nbytes: int, **extra) -> di
 
 def _export_row(d: Path, data_dir: Path, limit: int | None) -> dict:
     from .eval.suite import evaluate
-    from .runtime.manifest import load_manifest
+    from .runtime.manifest import export_bytes, load_manifest
 
     man = load_manifest(d)
     grounding = man.get("xattn_probs") or man["model"]["arch"] == "concat"   # what the export can run
     res = evaluate(d, data_dir, limit=limit, suites=("pope", "chair") + ("grounding",) * bool(grounding))
-    nbytes = sum((d / f).stat().st_size for f in man["files"] if not f.endswith(".ort"))
+    nbytes = export_bytes(d, man)
     q = man.get("quality") or {}
     name = f"{d.parent.name}/{d.name}" if d.parent.name else d.name    # search/variant, not variant
     return metrics_row(name, "export", res, nbytes, scheme=man.get("precision"),
@@ -256,16 +257,29 @@ def html(md_text: str, out_dir: Path) -> str:
            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
 
 
-def build_report(dirs: list[str | os.PathLike], out: str | os.PathLike, data_dir: str | os.PathLike,
-                 limit: int | None = None, bench_rounds: int = 1, extra_rows: list[dict] = (),
-                 overwrite: bool = False) -> dict:
-    """Measure every dir, then write report.{md,html,json} and the plots into ``out``."""
-    from .runtime.bench import bench_dirs
-
+def check_report_args(dirs: list, out: str | os.PathLike, data_dir: str | os.PathLike,
+                      overwrite: bool) -> list[tuple[Path, str]]:
+    """Every input classified and --out checked before anything is measured."""
     data_dir, out = Path(data_dir), Path(out)
     if not (data_dir / "dataset.json").is_file():
         raise BadInput(f"--data {data_dir} is not a DATA DIR (no dataset.json)")
     kinds = [(Path(d), classify(Path(d))) for d in dirs]
+    for d, _ in kinds:
+        if out.resolve() == d.resolve() or out.resolve() in d.resolve().parents:
+            raise BadInput(f"--out {out} would replace the input {d}; choose another --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise BadInput(f"{out} already exists; pass --overwrite or choose another --out")
+    return kinds
+
+
+def build_report(dirs: list[str | os.PathLike], out: str | os.PathLike, data_dir: str | os.PathLike,
+                 limit: int | None = None, bench_rounds: int = 1, extra_rows: list[dict] = (),
+                 overwrite: bool = False, command: str = "") -> dict:
+    """Measure every dir, then write report.{md,html,json} and the plots into ``out``."""
+    from .runtime.bench import bench_dirs
+
+    kinds = check_report_args(dirs, out, data_dir, overwrite)
+    data_dir, out = Path(data_dir), Path(out)
     rows, searches = [], []
     for d, kind in kinds:
         if kind == "search":
@@ -288,7 +302,7 @@ def build_report(dirs: list[str | os.PathLike], out: str | os.PathLike, data_dir
         if labels.count(r["label"]) > 1:
             r["label"] = f"{r['label']} ({r['name']})"
     fp32 = [r["bytes"] for r in exports if r.get("scheme") == "fp32"]
-    rep = {"command": " ".join(["agevlm"] + sys.argv[1:]) if sys.argv else "", "data": str(data_dir),
+    rep = {"command": command or "agevlm_edge.report.build_report", "data": str(data_dir),
            "split": "test", "limit": limit, "rows": rows, "searches": searches,
            "fp32_bytes": fp32[0] if fp32 else None, "plots": []}
     with staged_dir(out, overwrite=overwrite) as tmp:

@@ -59,8 +59,10 @@ class CalibSet:
 
     def feeds(self, graph: str, n: int) -> list[dict]:
         """n feed dicts for ``graph`` (batch 1 each: no padding rows in the statistics)."""
-        if not self._records:
+        if self.data_dir is None:
             raise BadInput("calibration needs a DATA DIR: pass --calib DATA_DIR")
+        if not self._records:
+            raise BadInput(f"--calib {self.data_dir}: its {self.split} split has no records")
         store = ImageStore(self.data_dir, self.rt.image_size)
         recs = [self._records[i % len(self._records)] for i in range(n)]
         self._used = max(self._used, n)

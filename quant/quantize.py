@@ -30,7 +30,7 @@ from onnx import numpy_helper
 from agevlm_edge import __version__
 from agevlm_edge.errors import BadInput
 from agevlm_edge.fsutil import staged_dir
-from agevlm_edge.runtime.manifest import load_manifest
+from agevlm_edge.runtime.manifest import export_bytes, load_manifest
 
 from .calib import CalibSet
 from .schemes import (Fp16, Fp32, Int8Dynamic, Int8QDQ, PARTS, Recipe, WeightOnly, label,
@@ -181,14 +181,24 @@ def quantize_graph(src: Path, graph: str, recipe: Recipe, calib, tmp: Path) -> t
 
 
 def part_bytes(model: onnx.ModelProto, graph: str) -> dict[str, int]:
-    """Initializer bytes by the part of their first consumer ("other": norms, rotary tables)."""
-    consumer: dict[str, str] = {}
+    """Initializer bytes by the part of the node that uses them ("other": norms, rotary
+    tables), looking through the DequantizeLinear / Transpose a quantizer puts in between."""
+    consumer: dict[str, onnx.NodeProto] = {}
     for n in model.graph.node:
         for i in n.input:
-            consumer.setdefault(i, n.name)
+            consumer.setdefault(i, n)
+
+    def user(name: str) -> str:
+        node = consumer.get(name)
+        for _ in range(4):
+            if node is None or node.op_type not in ("DequantizeLinear", "Transpose", "Cast"):
+                break
+            node = consumer.get(node.output[0])
+        return node.name if node is not None else ""
+
     out: dict[str, int] = {}
     for init in model.graph.initializer:
-        part = part_of(consumer.get(init.name, ""), graph) or "other"
+        part = part_of(user(init.name), graph) or "other"
         nbytes = len(init.raw_data) or numpy_helper.to_array(init).nbytes
         out[part] = out.get(part, 0) + nbytes
     return out
@@ -218,18 +228,32 @@ def quantize_export(model_dir: str | os.PathLike, out: str | os.PathLike, recipe
                     calib_dir: str | os.PathLike | None = None, n_quality: int = 16,
                     seed: int = 0, overwrite: bool = False) -> dict:
     """Quantize an fp32 EXPORT DIR into ``out`` under ``recipe``; returns a summary dict."""
-    from agevlm_edge.export.onnx_export import write_manifest
-
-    from .quality import next_token_quality
-
     model_dir, out = Path(model_dir), Path(out)
+    if n_quality < 1:
+        raise BadInput(f"the quality check needs at least 1 text, got {n_quality}")
     man = _check_inputs(model_dir, out, recipe, calib_dir)
     calib = CalibSet(model_dir, calib_dir, seed=seed)
     import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401 (sets up logging on import)
 
-    for name in ("onnxruntime", "optimum", "optimum.onnxruntime.quantization"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    logging.getLogger().setLevel(logging.ERROR)   # the quantizers log every node and advice
+    # The quantizers log every node and pre-processing advice: quiet while they run.
+    loggers = [logging.getLogger(n) for n in ("", "onnxruntime", "optimum",
+                                              "optimum.onnxruntime.quantization")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        return _quantize(model_dir, out, recipe, man, calib, n_quality, overwrite)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _quantize(model_dir: Path, out: Path, recipe: Recipe, man: dict, calib: CalibSet,
+              n_quality: int, overwrite: bool) -> dict:
+    from agevlm_edge.export.onnx_export import write_manifest
+
+    from .quality import next_token_quality
+
     t0 = time.perf_counter()
     sizes: dict = {}
     with staged_dir(out, overwrite=overwrite) as tmp, \
@@ -253,7 +277,6 @@ def quantize_export(model_dir: str | os.PathLike, out: str | os.PathLike, recipe
         quality = next_token_quality(model_dir, tmp, calib.quality_pairs(n_quality))
         new = write_manifest(tmp, {**new, "quality": quality,
                                    "quantize_seconds": round(time.perf_counter() - t0, 1)})
-    total = sum((out / f).stat().st_size for f in new["files"])
-    ref = sum((model_dir / f).stat().st_size for f in man["files"])
+    total, ref = export_bytes(out, new), export_bytes(model_dir, man)
     return {"out": str(out), "scheme": recipe.label(), "bytes": total, "fp32_bytes": ref,
             "size_ratio": round(total / ref, 4), "quality": quality}

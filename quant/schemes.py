@@ -142,6 +142,8 @@ def parse_scheme(spec: str) -> Scheme:
         if key in CHOICES and kwargs[key] not in CHOICES[key]:
             raise BadInput(f"scheme option {key}={text!r}: choose one of "
                            f"{', '.join(map(str, CHOICES[key]))}")
+    if kwargs.get("calib_samples", 1) < 1:
+        raise BadInput(f"scheme option calib_samples must be at least 1, got {kwargs['calib_samples']}")
     return cls(**kwargs)
 
 
@@ -190,11 +192,16 @@ def make_recipe(scheme: str | Scheme = "fp32", parts: dict | None = None) -> Rec
         raise BadInput(f"unknown model part {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     chosen = {p: parse_scheme(s) if isinstance(s, str) else s for p, s in parts.items()}
     recipe = Recipe(tuple((p, chosen.get(p, base)) for p in PARTS))
-    fp16 = [p for p, s in recipe.parts if isinstance(s, Fp16)]
-    if fp16 and len(fp16) != len(PARTS):
-        raise BadInput("fp16 converts whole graphs: use --scheme fp16 without --part, or pick "
-                       "int8/int4 schemes for single parts")
+    whole = [p for p, s in recipe.parts if not part_scheme_ok(s)]
+    if whole and len(whole) != len(PARTS):
+        raise BadInput(f"{label(recipe.scheme(whole[0]))} converts whole graphs: use it as --scheme "
+                       "without --part, or pick int8/int4 schemes for single parts")
     return recipe
+
+
+def part_scheme_ok(scheme: Scheme) -> bool:
+    """fp16 and every-op QDQ rewrite whole graphs, so they cannot be given to single parts."""
+    return not (isinstance(scheme, Fp16) or (isinstance(scheme, Int8QDQ) and scheme.ops == "all"))
 
 
 def parse_part_options(items) -> dict[str, str]:

@@ -26,10 +26,11 @@ import click
 
 from agevlm_edge.errors import BadInput
 from agevlm_edge.fsutil import read_json, staged_dir, write_json_atomic
+from agevlm_edge.runtime.manifest import export_bytes
 
 from .drift import Budget, compare, profile
 from .quantize import quantize_export
-from .schemes import PARTS, make_recipe, parse_scheme
+from .schemes import PARTS, make_recipe, parse_scheme, part_scheme_ok
 
 LADDER = ("int4:algo=gptq", "int8-dynamic", "fp32")
 PARTS_INDEX = {p: i for i, p in enumerate(PARTS)}
@@ -37,8 +38,11 @@ PARTS_INDEX = {p: i for i, p in enumerate(PARTS)}
 
 def severity(res: dict) -> float:
     """How much of the budget the worst check uses (> 1: over budget)."""
-    return max((max(c["value"], 0.0) / c["limit"] if c["limit"] > 0 else
-                (float("inf") if c["value"] > 1e-9 else 0.0)) for c in res["checks"])
+    def share(c: dict) -> float:
+        v = float("inf") if isinstance(c["value"], str) else max(c["value"], 0.0)
+        return v / c["limit"] if c["limit"] > 0 else (float("inf") if v > 1e-9 else 0.0)
+
+    return max(share(c) for c in res["checks"])
 
 
 class Search:
@@ -47,7 +51,7 @@ class Search:
         self.model_dir, self.data_dir, self.budget, self.work = model_dir, data_dir, budget, work
         self.ladder, self.limit, self.seed = ladder, limit, seed
         self.ref = profile(model_dir, data_dir, limit=limit)
-        self.fp32_bytes = sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file())
+        self.fp32_bytes = export_bytes(model_dir)
         self.evaluated: dict[tuple, dict] = {}
         self.ladders = self.part_ladders()
 
@@ -85,7 +89,7 @@ class Search:
                "reference_itself": bool(res.get("reference_itself")),
                "bytes": q["bytes"], "size_ratio": round(q["bytes"] / self.fp32_bytes, 4),
                "quality": q["quality"], "passed": res["passed"],
-               "severity": round(severity(res), 3) if res["checks"] else 0.0,
+               "severity": round(min(severity(res), 999.0), 3) if res["checks"] else 0.0,
                "checks": res["checks"], "drift": {k: res.get(k) for k in ("pope", "chair",
                                                                            "grounding", "first_token")}}
         for split in (row["drift"]["pope"] or {}).values():
@@ -106,9 +110,15 @@ def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: s
     if not (data_dir / "dataset.json").is_file():
         raise BadInput(f"--data {data_dir} is not a DATA DIR (no dataset.json)")
     for spec in ladder:
-        parse_scheme(spec)
+        if not part_scheme_ok(parse_scheme(spec)):
+            raise BadInput(f"--ladder: {spec} converts whole graphs and cannot be tried part by "
+                           "part; use int8/int4 schemes")
     if len(ladder) < 2 or ladder[-1] != "fp32":
         raise BadInput("the ladder needs at least two schemes and must end with fp32")
+    if out.resolve() == model_dir.resolve() or out.resolve() in model_dir.resolve().parents:
+        raise BadInput(f"--out {out} would replace the EXPORT DIR {model_dir}; choose another --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise BadInput(f"{out} already exists; pass --overwrite or choose another --out")
     top = len(ladder) - 1
     with staged_dir(out, overwrite=overwrite) as tmp:
         s = Search(model_dir, data_dir, budget, tmp / "candidates", ladder, limit, seed)
@@ -147,6 +157,11 @@ def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: s
         else:
             shutil.move(best["dir"], tmp / "variant")
             result["variant"] = str(out / "variant")
+        for row in s.evaluated.values():             # where each candidate is once OUT is in place
+            row["dir"] = (str(out / "variant") if row is best and not row["reference_itself"] else
+                          str(model_dir) if row["reference_itself"] else
+                          str(out / "candidates" / row["candidate"]) if keep_candidates else None)
+        result["explanation"] = explain(result)
         if not keep_candidates:
             shutil.rmtree(tmp / "candidates", ignore_errors=True)
         write_json_atomic(tmp / "search.json", result)
@@ -165,11 +180,21 @@ def format_search(res: dict) -> str:
     lines += ["", "path", head] + rows(res["path"])
     c = res["chosen"]
     lines += ["", f"chosen: {c['candidate']} = {c['size_ratio']:.3f} x fp32 "
-              f"({c['bytes'] / 1e6:.2f} MB) -> {res['variant']}", f"({res['method']})"]
-    if c["size_ratio"] > 0.3:
-        worst = min(res["path"], key=lambda r: r["bytes"])
-        lines.append(f"no variant at <= 0.3 x fp32 stayed inside the budget: the smallest tried "
-                     f"({worst['size_ratio']:.3f} x) failed " + "; ".join(
-                         f"{ch['check']} {ch['value']:.2f} > {ch['limit']:.2f}"
-                         for ch in worst["checks"] if not ch["passed"]))
+              f"({c['bytes'] / 1e6:.2f} MB) -> {res['variant']}", f"({res['method']})",
+              res["explanation"]]
     return "\n".join(lines) + "\n"
+
+
+def explain(res: dict) -> str:
+    """Why the choice is what it is, with figures (also when nothing reaches 0.3 x fp32)."""
+    c = res["chosen"]
+    smallest = min(res["path"], key=lambda r: r["bytes"])
+    if c["size_ratio"] <= 0.3:
+        return f"the chosen variant is {c['size_ratio']:.3f} x fp32, inside the budget"
+    if smallest["passed"]:
+        return (f"nothing on this ladder is smaller than {smallest['size_ratio']:.3f} x fp32 "
+                "(every part on its smallest scheme), and that passes: no variant <= 0.3 x exists here")
+    fails = "; ".join(f"{ch['check']} {ch['value']} > {ch['limit']}" for ch in smallest["checks"]
+                      if not ch["passed"])
+    return (f"no variant <= 0.3 x fp32 stayed inside the budget: every part on its smallest "
+            f"scheme ({smallest['size_ratio']:.3f} x) failed {fails}")

@@ -69,6 +69,10 @@ def test_scheme_specs_parse_into_frozen_versioned_dataclasses():
     assert r.scheme("mlp") == WeightOnly()
     with pytest.raises(BadInput, match="whole graphs"):
         make_recipe("int4", {"vision": "fp16"})
+    with pytest.raises(BadInput, match="whole graphs"):
+        make_recipe("int8-qdq:ops=all", {"embed": "fp32"})
+    with pytest.raises(BadInput, match="calib_samples"):
+        parse_scheme("int4:algo=gptq,calib_samples=0")
     with pytest.raises(BadInput, match="unknown model part"):
         make_recipe("int4", {"gates": "fp32"})
     assert part_of("decoder.xattn.1.attn.k_proj/MatMul_0", "vision") == "xattn"
@@ -159,6 +163,8 @@ def test_quantize_bad_inputs_one_line_exit_2(fp32, tmp_path, small_world):
                           "input EXPORT DIR")
     assert_one_line_error(run_cli("quantize", "--model", fp32, "--scheme", "int8-qdq",
                                   "--calib", tmp_path, "--out", out), "not a DATA DIR")
+    assert_one_line_error(run_cli("quantize", "--model", fp32, "--scheme", "int4", "--out", out,
+                                  "--quality-texts", "0"), "--quality-texts")
     run_cli("quantize", "--model", fp32, "--scheme", "int4", "--out", out, check_rc=0)
     assert_one_line_error(run_cli("quantize", "--model", out, "--scheme", "int4", "--out",
                                   tmp_path / "y"), "already quantized")
@@ -166,6 +172,22 @@ def test_quantize_bad_inputs_one_line_exit_2(fp32, tmp_path, small_world):
     assert_one_line_error(run_cli("quantize", "--model", fp32, "--scheme", "int4", "--out", out),
                           "--overwrite")
     assert (out / "manifest.json").read_bytes() == before       # nothing lost
+    # drift between different networks, search and report refusing what they would destroy
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(fp32, other)
+    man = json.loads((other / "manifest.json").read_text())
+    man["model"]["n_layers"] += 1
+    (other / "manifest.json").write_text(json.dumps(man))
+    assert_one_line_error(run_cli("drift", "--reference", fp32, "--candidate", other, "--data",
+                                  small_world), "not a variant of")
+    assert_one_line_error(run_cli("search", "--model", fp32, "--data", small_world, "--out",
+                                  tmp_path / "s", "--ladder", "fp16;fp32"), "whole graphs")
+    assert_one_line_error(run_cli("search", "--model", fp32, "--data", small_world, "--out",
+                                  fp32.parent, "--overwrite"), "would replace")
+    assert_one_line_error(run_cli("report", str(fp32), "--data", small_world, "--out", out),
+                          "--overwrite")
 
 
 # ------------------------------------------------------------------------------------ drift
@@ -217,6 +239,9 @@ def test_drift_compare_arithmetic_and_budget_loading(tmp_path):
     assert res["first_token"]["kl_mean"] == pytest.approx(0.0)
     assert map_drift([m], [m])["topk_iou"] == 1.0 and map_drift([m], [-m])["correlation"] == pytest.approx(-1)
     assert compare(ref, cand, Budget(chair_i_rise=3))["passed"]
+    mute = prof(["yes", "yes", "yes", "no"], None, [m])        # captions that name no object
+    res = compare(ref, mute, Budget(chair_i_rise=100))
+    assert not res["passed"] and res["checks"][-1]["value"] == "not measurable"
     (tmp_path / "b.yaml").write_text("chair_i_rise: 3\npope_f1_drop: 0.5\n")
     b = load_budget(tmp_path / "b.yaml", pope_f1_drop=2.0)
     assert (b.chair_i_rise, b.pope_f1_drop, b.yes_ratio_shift) == (3.0, 2.0, 2.0)
@@ -243,6 +268,7 @@ def test_search_finds_a_small_variant_inside_the_budget_and_the_report_plots_it(
     assert chosen["passed"] and chosen["size_ratio"] == min(
         r["size_ratio"] for r in res["sensitivity"] + res["path"] if r["passed"])
     assert (tmp_path / "search" / "search.json").is_file()
+    assert res["explanation"] and chosen["dir"] == str(tmp_path / "search" / "variant")
     assert not (tmp_path / "search" / "candidates").exists()
     text = format_search(res)
     assert "sensitivity" in text and "chosen" in text

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput
+from .manifest import export_bytes
 
 
 def prompt_of(tokenizer, n: int, bos: int) -> list[int]:
@@ -68,9 +69,7 @@ def measure(export_dir: str | os.PathLike, prompt_len: int = 32, new_tokens: int
 
         per_token.append(statistics.median(decode_loop(step, logits, new_tokens)))
     ttft, per_token = ttft[1:], per_token[1:]
-    # What this process loads: the .onnx graphs and small files, not the .ort copies.
-    files = [f for f in rt.manifest["files"] if not f.endswith(".ort")]
-    size = sum((Path(export_dir) / f).stat().st_size for f in files)
+    size = export_bytes(export_dir, rt.manifest)     # what this process loads (no .ort copies)
     return {"dir": str(export_dir), "target": rt.manifest.get("target"),
             "fused": rt.manifest.get("fused"), "precision": rt.manifest.get("precision"),
             "image_tokens": (rt.image_size // int(rt.cfg["patch_size"])) ** 2,

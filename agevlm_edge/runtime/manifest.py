@@ -54,3 +54,11 @@ def load_manifest(export_dir: str | os.PathLike, verify: bool = True) -> dict:
                 raise BadInput(f"{d}: {name} does not match its sha256 in manifest.json (changed "
                                "or corrupted); copy the whole EXPORT DIR again or re-export")
     return man
+
+
+def export_bytes(export_dir: str | os.PathLike, man: dict | None = None) -> int:
+    """Bytes of what the runtime loads: the manifest's files, without the .ort copies (a
+    mobile-gpu export ships both forms). The one size used by quantize, search and report."""
+    d = Path(export_dir)
+    man = man if man is not None else load_manifest(d, verify=False)
+    return sum((d / f).stat().st_size for f in man["files"] if not f.endswith(".ort"))
