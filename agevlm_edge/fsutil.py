@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .errors import BadInput
 
@@ -93,6 +93,22 @@ def read_jsonl(path: str | os.PathLike, what: str = "JSONL file") -> list[dict]:
     return rows
 
 
+def check_out(out: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike]] = (),
+              overwrite: bool = False) -> None:
+    """Refuse an output directory that is, or holds, one of ``inputs`` ((what, path) pairs:
+    replacing it would delete them), a file in its place, or an existing non-empty one
+    without ``overwrite``. Commands call it before any work; staged_dir calls it again."""
+    out = Path(out)
+    for what, d in inputs:
+        if out.resolve() == Path(d).resolve() or out.resolve() in Path(d).resolve().parents:
+            raise BadInput(f"--out {out} would replace the {what} {d}; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"output path {out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise BadInput(f"output directory {out} already exists and is not empty; "
+                       "pass --overwrite to replace it or choose another --out")
+
+
 @contextlib.contextmanager
 def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces ``out`` only if the block succeeds.
@@ -101,11 +117,7 @@ def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     directory is removed only after the new one is complete.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"output path {out} exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise BadInput(f"output directory {out} already exists and is not empty; "
-                       "pass --overwrite to replace it or choose another --out")
+    check_out(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the artifact should read like any other dir

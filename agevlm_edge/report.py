@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from .errors import BadInput
-from .fsutil import read_json, staged_dir, write_json_atomic, write_text_atomic
+from .fsutil import check_out, read_json, staged_dir, write_json_atomic, write_text_atomic
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 
@@ -264,11 +264,7 @@ def check_report_args(dirs: list, out: str | os.PathLike, data_dir: str | os.Pat
     if not (data_dir / "dataset.json").is_file():
         raise BadInput(f"--data {data_dir} is not a DATA DIR (no dataset.json)")
     kinds = [(Path(d), classify(Path(d))) for d in dirs]
-    for d, _ in kinds:
-        if out.resolve() == d.resolve() or out.resolve() in d.resolve().parents:
-            raise BadInput(f"--out {out} would replace the input {d}; choose another --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise BadInput(f"{out} already exists; pass --overwrite or choose another --out")
+    check_out(out, [("input", d) for d, _ in kinds], overwrite)
     return kinds
 
 

@@ -27,7 +27,7 @@ import torch
 
 from agevlm_edge import __version__
 from agevlm_edge.errors import BadInput, CheckFailed
-from agevlm_edge.fsutil import sha256_file, staged_dir, write_json_atomic
+from agevlm_edge.fsutil import check_out, sha256_file, staged_dir, write_json_atomic
 from agevlm_edge.runtime.manifest import FORMAT, FORMAT_VERSION
 
 from .fusion import apply_target, op_counts, target_opset
@@ -169,8 +169,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str =
     if target not in TARGETS:
         raise BadInput(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
     run_dir, out = Path(run_dir), Path(out)
-    if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
-        raise BadInput(f"--out {out} would replace the RUN DIR {run_dir}; choose another --out")
+    check_out(out, [("RUN DIR", run_dir)])
     if data_dir is not None and not (Path(data_dir) / "dataset.json").is_file():
         raise BadInput(f"--data {data_dir} is not a DATA DIR (no dataset.json)")
     if target == "mobile-gpu" and not fused:

@@ -29,7 +29,7 @@ from onnx import numpy_helper
 
 from agevlm_edge import __version__
 from agevlm_edge.errors import BadInput
-from agevlm_edge.fsutil import staged_dir
+from agevlm_edge.fsutil import check_out, staged_dir
 from agevlm_edge.runtime.manifest import export_bytes, load_manifest
 
 from .calib import CalibSet
@@ -204,13 +204,13 @@ def part_bytes(model: onnx.ModelProto, graph: str) -> dict[str, int]:
     return out
 
 
-def _check_inputs(model_dir: Path, out: Path, recipe: Recipe, calib_dir) -> dict:
+def _check_inputs(model_dir: Path, out: Path, recipe: Recipe, calib_dir, overwrite: bool) -> dict:
     man = load_manifest(model_dir)
     if man.get("precision") != "fp32":
         raise BadInput(f"{model_dir} is already quantized ({man.get('precision')}); quantize the "
                        "fp32 export instead")
-    if out.resolve() == model_dir.resolve():
-        raise BadInput(f"--out {out} is the input EXPORT DIR; choose another --out")
+    inputs = [("input EXPORT DIR", model_dir)] + [("DATA DIR", calib_dir)] * (calib_dir is not None)
+    check_out(out, inputs, overwrite)
     needs = [s.name for _, s in recipe.parts
              if (isinstance(s, WeightOnly) and s.algo == "gptq") or isinstance(s, Int8QDQ)]
     if needs and calib_dir is None:
@@ -231,7 +231,7 @@ def quantize_export(model_dir: str | os.PathLike, out: str | os.PathLike, recipe
     model_dir, out = Path(model_dir), Path(out)
     if n_quality < 1:
         raise BadInput(f"the quality check needs at least 1 text, got {n_quality}")
-    man = _check_inputs(model_dir, out, recipe, calib_dir)
+    man = _check_inputs(model_dir, out, recipe, calib_dir, overwrite)
     calib = CalibSet(model_dir, calib_dir, seed=seed)
     import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401 (sets up logging on import)
 

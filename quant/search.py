@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 
 from agevlm_edge.errors import BadInput
-from agevlm_edge.fsutil import read_json, staged_dir, write_json_atomic
+from agevlm_edge.fsutil import check_out, read_json, staged_dir, write_json_atomic
 from agevlm_edge.runtime.manifest import export_bytes
 
 from .drift import Budget, compare, profile
@@ -115,10 +115,7 @@ def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: s
                            "part; use int8/int4 schemes")
     if len(ladder) < 2 or ladder[-1] != "fp32":
         raise BadInput("the ladder needs at least two schemes and must end with fp32")
-    if out.resolve() == model_dir.resolve() or out.resolve() in model_dir.resolve().parents:
-        raise BadInput(f"--out {out} would replace the EXPORT DIR {model_dir}; choose another --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise BadInput(f"{out} already exists; pass --overwrite or choose another --out")
+    check_out(out, [("EXPORT DIR", model_dir), ("DATA DIR", data_dir)], overwrite)
     top = len(ladder) - 1
     with staged_dir(out, overwrite=overwrite) as tmp:
         s = Search(model_dir, data_dir, budget, tmp / "candidates", ladder, limit, seed)
