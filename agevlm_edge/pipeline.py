@@ -119,11 +119,13 @@ def _quant_stages(log: list[dict], out: Path, data: Path, short: bool) -> None:
     def _quantize() -> str:
         rs = [quantize_export(ref, variants[n], make_recipe(spec), calib_dir=data, overwrite=True)
               for n, spec in STANDARD_SCHEMES.items()]
-        return "; ".join(f"{r['scheme']} {r['size_ratio']:.3f}x top-1 {r['quality']['top1_agreement']:.3f}"
-                         for r in rs)
+        return "; ".join(f"{r['scheme']} {r['size_ratio']:.3f}x, top-1 vs fp32 "
+                         f"{r['quality']['top1_agreement']:.3f}" for r in rs)
+
+    ref_profile: dict = {}
 
     def _drift() -> str:
-        ref_profile = profile(ref, data, limit=limit)
+        ref_profile.update(profile(ref, data, limit=limit))     # measured once, used by search too
         res = {n: run_drift(ref, d, data, Budget(), limit=limit, ref_profile=ref_profile,
                             out_json=out / f"drift-{n}.json") for n, d in variants.items()}
         return ", ".join(f"{n} {'pass' if r['passed'] else 'OVER'}" for n, r in res.items())
@@ -131,11 +133,11 @@ def _quant_stages(log: list[dict], out: Path, data: Path, short: bool) -> None:
     found: dict = {}
 
     def _search() -> str:
-        r = found.update(run_search(ref, data, out / "search", Budget(), limit=limit,
-                                    overwrite=True)) or found
-        c = r["chosen"]
-        return (f"chosen {c['candidate']} at {c['size_ratio']:.3f} x fp32 "
-                f"({', '.join(f'{p}={s}' for p, s in c['assignment'].items())}) -> {r['variant']}")
+        found.update(run_search(ref, data, out / "search", Budget(), limit=limit,
+                                overwrite=True, ref_profile=ref_profile))
+        c = found["chosen"]
+        parts = ", ".join(f"{p}={s}" for p, s in c["assignment"].items())
+        return f"chosen {c['candidate']} at {c['size_ratio']:.3f} x fp32 ({parts}) -> {found['variant']}"
 
     def _report() -> str:
         chosen = [Path(found["variant"])] if Path(found["variant"]) != ref else []

@@ -47,10 +47,10 @@ def severity(res: dict) -> float:
 
 class Search:
     def __init__(self, model_dir: Path, data_dir: Path, budget: Budget, work: Path,
-                 ladder: tuple[str, ...], limit: int | None, seed: int):
+                 ladder: tuple[str, ...], limit: int | None, seed: int, ref_profile: dict | None):
         self.model_dir, self.data_dir, self.budget, self.work = model_dir, data_dir, budget, work
         self.ladder, self.limit, self.seed = ladder, limit, seed
-        self.ref = profile(model_dir, data_dir, limit=limit)
+        self.ref = ref_profile or profile(model_dir, data_dir, limit=limit)
         self.fp32_bytes = export_bytes(model_dir)
         self.evaluated: dict[tuple, dict] = {}
         self.ladders = self.part_ladders()
@@ -104,8 +104,9 @@ class Search:
 def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike,
                budget: Budget = Budget(), ladder: tuple[str, ...] = LADDER,
                limit: int | None = None, seed: int = 0, overwrite: bool = False,
-               keep_candidates: bool = False) -> dict:
-    """Search, then write OUT/variant (the chosen EXPORT DIR) and OUT/search.json."""
+               keep_candidates: bool = False, ref_profile: dict | None = None) -> dict:
+    """Search, then write OUT/variant (the chosen EXPORT DIR) and OUT/search.json.
+    ``ref_profile``: the fp32 export's drift.profile on the same images, if already measured."""
     model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
     if not (data_dir / "dataset.json").is_file():
         raise BadInput(f"--data {data_dir} is not a DATA DIR (no dataset.json)")
@@ -118,7 +119,7 @@ def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: s
     check_out(out, [("EXPORT DIR", model_dir), ("DATA DIR", data_dir)], overwrite)
     top = len(ladder) - 1
     with staged_dir(out, overwrite=overwrite) as tmp:
-        s = Search(model_dir, data_dir, budget, tmp / "candidates", ladder, limit, seed)
+        s = Search(model_dir, data_dir, budget, tmp / "candidates", ladder, limit, seed, ref_profile)
         sens = {}
         for k, part in enumerate(PARTS):
             levels = tuple(0 if j == k else top for j in range(len(PARTS)))
