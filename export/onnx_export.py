@@ -169,7 +169,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str =
     if target not in TARGETS:
         raise BadInput(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
     run_dir, out = Path(run_dir), Path(out)
-    check_out(out, [("RUN DIR", run_dir)])
+    check_out(out, [("RUN DIR", run_dir)], overwrite)
     if data_dir is not None and not (Path(data_dir) / "dataset.json").is_file():
         raise BadInput(f"--data {data_dir} is not a DATA DIR (no dataset.json)")
     if target == "mobile-gpu" and not fused:
