@@ -314,7 +314,7 @@ def export_cmd(model_dir, out, target, fuse, xattn_probs, data_dir, pairs, overw
 @click.option("--scheme", required=True, metavar="SCHEME[:KEY=VALUE,...]",
               help="fp16 | int8-dynamic[:preset=avx2|avx512_vnni|arm64,per_channel=] | "
                    "int8-qdq[:ops=matmul|all,per_channel=,calib_samples=N] | "
-                   "int4[:block_size=16|32|64|128|256,symmetric=true,algo=rtn|gptq,"
+                   "int4[:block_size=16|32|64|128|256,symmetric=true,algo=rtn|gptq|hqq,"
                    "accuracy_level=0|4,calib_samples=N] | w4a8 | w4a32 | int2 (deliberately bad).")
 @click.option("--part", "parts", multiple=True, metavar="PART=SCHEME",
               help="Another scheme for one part: vision, xattn, self_attn, mlp, embed; "

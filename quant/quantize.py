@@ -24,6 +24,7 @@ import time
 import warnings
 from pathlib import Path
 
+import click
 import onnx
 from onnx import numpy_helper
 
@@ -91,15 +92,21 @@ def _weight_only(model: onnx.ModelProto, names: list[str], s: WeightOnly, calib,
                    block_size=s.block_size, symmetric=s.symmetric,
                    accuracy_level=s.accuracy_level)
         names = [n for n in names if kinds[n] == "Gather"]      # lookups: no activations, RTN
-    # Conv (the vision stem) stays fp32; GatherBlockQuantized takes 4 bits only.
-    ops = ("MatMul", "Gather") if s.bits == 4 else ("MatMul",)
+    # Conv (the vision stem) stays fp32; GatherBlockQuantized takes 4 bits only; HQQ no Gather.
+    ops = ("MatMul", "Gather") if s.bits == 4 and s.algo != "hqq" else ("MatMul",)
     names = [n for n in names if kinds[n] in ops]
     if not names:
         return model
-    cfg = DefaultWeightOnlyQuantConfig(block_size=s.block_size, is_symmetric=s.symmetric,
-                                       accuracy_level=s.accuracy_level, bits=s.bits,
-                                       op_types_to_quantize=ops,
-                                       quant_axes=(("MatMul", 0), ("Gather", 1))[:len(ops)])
+    axes = (("MatMul", 0), ("Gather", 1))[:len(ops)]
+    if s.algo == "hqq":
+        from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
+
+        cfg = HQQWeightOnlyQuantConfig(block_size=s.block_size, bits=s.bits,
+                                       op_types_to_quantize=ops, quant_axes=axes)
+    else:
+        cfg = DefaultWeightOnlyQuantConfig(block_size=s.block_size, is_symmetric=s.symmetric,
+                                           accuracy_level=s.accuracy_level, bits=s.bits,
+                                           op_types_to_quantize=ops, quant_axes=axes)
     # nodes_to_include only adds to op_types_to_quantize: exclude everything else instead.
     keep = set(names)
     others = [n.name for n in model.graph.node if n.name not in keep]
@@ -217,6 +224,9 @@ def _check_inputs(model_dir: Path, out: Path, recipe: Recipe, calib_dir, overwri
         raise BadInput(f"{needs[0]} calibrates on data: pass --calib DATA_DIR")
     if calib_dir is not None and not (Path(calib_dir) / "dataset.json").is_file():
         raise BadInput(f"--calib {calib_dir} is not a DATA DIR (no dataset.json)")
+    if any(isinstance(s, WeightOnly) and s.algo == "hqq" for _, s in recipe.parts):
+        click.echo("agevlm: warning: hqq writes float zero points, which onnxruntime runs on a "
+                   "slow kernel (measured 9.6 vs 0.8 ms/token); prefer algo=rtn or gptq", err=True)
     if man.get("target") == "mobile-gpu" and any(isinstance(s, (Int8QDQ, Int8Dynamic))
                                                  for _, s in recipe.parts):
         raise BadInput("the mobile-gpu target runs int4 (MatMulNBits) and fp16 on WebGPU; "

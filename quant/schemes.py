@@ -84,11 +84,12 @@ class WeightOnly:
     """com.microsoft MatMulNBits (and GatherBlockQuantized for the embedding): weights in
     ``bits``-bit blocks of ``block_size`` along K, one scale (and zero point unless
     ``symmetric``) per block. accuracy_level 4 computes in int8 (w4a8, the fastest decode on
-    CPUs); 0 keeps fp32 compute. ``algo``: rtn (round to nearest) or gptq (calibrated)."""
+    CPUs); 0 keeps fp32 compute. ``algo``: rtn (round to nearest), gptq (calibrated) or hqq
+    (onnxruntime's HQQ; it writes float zero points, which hit a slow kernel: warned)."""
     bits: int = 4
     block_size: int = 32
     symmetric: bool = False
-    algo: str = "rtn"                # rtn | gptq
+    algo: str = "rtn"                # rtn | gptq | hqq
     accuracy_level: int = 4
     calib_samples: int = 32
     name: str = field(default="int4", init=False)
@@ -109,7 +110,7 @@ NAMES: dict[str, tuple[type, dict]] = {
     "int2": (WeightOnly, {"bits": 2}),
 }
 CHOICES = {"preset": ("avx2", "avx512_vnni", "arm64"), "ops": ("matmul", "all"),
-           "algo": ("rtn", "gptq"), "block_size": (16, 32, 64, 128, 256), "accuracy_level": (0, 4)}
+           "algo": ("rtn", "gptq", "hqq"), "block_size": (16, 32, 64, 128, 256), "accuracy_level": (0, 4)}
 
 
 def _value(text: str, kind: type):

@@ -135,6 +135,13 @@ def test_each_scheme_runs_and_agrees_with_fp32(fp32, tmp_path, small_world, spec
         assert r["quality"]["kl_mean"] < 1e-3
 
 
+def test_hqq_runs_with_a_warning(fp32, tmp_path):
+    proc = run_cli("quantize", "--model", fp32, "--scheme", "int4:algo=hqq", "--out", tmp_path / "h",
+                   "--quality-texts", "2", check_rc=0)
+    assert "warning: hqq writes float zero points" in proc.stderr
+    assert _ops(tmp_path / "h" / "decoder.onnx")["MatMulNBits"] > 0
+
+
 def test_gptq_is_calibrated_deterministic_and_closer_to_fp32_than_rtn(fp32, tmp_path, small_world):
     from agevlm_edge.fsutil import sha256_file
     from agevlm_edge.quant.quantize import quantize_export
