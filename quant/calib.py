@@ -73,12 +73,9 @@ class CalibSet:
                 out.append({"pixel_values": self.rt.pre.normalize(img[None]).astype(np.float32)})
                 continue
             state = self.rt.encode_images([img])
-            ids = np.array([self.rt.prompt_ids(self._texts(rec, i))], np.int64)
-            ids = ids[:, : self.rt.max_seq_len]
-            n_img = state.feeds["image_embeds"].shape[1] if self.rt.arch == "concat" else 0
-            feed = {"input_ids": ids, "attention_mask": np.ones((1, n_img + ids.shape[1]), np.int64),
-                    **self.rt._empty_past(1), **state.feeds}
-            out.append(feed)
+            prompt = [self.rt.prompt_ids(self._texts(rec, i))[: self.rt.max_seq_len]]
+            ids, keys = self.rt.prefill_inputs(state, prompt)
+            out.append(self.rt.decoder_feeds(ids, keys, self.rt._empty_past(1), state, prefill=True))
         return out
 
     def quality_pairs(self, n: int) -> tuple[list[np.ndarray], list[str]]:

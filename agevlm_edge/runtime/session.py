@@ -167,13 +167,29 @@ class Runtime:
         Returns (ids [B,T], key mask [B, image rows + T] with 1 = real (what decode steps
         extend), logits, presents, probs).
         """
-        B = len(prompts)
+        ids, keys = self.prefill_inputs(image, prompts)
+        logits, past, probs = self.step(ids, keys, self._empty_past(len(prompts)), image,
+                                        prefill=True, want_probs=want_probs)
+        return ids, keys, logits, past, probs
+
+    def prefill_inputs(self, image: ImageState, prompts: Sequence[Sequence[int]]
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """(left-padded ids [B,T], key mask [B, image rows + T]) of a prefill."""
         ids, mask = (np.array(a, np.int64) for a in left_pad(prompts, self.pad_id))
         n_img = image.feeds["image_embeds"].shape[1] if self.arch == "concat" else 0
-        keys = np.concatenate([np.ones((B, n_img), np.int64), mask], 1) if n_img else mask
-        logits, past, probs = self.step(ids, keys, self._empty_past(B), image, prefill=True,
-                                        want_probs=want_probs)
-        return ids, keys, logits, past, probs
+        keys = np.concatenate([np.ones((len(prompts), n_img), np.int64), mask], 1) if n_img else mask
+        return ids, keys
+
+    def decoder_feeds(self, ids: np.ndarray, mask: np.ndarray, past: dict, image: ImageState,
+                      prefill: bool) -> dict:
+        """decoder.onnx inputs by name (concat: the image embeddings at prefill only)."""
+        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64), **past}
+        if self.arch == "concat":
+            emb = image.feeds["image_embeds"]
+            feeds["image_embeds"] = emb if prefill else emb[:, :0]
+        else:
+            feeds.update(image.feeds)
+        return feeds
 
     def step(self, ids: np.ndarray, mask: np.ndarray, past: dict, image: ImageState,
              prefill: bool, want_probs: bool = True) -> tuple[np.ndarray, dict, dict]:
@@ -183,12 +199,7 @@ class Runtime:
         copy through numpy; other providers still bind outputs to CPU memory here).
         Probabilities are copied out only when ``want_probs``.
         """
-        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64), **past}
-        if self.arch == "concat":
-            emb = image.feeds["image_embeds"]
-            feeds["image_embeds"] = emb if prefill else emb[:, :0]
-        else:
-            feeds.update(image.feeds)
+        feeds = self.decoder_feeds(ids, mask, past, image, prefill)
         binding = self.decoder.io_binding()
         for k, v in feeds.items():
             if isinstance(v, np.ndarray):
