@@ -144,7 +144,7 @@ def onnx_logits(export_dir: Path, ids: list[list[int]]) -> list[np.ndarray]:
 
 def perplexity(logits: list[np.ndarray], ids: list[list[int]]) -> tuple[float, int]:
     """exp(mean NLL of every next token over all paragraphs), and the number of tokens scored."""
-    from agevlm_edge.quant.quality import log_softmax
+    from agevlm_edge.runtime.session import log_softmax
 
     nll, n = 0.0, 0
     for lg, seq in zip(logits, ids):

@@ -14,13 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from agevlm_edge.runtime.session import Runtime
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+from agevlm_edge.runtime.session import Runtime, log_softmax
 
 
 def compare_logits(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

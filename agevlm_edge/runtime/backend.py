@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import BadInput
 from ..text import encode_with_spans
 from ..prompts import caption_prompt, question_prompt
-from .session import GenerationConfig, Runtime
+from .session import GenerationConfig, Runtime, log_softmax
 
 
 class OnnxBackend:
@@ -55,9 +55,7 @@ class OnnxBackend:
         for sl in self._chunks(len(questions)):
             seqs = [self.rt.prompt_ids(question_prompt(q)) for q in questions[sl]]
             _, logits, _ = self._prefill(images[sl], seqs)
-            x = logits[:, -1].astype(np.float64)
-            x = x - x.max(-1, keepdims=True)
-            rows.append((x - np.log(np.exp(x).sum(-1, keepdims=True))).astype(np.float32))
+            rows.append(log_softmax(logits[:, -1]).astype(np.float32))
         return np.concatenate(rows) if rows else np.zeros((0, int(self.rt.cfg["vocab_size"])), np.float32)
 
     def phrase_maps(self, images, texts: Sequence[str], spans) -> list[list[np.ndarray]] | None:

@@ -59,6 +59,13 @@ class Generation:
     maps: list = field(default_factory=list)    # per row, per generated token: [g, g] or None
 
 
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Log-probabilities over the last axis, in float64 (stable: the max is subtracted first)."""
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
 def sample_next(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
     """logits [B, V] -> next ids [B]: argmax at temperature 0, else temperature/top-k/top-p."""
     if cfg.temperature == 0:
