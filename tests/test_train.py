@@ -210,3 +210,29 @@ def test_lm_stage_mixes_in_context_questions(tmp_path, world):
     assert 0 <= rows[-1]["val"]["val_context_yesno_acc"] <= 1
     with pytest.raises(Exception, match="context_qa must be in 0..1"):
         recipe_from_dict(_recipe([{**STAGES[0], "context_qa": 1.5}]))
+
+
+def test_length_buckets_change_no_loss_and_keep_every_sample():
+    """Length bucketing only removes padding: the summed loss of the buckets equals the loss
+    of the whole batch, and every sample lands in exactly one bucket."""
+    import torch
+
+    from agevlm_edge.model import AgeVLM, build_config
+    from train.batches import Sample, collate, length_buckets
+    from train.steps import LMStep
+
+    g = torch.Generator().manual_seed(0)
+    samples = [Sample(0, [1] + torch.randint(3, 60, (int(n),), generator=g).tolist() + [2], 1)
+               for n in torch.randint(2, 40, (11,), generator=g)]
+    buckets = length_buckets(samples, 3)
+    assert sorted(id(s) for b in buckets for s in b) == sorted(id(s) for s in samples)
+    assert [len(b) for b in buckets] == [4, 3, 4]
+    assert max(len(s.ids) for s in buckets[0]) <= min(len(s.ids) for s in buckets[-1])
+    torch.manual_seed(0)
+    step = LMStep(AgeVLM(build_config("tiny", vocab_size=64, d_model=64, n_heads=4, n_kv_heads=2,
+                                      ffn_hidden=128, n_layers=2)))
+    whole = step([collate(samples, 0, 64, lm_only=True)])
+    parts = step([collate(b, 0, 64, lm_only=True) for b in buckets])
+    assert int(parts["lm_count"]) == int(whole["lm_count"])
+    torch.testing.assert_close(parts["lm_sum"], whole["lm_sum"], rtol=1e-5, atol=1e-4)
+    assert length_buckets(samples[:2], 3) == [[s] for s in sorted(samples[:2], key=lambda s: len(s.ids))]

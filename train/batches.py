@@ -164,6 +164,21 @@ def context_questions(records: list[dict], tokenizer, bos: int = 1, eos: int = 2
             for i, h, t in zip(rows, heads, tails)]
 
 
+def length_buckets(samples: list[Sample], n: int) -> list[list[Sample]]:
+    """Split a batch into up to ``n`` buckets of similar length (sorted by length, equal counts).
+
+    A batch is padded to its longest sample; captions (~21 tokens), questions (~15) and
+    reading-comprehension texts (~33) mixed in one batch left half of every step's tokens as
+    padding (measured on the easy world: real/padded 0.46-0.55 per stage). Each bucket is
+    collated and run on its own and the loss sums are added, which changes no loss value.
+    Sorting is stable, so the split is a pure function of the batch (resume stays exact).
+    """
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].ids))
+    n = max(1, min(n, len(samples)))
+    bounds = [round(k * len(samples) / n) for k in range(n + 1)]
+    return [[samples[i] for i in order[a:b]] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
 def collate(samples: list[Sample], pad_id: int, n_patches: int, lm_only: bool = False) -> dict:
     """Right-padded batch: input_ids, labels (targets only), attention_mask, image rows, and
     phrase tensors for the dice loss (token weights [B,P,T], masks [B,P,N], valid [B,P])."""

@@ -27,7 +27,8 @@ from agevlm_edge.fsutil import staged_dir, write_json_atomic
 from agevlm_edge.model import AgeVLM, build_config
 from agevlm_edge.preprocess import Preprocessor
 
-from .batches import SplitData, collate, context_questions, load_split_data, token_labels
+from .batches import (SplitData, collate, context_questions, length_buckets, load_split_data,
+                      token_labels)
 from .losses import lm_loss_sum
 from .recipe import Recipe, Stage
 from .steps import LMStep, VisionHead, VisionStep, VLMStep
@@ -180,8 +181,8 @@ class Run:
             ctx = self.context_questions()
             samples += [ctx[i] for i in torch.randint(len(ctx), (n_ctx,), generator=g)]
         samples = [samples[i] for i in self._shard(torch.arange(len(samples)))]
-        batch = collate(samples, self.cfg.pad_id, self.cfg.n_image_tokens, lm_only=True)
-        out = ddp(batch)
+        out = ddp([collate(b, self.cfg.pad_id, self.cfg.n_image_tokens, lm_only=True)
+                   for b in length_buckets(samples, stage.length_buckets)])
         n = _all_sum(out["lm_count"])
         loss = out["lm_sum"] / n * _world()[1]
         return {"loss": loss, "lm_loss": _all_sum(out["lm_sum"]) / n}
@@ -205,9 +206,10 @@ class Run:
             samples.append(s if (pick and stage.dice_weight > 0) else type(s)(s.image, s.ids, s.prompt_len))
         samples += [d.questions[i] for i in qs.tolist()]
         samples = [samples[i] for i in self._shard(torch.arange(len(samples)))]
-        batch = collate(samples, self.cfg.pad_id, self.cfg.n_image_tokens)
         with_dice = stage.dice_weight > 0 and self.cfg.arch == "xattn"
-        out = ddp(self.feats["train"][batch["image"]], batch, with_dice)
+        buckets = [collate(b, self.cfg.pad_id, self.cfg.n_image_tokens)
+                   for b in length_buckets(samples, stage.length_buckets)]
+        out = ddp([(self.feats["train"][b["image"]], b) for b in buckets], with_dice)
         n = _all_sum(out["lm_count"])
         loss = out["lm_sum"] / n * _world()[1]
         logs = {"lm_loss": _all_sum(out["lm_sum"]) / n}

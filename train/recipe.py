@@ -47,6 +47,8 @@ class Stage:
     gate_lr_mult: float = 1.0       # LR multiplier for the tanh gates of cross-attention blocks
     context_qa: float = 0.0         # lm stage: fraction of each batch that is a question after
                                     # its image's caption, as text (reading comprehension)
+    length_buckets: int = 3         # lm/vlm: run each batch as this many length-sorted parts
+                                    # (less padding, same loss; batches.length_buckets)
     vision_labels: str = "image"    # vision stage: image (default) | mask (ablation: + per-token
                                     # labels from the object masks, which teach grounding to all)
 
@@ -64,6 +66,8 @@ class Stage:
             raise BadInput(f"stage {self.name}: context_qa must be in 0..1")
         if self.vision_labels not in ("image", "mask"):
             raise BadInput(f"stage {self.name}: vision_labels must be image or mask")
+        if self.length_buckets < 1:
+            raise BadInput(f"stage {self.name}: length_buckets must be >= 1")
         if self.gate_lr_mult <= 0:
             raise BadInput(f"stage {self.name}: gate_lr_mult must be > 0")
         if self.kind == "vlm" and self.captions + self.questions <= 0:
@@ -113,7 +117,7 @@ def _tiny_stages(scale: float) -> list[Stage]:
         Stage("guided", "vlm", ("projector", "xattn"), steps=s(150), batch_size=64, lr=2e-3,
               warmup=s(10), captions=1.0, questions=0.5, dice_weight=1.0, dice_fraction=0.1,
               gate_lr_mult=g),
-        Stage("instruct", "vlm", ("projector", "xattn", "lm"), steps=s(600), batch_size=64,
+        Stage("instruct", "vlm", ("projector", "xattn", "lm"), steps=s(900), batch_size=64,
               lr=1e-3, warmup=s(20), captions=0.5, questions=1.0, gate_lr_mult=g),
     ]
 

@@ -60,15 +60,26 @@ class VisionStep(nn.Module):
         return {"loss_sum": loss, "count": torch.tensor(labels.shape[0]), "logits": logits.detach()}
 
 
+def _sum_parts(parts: list[dict]) -> dict:
+    """Loss sums and counts of the length buckets of one batch, added up (exact: every loss
+    here is a per-sample sum, so splitting a batch changes no value, only the padding)."""
+    return {k: sum(p[k] for p in parts) for k in parts[0]}
+
+
 class LMStep(nn.Module):
+    """Next-token loss sums over the length buckets of one batch (batches.length_buckets)."""
+
     def __init__(self, model: AgeVLM):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict) -> dict:
-        out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"])
-        s, n = lm_loss_sum(out.logits, batch["labels"])
-        return {"lm_sum": s, "lm_count": n}
+    def forward(self, batches: list[dict]) -> dict:
+        parts = []
+        for batch in batches:
+            out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"])
+            s, n = lm_loss_sum(out.logits, batch["labels"])
+            parts.append({"lm_sum": s, "lm_count": n})
+        return _sum_parts(parts)
 
 
 class VLMStep(nn.Module):
@@ -78,14 +89,18 @@ class VLMStep(nn.Module):
         super().__init__()
         self.model, self.dice_layers = model, dice_layers
 
-    def forward(self, feats: torch.Tensor, batch: dict, with_dice: bool) -> dict:
-        img = self.model.projector(feats)
-        out = self.model(batch["input_ids"], image_tokens=img, attention_mask=batch["attention_mask"],
-                         attn_impl="eager" if with_dice else "fused", output_xattn=with_dice)
-        s, n = lm_loss_sum(out.logits, batch["labels"])
-        res = {"lm_sum": s, "lm_count": n}
-        if with_dice:
-            maps = phrase_maps(out.xattn_probs, self.dice_layers, batch["phrase_weights"])
-            res["dice_sum"], res["dice_count"] = dice_loss_sum(maps, batch["phrase_masks"],
-                                                               batch["phrase_valid"])
-        return res
+    def forward(self, buckets: list[tuple[torch.Tensor, dict]], with_dice: bool) -> dict:
+        """buckets: (vision features [b,N,Wv], collated batch) per length bucket."""
+        parts = []
+        for feats, batch in buckets:
+            img = self.model.projector(feats)
+            out = self.model(batch["input_ids"], image_tokens=img, attention_mask=batch["attention_mask"],
+                             attn_impl="eager" if with_dice else "fused", output_xattn=with_dice)
+            s, n = lm_loss_sum(out.logits, batch["labels"])
+            res = {"lm_sum": s, "lm_count": n}
+            if with_dice:
+                maps = phrase_maps(out.xattn_probs, self.dice_layers, batch["phrase_weights"])
+                res["dice_sum"], res["dice_count"] = dice_loss_sum(maps, batch["phrase_masks"],
+                                                                   batch["phrase_valid"])
+            parts.append(res)
+        return _sum_parts(parts)
