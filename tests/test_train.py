@@ -218,8 +218,8 @@ def test_length_buckets_change_no_loss_and_keep_every_sample():
     import torch
 
     from agevlm_edge.model import AgeVLM, build_config
-    from train.batches import Sample, collate, length_buckets
-    from train.steps import LMStep
+    from agevlm_edge.train.batches import Sample, collate, length_buckets
+    from agevlm_edge.train.steps import LMStep
 
     g = torch.Generator().manual_seed(0)
     samples = [Sample(0, [1] + torch.randint(3, 60, (int(n),), generator=g).tolist() + [2], 1)
@@ -236,3 +236,4 @@ def test_length_buckets_change_no_loss_and_keep_every_sample():
     assert int(parts["lm_count"]) == int(whole["lm_count"])
     torch.testing.assert_close(parts["lm_sum"], whole["lm_sum"], rtol=1e-5, atol=1e-4)
     assert length_buckets(samples[:2], 3) == [[s] for s in sorted(samples[:2], key=lambda s: len(s.ids))]
+    assert length_buckets(samples, 1) == [samples]   # unsorted: one bucket is the old batch

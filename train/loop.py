@@ -173,14 +173,18 @@ class Run:
         return idx[rank::world]
 
     # -- one step per stage kind -------------------------------------------------------
-    def step_lm(self, ddp, stage: Stage, g: torch.Generator) -> dict:
+    def lm_samples(self, stage: Stage, g: torch.Generator) -> list:
+        """This rank's samples of one LM step: corpus text plus reading-comprehension texts."""
         pool = self.train_data.captions + self.train_data.questions
         n_ctx = round(stage.batch_size * stage.context_qa)
         samples = [pool[i] for i in torch.randint(len(pool), (stage.batch_size - n_ctx,), generator=g)]
         if n_ctx:
             ctx = self.context_questions()
             samples += [ctx[i] for i in torch.randint(len(ctx), (n_ctx,), generator=g)]
-        samples = [samples[i] for i in self._shard(torch.arange(len(samples)))]
+        return [samples[i] for i in self._shard(torch.arange(len(samples)))]
+
+    def step_lm(self, ddp, stage: Stage, g: torch.Generator) -> dict:
+        samples = self.lm_samples(stage, g)
         out = ddp([collate(b, self.cfg.pad_id, self.cfg.n_image_tokens, lm_only=True)
                    for b in length_buckets(samples, stage.length_buckets)])
         n = _all_sum(out["lm_count"])
@@ -194,7 +198,9 @@ class Run:
         n = _all_sum(out["count"])
         return {"loss": out["loss_sum"] / n * _world()[1], "bce": _all_sum(out["loss_sum"]) / n}
 
-    def step_vlm(self, ddp, stage: Stage, g: torch.Generator) -> dict:
+    def vlm_samples(self, stage: Stage, g: torch.Generator) -> list:
+        """This rank's samples of one VLM step: captions (a dice_fraction of them with their
+        phrases, when the stage has a dice loss) and questions, in the stage's mix."""
         d = self.train_data
         n_cap = round(stage.batch_size * stage.captions / (stage.captions + stage.questions))
         caps = torch.randint(max(len(d.captions), 1), (n_cap,), generator=g) if n_cap else torch.zeros(0, dtype=torch.long)
@@ -205,7 +211,10 @@ class Run:
             s = d.captions[i]
             samples.append(s if (pick and stage.dice_weight > 0) else type(s)(s.image, s.ids, s.prompt_len))
         samples += [d.questions[i] for i in qs.tolist()]
-        samples = [samples[i] for i in self._shard(torch.arange(len(samples)))]
+        return [samples[i] for i in self._shard(torch.arange(len(samples)))]
+
+    def step_vlm(self, ddp, stage: Stage, g: torch.Generator) -> dict:
+        samples = self.vlm_samples(stage, g)
         with_dice = stage.dice_weight > 0 and self.cfg.arch == "xattn"
         buckets = [collate(b, self.cfg.pad_id, self.cfg.n_image_tokens)
                    for b in length_buckets(samples, stage.length_buckets)]
