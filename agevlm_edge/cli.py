@@ -475,8 +475,11 @@ def report_cmd(dirs, data_dir, out, limit, bench_rounds, bnb, overwrite) -> None
 @click.option("--provider", type=click.Choice(["cpu", "webgpu", "cuda", "coreml", "nnapi", "xnnpack"]),
               default="cpu", show_default=True, help="onnxruntime execution provider.")
 @click.option("--threads", type=int, default=None, help="Intra-op threads (default: all cores).")
+@click.option("--graph-format", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True,
+              help="ort: the ORT-format copies a --target mobile-gpu export ships (what "
+                   "onnxruntime's minimal mobile builds load).")
 def infer_cmd(model_dir, image, prompts, heatmap, max_new_tokens, temperature, top_k, top_p,
-              seed, provider, threads) -> None:
+              seed, provider, threads, graph_format) -> None:
     """Answer prompts about an image on the device runtime (onnxruntime, no torch)."""
     from .runtime.infer import run_infer
     from .runtime.session import GenerationConfig
@@ -487,7 +490,7 @@ def infer_cmd(model_dir, image, prompts, heatmap, max_new_tokens, temperature, t
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed)
     run_infer(model_dir, image, prompts, gen, heatmap=heatmap, provider=provider,
-              threads=threads, write=write)
+              threads=threads, write=write, graph_format=graph_format)
 
 
 @cli.command("bench")

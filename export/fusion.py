@@ -18,7 +18,8 @@ by the rewriter, and with the K/V expanded to one head per query head in the vis
 3% of the logits' scale on a tiny test model (0.16% on a 4-layer one), against ~1e-6 for the
 chain, so that variant was dropped. Not done: GroupQueryAttention with fused rotary for the
 self-attention, fp16. The ORT-format files (`*.ort`, Fixed optimisation: CPU-EP rewrites baked
-in; not parity-tested, the .onnx graphs are) and onnxruntime's mobile usability verdicts
+in; export.parity.check_ort_parity runs them against the .onnx graphs, and
+`agevlm infer --graph-format ort` runs them) and onnxruntime's mobile usability verdicts
 (NNAPI, CoreML) are added to the EXPORT DIR and the manifest.
 """
 

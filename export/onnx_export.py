@@ -7,7 +7,8 @@
       2. per-target rewrites (export.fusion: cpu keeps opset-23 Attention; mobile-gpu is
          exported at opset 18 and rewritten to com.microsoft MultiHeadAttention etc., plus
          ORT-format files and the mobile usability verdicts);
-      3. parity against PyTorch (export.parity) through the device runtime itself;
+      3. parity against PyTorch (export.parity) through the device runtime itself, and of
+         the .ort copies against the .onnx graphs (mobile-gpu);
       4. manifest.json (hashes, graph signatures, op histograms, parity), written last.
     The directory is built aside and swapped in only when parity passes: a failed parity
     raises CheckFailed (exit 1) and leaves nothing behind.
@@ -164,7 +165,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str =
     """Export a RUN DIR for ``target``, check parity, and write the EXPORT DIR atomically."""
     from agevlm_edge.checkpoint import load_model_files
 
-    from .parity import check_parity
+    from .parity import check_ort_parity, check_parity
 
     if target not in TARGETS:
         raise BadInput(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -199,6 +200,10 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str =
                           "model_sha256": sha256_file(run_dir / "model.safetensors")}}
         write_manifest(tmp, man)
         parity = check_parity(model, tmp, data, n_pairs=n_pairs)
+        if "ort_format" in rewrites:          # the .ort copies against the .onnx graphs
+            parity["ort_format"] = check_ort_parity(tmp, data, n_pairs=n_pairs)
+            parity["failures"] += parity["ort_format"]["failures"]
+            parity["passed"] = not parity["failures"]
         man = write_manifest(tmp, {**man, "parity": parity,
                                    "export_seconds": round(time.perf_counter() - t0, 1)})
         if not parity["passed"]:

@@ -119,3 +119,56 @@ def check_parity(model, export_dir: Path, data_dir: Path | None, n_pairs: int = 
     res["failures"] = failures
     res["passed"] = not failures
     return res
+
+
+def check_ort_parity(export_dir: Path, data_dir: Path | None, n_pairs: int = 20,
+                     batch_size: int = 10) -> dict:
+    """The ORT-format copies (vision.ort, decoder.ort) against the .onnx graphs they came from.
+
+    Both run on onnxruntime's CPU provider; the .ort files carry the CPU-provider rewrites
+    baked in at conversion (Fixed optimisation style), so they differ from the .onnx graphs
+    only by those rewrites: the same LOGITS_TOL bound on vision outputs and on a prefill and
+    a decode step's logits, and token-identical greedy generations on ``n_pairs`` pairs.
+    """
+    onnx_rt = Runtime(export_dir, verify=False)
+    ort_rt = Runtime(export_dir, verify=False, graph_format="ort")
+    images, prompts = image_prompt_pairs(data_dir, int(onnx_rt.image_size), max(n_pairs, 2))
+    failures: list[str] = []
+    res: dict = {"pairs": len(images)}
+    seqs = [onnx_rt.prompt_ids(p) for p in prompts[:2]]
+    states = [rt.encode_images(images[:2]) for rt in (onnx_rt, ort_rt)]
+    res["vision_max_abs_diff"] = max(_max_diff(states[0].feeds[k], states[1].feeds[k])
+                                     for k in states[0].feeds)
+    scale = max(float(np.abs(v).max()) for v in states[0].feeds.values())
+    if not res["vision_max_abs_diff"] <= LOGITS_TOL * max(1.0, scale):
+        failures.append(f".ort vision outputs differ from the .onnx graph's by "
+                        f"{res['vision_max_abs_diff']:.2e}")
+    # Both decoders on the .onnx graph's image features, so the decoder diff is its own.
+    logits = []
+    for rt in (onnx_rt, ort_rt):
+        ids, full, lg, past, _ = rt.prefill(states[0], seqs, want_probs=False)
+        nxt = lg[:, -1].argmax(-1)[:, None]
+        full2 = np.concatenate([full, np.ones((len(seqs), 1), np.int64)], 1)
+        lg2, _, _ = rt.step(nxt, full2, past, states[0], prefill=False, want_probs=False)
+        real = full[:, full.shape[1] - ids.shape[1]:].astype(bool)
+        logits.append((lg[real], lg2))
+    res["logits_max_abs_diff"] = max(_max_diff(a, b) for a, b in zip(*logits))
+    tol = LOGITS_TOL * max(1.0, float(np.abs(logits[0][0]).max()))
+    res["logits_tolerance"] = tol
+    if not res["logits_max_abs_diff"] <= tol:
+        failures.append(f".ort logits differ from the .onnx graph's by "
+                        f"{res['logits_max_abs_diff']:.2e} > {tol:.2e}")
+    same = 0
+    gen_cfg = GenerationConfig(max_new_tokens=24)
+    for s in range(0, len(images), batch_size):
+        ims = images[s:s + batch_size]
+        seqs = [onnx_rt.prompt_ids(p) for p in prompts[s:s + batch_size]]
+        got = [rt.generate(rt.encode_images(ims), seqs, gen_cfg).ids for rt in (onnx_rt, ort_rt)]
+        same += sum(a == b for a, b in zip(*got))
+    res["generations_identical"] = same
+    if same < len(images):
+        failures.append(f".ort greedy generations differ from the .onnx graphs' on "
+                        f"{len(images) - same} of {len(images)} pairs")
+    res["failures"] = failures
+    res["passed"] = not failures
+    return res

@@ -123,6 +123,20 @@ def test_mobile_gpu_export_uses_contrib_attention_and_ships_ort_files(exported):
     assert man["parity"]["passed"] and {"vision.ort", "decoder.ort"} <= set(man["files"])
     assert set(man["rewrites"]["usability"]["decoder"]["verdicts"]) >= {"NNAPI", "CoreML MLProgram"}
     Runtime(exported["mobile"])                                   # hashes of .ort files hold
+    ort = man["parity"]["ort_format"]                             # .ort vs .onnx, run
+    assert ort["passed"] and ort["logits_max_abs_diff"] <= 1e-4
+    assert ort["generations_identical"] == ort["pairs"] >= 20
+
+
+def test_infer_runs_the_ort_copies_and_says_where_there_are_none(exported, small_world):
+    img = next((small_world / "images" / "test").iterdir())
+    args = ["--image", img, "--prompt", "Caption:", "--max-new-tokens", "6"]
+    onnx_out = run_cli("infer", "--model", exported["mobile"], *args, check_rc=0).stdout
+    ort_out = run_cli("infer", "--model", exported["mobile"], *args, "--graph-format", "ort",
+                      check_rc=0).stdout
+    assert ort_out == onnx_out and ort_out.startswith("Caption:")
+    assert_one_line_error(run_cli("infer", "--model", exported["xattn"], *args,
+                                  "--graph-format", "ort"), "no ORT-format graphs")
 
 
 def _tiny_graph(tmp_path, norm: str):

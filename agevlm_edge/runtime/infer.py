@@ -13,7 +13,7 @@ from .session import GenerationConfig, Runtime, TextStreamer
 def run_infer(export_dir: str | os.PathLike, image: str | os.PathLike, prompts: Sequence[str],
               gen: GenerationConfig = GenerationConfig(), heatmap: str | os.PathLike | None = None,
               provider: str = "cpu", threads: int | None = None,
-              write: Callable[[str], None] = print) -> list[str]:
+              write: Callable[[str], None] = print, graph_format: str = "onnx") -> list[str]:
     """Answer every prompt about ``image`` (its K/V computed once); returns the answers.
 
     Answers stream through ``write`` piece by piece. ``heatmap``: a PNG of the first
@@ -23,7 +23,7 @@ def run_infer(export_dir: str | os.PathLike, image: str | os.PathLike, prompts: 
         raise BadInput("give at least one --prompt")
     if heatmap is not None and os.path.isdir(heatmap):
         raise BadInput(f"--heatmap {heatmap} is a directory; give a .png file path")
-    rt = Runtime(export_dir, provider=provider, threads=threads)
+    rt = Runtime(export_dir, provider=provider, threads=threads, graph_format=graph_format)
     if heatmap is not None and not rt.has_probs:
         raise BadInput(f"{export_dir} has no cross-attention probabilities (a concat model, or "
                        "exported with --no-xattn-probs); re-export without it for --heatmap")

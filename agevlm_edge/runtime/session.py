@@ -104,11 +104,16 @@ class TextStreamer:
             self.said = text
 
 
+GRAPH_FORMATS = ("onnx", "ort")
+
+
 class Runtime:
     """An EXPORT DIR loaded for inference (hashes verified first)."""
 
     def __init__(self, export_dir: str | os.PathLike, provider: str = "cpu",
-                 threads: int | None = None, verify: bool = True):
+                 threads: int | None = None, verify: bool = True, graph_format: str = "onnx"):
+        """``graph_format``: "onnx" (vision.onnx, decoder.onnx) or "ort" (the ORT-format
+        copies a mobile-gpu export ships for onnxruntime's mobile builds)."""
         import onnxruntime as ort
 
         self.dir = Path(export_dir)
@@ -138,9 +143,17 @@ class Runtime:
             opts.intra_op_num_threads = int(threads)
         providers = [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
         self.provider = provider
+        if graph_format not in GRAPH_FORMATS:
+            raise BadInput(f"unknown graph format {graph_format!r}; choose one of {', '.join(GRAPH_FORMATS)}")
+        files = [self.dir / f"{g}.{graph_format}" for g in ("vision", "decoder")]
+        if graph_format == "ort" and not all(f.name in self.manifest.get("files", {}) for f in files):
+            raise BadInput(f"{self.dir} has no ORT-format graphs (vision.ort, decoder.ort); only "
+                           "`agevlm export --target mobile-gpu` writes them: use the .onnx graphs "
+                           "or re-export for mobile-gpu")
+        self.graph_format = graph_format
         try:
-            self.vision = ort.InferenceSession(str(self.dir / "vision.onnx"), opts, providers=providers)
-            self.decoder = ort.InferenceSession(str(self.dir / "decoder.onnx"), opts, providers=providers)
+            self.vision = ort.InferenceSession(str(files[0]), opts, providers=providers)
+            self.decoder = ort.InferenceSession(str(files[1]), opts, providers=providers)
         except Exception as e:   # onnxruntime raises its own pybind error types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BadInput(f"onnxruntime {ort.__version__} cannot load {self.dir}'s graphs ({first}); "
