@@ -319,6 +319,11 @@ def export_cmd(model_dir, out, target, fuse, xattn_probs, data_dir, pairs, overw
 @click.option("--part", "parts", multiple=True, metavar="PART=SCHEME",
               help="Another scheme for one part: vision, xattn, self_attn, mlp, embed; "
                    "fp32 keeps it (repeatable, e.g. --part vision=int8-dynamic --part embed=fp32).")
+@click.option("--layer", "layers", multiple=True, metavar="LAYERS=SCHEME",
+              help="Another scheme for decoder layers (their self-attention, MLP and the "
+                   "cross-attention block before them), overriding --scheme/--part there: "
+                   "e.g. --layer 0=fp32 --layer 2-3=int8-dynamic (see `agevlm search`'s layer "
+                   "sensitivity).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="EXPORT DIR to write.")
 @click.option("--calib", "calib_dir", type=click.Path(path_type=Path), default=None,
               help="DATA DIR to calibrate on (needed by gptq and int8-qdq; val split first).")
@@ -327,16 +332,17 @@ def export_cmd(model_dir, out, target, fuse, xattn_probs, data_dir, pairs, overw
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed for picking calibration samples.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
-def quantize_cmd(model_dir, scheme, parts, out, calib_dir, quality_texts, seed, overwrite) -> None:
+def quantize_cmd(model_dir, scheme, parts, layers, out, calib_dir, quality_texts, seed,
+                 overwrite) -> None:
     """Quantize an fp32 EXPORT DIR, then measure next-token agreement with it.
 
     The recipe (one scheme per part), the bytes per part and the top-1 agreement and KL of
     next-token distributions vs fp32 are stored in the new manifest.json.
     """
     from .quant.quantize import quantize_export
-    from .quant.schemes import make_recipe, parse_part_options
+    from .quant.schemes import make_recipe, parse_layer_options, parse_part_options
 
-    recipe = make_recipe(scheme, parse_part_options(parts))
+    recipe = make_recipe(scheme, parse_part_options(parts), parse_layer_options(layers))
     r = quantize_export(model_dir, out, recipe, calib_dir=calib_dir, n_quality=quality_texts,
                         seed=seed, overwrite=overwrite)
     q = r["quality"]
@@ -405,15 +411,20 @@ def drift_cmd(reference, candidate, data_dir, budget_file, pope_f1_drop, chair_i
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Gate on the first N test images only.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed for calibration samples.")
+@click.option("--layer-groups", default=4, show_default=True, type=click.IntRange(min=0),
+              help="Also measure the sensitivity of the decoder layers in this many groups of "
+                   "consecutive layers (each group alone on the smallest rung; 0: skip).")
 @click.option("--keep-candidates", is_flag=True, help="Keep every evaluated candidate export.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 def search_cmd(model_dir, data_dir, out, budget_file, pope_f1_drop, chair_i_rise,
-               yes_ratio_shift, ladder, limit, seed, keep_candidates, overwrite) -> None:
+               yes_ratio_shift, ladder, limit, seed, layer_groups, keep_candidates, overwrite) -> None:
     """Find the smallest per-part precision assignment inside the drift budget.
 
     Parts: vision, xattn, self_attn, mlp, embed. First each part's sensitivity (that part alone
-    on its smallest rung), then greedy up by sensitivity until the gate passes, then greedy down.
-    Every candidate is quantized and gated for real; search.json keeps the path.
+    on its smallest rung), and each decoder layer group's (its self-attention, MLP and
+    cross-attention alone on the smallest rung: where in depth the damage is, for
+    `agevlm quantize --layer`), then greedy up by part sensitivity until the gate passes, then
+    greedy down. Every candidate is quantized and gated for real; search.json keeps the path.
     """
     from .quant.drift import load_budget
     from .quant.search import format_search, run_search
@@ -421,7 +432,8 @@ def search_cmd(model_dir, data_dir, out, budget_file, pope_f1_drop, chair_i_rise
     budget = load_budget(budget_file, pope_f1_drop=pope_f1_drop, chair_i_rise=chair_i_rise,
                          yes_ratio_shift=yes_ratio_shift)
     res = run_search(model_dir, data_dir, out, budget, tuple(s.strip() for s in ladder.split(";")),
-                     limit=limit, seed=seed, overwrite=overwrite, keep_candidates=keep_candidates)
+                     limit=limit, seed=seed, overwrite=overwrite, keep_candidates=keep_candidates,
+                     layer_groups=layer_groups)
     click.echo(format_search(res))
 
 

@@ -213,9 +213,10 @@ def markdown(rep: dict) -> str:
                 "| candidate | assignment | x fp32 | severity | inside budget |",
                 "|---|---|---:|---:|---|"]
         out += [f"| {r['candidate']} ({r['why']}) | "
-                + ", ".join(f"{k}={v}" for k, v in r["assignment"].items())
+                + (f"layers {r['layers'][0]}-{r['layers'][1]}={r['scheme']}, the rest fp32"
+                   if "layers" in r else ", ".join(f"{k}={v}" for k, v in r["assignment"].items()))
                 + f" | {r['size_ratio']:.3f} | {r['severity']:.2f} | {'yes' if r['passed'] else 'no'} |"
-                for r in s["sensitivity"] + s["path"]]
+                for r in s["sensitivity"] + s.get("layer_sensitivity", []) + s["path"]]
         out += ["", f"Chosen: {s['chosen']['candidate']} at {s['chosen']['size_ratio']:.3f} x fp32.", ""]
     out += [f"![{p}]({p})" for p in rep["plots"]]
     return "\n".join(out) + "\n"

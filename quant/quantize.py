@@ -2,7 +2,7 @@
 
     quantize_export(fp32 dir, out, make_recipe("int4", {"vision": "int8-dynamic"}), calib=DATA)
       per graph (vision.onnx, decoder.onnx):
-        nodes --schemes.part_of--> part --recipe--> scheme
+        nodes --schemes.part_of / layer_of--> part, layer --recipe--> scheme
         WeightOnly  (MatMul -> MatMulNBits, Gather -> GatherBlockQuantized): RTN by onnxruntime's
                     MatMulNBitsQuantizer, GPTQ by quant.gptq on calibration activations
         Int8Dynamic (MatMul/Gather/Conv -> *Integer ops): optimum's ORTQuantizer with its preset
@@ -35,7 +35,7 @@ from agevlm_edge.runtime.manifest import export_bytes, load_manifest
 
 from .calib import CalibSet
 from .schemes import (Fp16, Fp32, Int8Dynamic, Int8QDQ, PARTS, Recipe, WeightOnly, label,
-                      part_of)
+                      layer_of, part_of)
 
 GRAPHS = ("vision", "decoder")
 WEIGHT_OPS = ("MatMul", "Gather", "Conv")
@@ -167,14 +167,17 @@ def quantize_graph(src: Path, graph: str, recipe: Recipe, calib, tmp: Path) -> t
         return om.model, {"fp16": "whole graph"}
     if graph == "decoder" and not isinstance(recipe.scheme("embed"), Fp32):
         fold_tied_lm_head(model)
-    nodes = weight_nodes(model, graph)
+    assigned: dict = {}                           # scheme -> node names (part, then layer)
+    for p, names in weight_nodes(model, graph).items():
+        for n in names:
+            assigned.setdefault(recipe.scheme_for(p, layer_of(n)), []).append(n)
     done: dict = {}
     # Weight-only first (its quantizer skips nodes already rewritten), then int8 kinds; each
-    # distinct scheme quantizes exactly the nodes of the parts assigned to it.
-    order = sorted({s for _, s in recipe.parts if not isinstance(s, Fp32)},
+    # distinct scheme quantizes exactly the nodes assigned to it.
+    order = sorted({s for s in recipe.schemes() if not isinstance(s, Fp32)},
                    key=lambda s: (not isinstance(s, WeightOnly), isinstance(s, Int8QDQ), str(s)))
     for s in order:
-        names = [n for p, sc in recipe.parts if sc == s for n in nodes[p]]
+        names = assigned.get(s, [])
         if not names and not (isinstance(s, Int8QDQ) and s.ops == "all"):
             continue
         if isinstance(s, WeightOnly):
@@ -218,17 +221,22 @@ def _check_inputs(model_dir: Path, out: Path, recipe: Recipe, calib_dir, overwri
                        "fp32 export instead")
     inputs = [("input EXPORT DIR", model_dir)] + [("DATA DIR", calib_dir)] * (calib_dir is not None)
     check_out(out, inputs, overwrite)
-    needs = [s.name for _, s in recipe.parts
+    n_layers = int(man.get("model", {}).get("n_layers", 0))
+    beyond = [i for i, _ in recipe.layers if i >= n_layers]
+    if beyond:
+        raise BadInput(f"--layer {beyond[0]}: {model_dir} has {n_layers} decoder layers "
+                       f"(0-{n_layers - 1})")
+    needs = [s.name for s in recipe.schemes()
              if (isinstance(s, WeightOnly) and s.algo == "gptq") or isinstance(s, Int8QDQ)]
     if needs and calib_dir is None:
         raise BadInput(f"{needs[0]} calibrates on data: pass --calib DATA_DIR")
     if calib_dir is not None and not (Path(calib_dir) / "dataset.json").is_file():
         raise BadInput(f"--calib {calib_dir} is not a DATA DIR (no dataset.json)")
-    if any(isinstance(s, WeightOnly) and s.algo == "hqq" for _, s in recipe.parts):
+    if any(isinstance(s, WeightOnly) and s.algo == "hqq" for s in recipe.schemes()):
         click.echo("agevlm: warning: hqq writes float zero points, which onnxruntime runs on a "
                    "slow kernel (measured 9.6 vs 0.8 ms/token); prefer algo=rtn or gptq", err=True)
     if man.get("target") == "mobile-gpu" and any(isinstance(s, (Int8QDQ, Int8Dynamic))
-                                                 for _, s in recipe.parts):
+                                                 for s in recipe.schemes()):
         raise BadInput("the mobile-gpu target runs int4 (MatMulNBits) and fp16 on WebGPU; "
                        "int8 QuantizeLinear falls back to CPU there: quantize the cpu export")
     return man

@@ -42,6 +42,18 @@ def part_of(node_name: str, graph: str) -> str | None:
     return None
 
 
+def layer_of(node_name: str) -> int | None:
+    """The decoder layer a node belongs to: "decoder.layers.<i>...." and the cross-attention
+    block placed before that layer, "decoder.xattn.<i>...." (its K/V projections run in
+    vision.onnx), are layer i; anything else None."""
+    path = node_name.split("/", 1)[0]
+    for prefix in ("decoder.layers.", "decoder.xattn."):
+        if path.startswith(prefix):
+            idx = path[len(prefix):].split(".", 1)[0]
+            return int(idx) if idx.isdigit() else None
+    return None
+
+
 @dataclass(frozen=True)
 class Fp32:
     """Leave the part as exported."""
@@ -166,43 +178,106 @@ def label(scheme: Scheme) -> str:
 
 @dataclass(frozen=True)
 class Recipe:
-    """One scheme per part (every part of PARTS appears)."""
+    """One scheme per part (every part of PARTS appears), and optionally per decoder layer:
+    a layer's scheme (``layers``) overrides its parts' schemes for that layer's
+    self-attention, MLP and the cross-attention block before it (schemes.layer_of)."""
     parts: tuple                     # ((part, Scheme), ...) in PARTS order
     version: int = 1
+    layers: tuple = ()               # ((layer index, Scheme), ...) ascending
 
     def scheme(self, part: str) -> Scheme:
         return dict(self.parts)[part]
 
+    def scheme_for(self, part: str, layer: int | None) -> Scheme:
+        """The scheme of a node of ``part`` in decoder layer ``layer`` (None: not in a layer)."""
+        if layer is not None and part in LAYER_PARTS:
+            override = dict(self.layers).get(layer)
+            if override is not None:
+                return override
+        return self.scheme(part)
+
+    def schemes(self) -> set:
+        return {s for _, s in self.parts} | {s for _, s in self.layers}
+
     def as_dict(self) -> dict:
-        return {"version": self.version, "parts": {p: as_dict(s) for p, s in self.parts},
-                "labels": {p: label(s) for p, s in self.parts}}
+        d = {"version": self.version, "parts": {p: as_dict(s) for p, s in self.parts},
+             "labels": {p: label(s) for p, s in self.parts}}
+        if self.layers:
+            d["layers"] = {str(i): as_dict(s) for i, s in self.layers}
+            d["layer_labels"] = {str(i): label(s) for i, s in self.layers}
+        return d
 
     def label(self) -> str:
         labels = [label(s) for _, s in self.parts]
-        if len(set(labels)) == 1:
-            return labels[0]
-        return ", ".join(f"{p} {lab}" for (p, _), lab in zip(self.parts, labels))
+        text = labels[0] if len(set(labels)) == 1 else \
+            ", ".join(f"{p} {lab}" for (p, _), lab in zip(self.parts, labels))
+        for lab in dict.fromkeys(label(s) for _, s in self.layers):
+            idx = [i for i, s in self.layers if label(s) == lab]
+            text += f", layer{'s' if len(idx) > 1 else ''} {format_layers(idx)} {lab}"
+        return text
 
 
-def make_recipe(scheme: str | Scheme = "fp32", parts: dict | None = None) -> Recipe:
-    """``scheme`` for every part, except the parts named in ``parts`` ({part: spec or Scheme})."""
+# The parts that live inside decoder layers, which a per-layer scheme overrides.
+LAYER_PARTS = ("xattn", "self_attn", "mlp")
+
+
+def format_layers(idx) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    idx, runs = sorted(idx), []
+    for i in idx:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def make_recipe(scheme: str | Scheme = "fp32", parts: dict | None = None,
+                layers: dict | None = None) -> Recipe:
+    """``scheme`` for every part, except the parts named in ``parts`` ({part: spec or Scheme});
+    ``layers`` ({layer index: spec or Scheme}) overrides the in-layer parts of those layers."""
     base = parse_scheme(scheme) if isinstance(scheme, str) else scheme
     parts = dict(parts or {})
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise BadInput(f"unknown model part {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     chosen = {p: parse_scheme(s) if isinstance(s, str) else s for p, s in parts.items()}
-    recipe = Recipe(tuple((p, chosen.get(p, base)) for p in PARTS))
+    by_layer = {int(i): parse_scheme(s) if isinstance(s, str) else s for i, s in (layers or {}).items()}
+    if any(i < 0 for i in by_layer):
+        raise BadInput(f"layer indices start at 0, got {min(by_layer)}")
+    recipe = Recipe(tuple((p, chosen.get(p, base)) for p in PARTS),
+                    layers=tuple(sorted(by_layer.items())))
     whole = [p for p, s in recipe.parts if not part_scheme_ok(s)]
     if whole and len(whole) != len(PARTS):
         raise BadInput(f"{label(recipe.scheme(whole[0]))} converts whole graphs: use it as --scheme "
                        "without --part, or pick int8/int4 schemes for single parts")
+    bad = [i for i, s in recipe.layers if not part_scheme_ok(s)] + (
+        [i for i, _ in recipe.layers] if whole else [])
+    if bad:
+        raise BadInput(f"layer {bad[0]}: per-layer schemes must be int8/int4 schemes on a recipe "
+                       "that does not convert whole graphs (fp16, int8-qdq:ops=all)")
     return recipe
 
 
 def part_scheme_ok(scheme: Scheme) -> bool:
     """fp16 and every-op QDQ rewrite whole graphs, so they cannot be given to single parts."""
     return not (isinstance(scheme, Fp16) or (isinstance(scheme, Int8QDQ) and scheme.ops == "all"))
+
+
+def parse_layer_options(items) -> dict[int, str]:
+    """('3=int4', '0-1=int8-dynamic') -> {layer: spec} (CLI --layer)."""
+    out = {}
+    for item in items:
+        layers, eq, spec = item.partition("=")
+        lo, dash, hi = layers.strip().partition("-")
+        if not eq or not spec or not lo.isdigit() or (dash and not hi.isdigit()):
+            raise BadInput(f"--layer {item!r}: expected LAYER=SCHEME or FIRST-LAST=SCHEME, "
+                           "e.g. 3=int8-dynamic or 0-1=fp32 (decoder layer indices from 0)")
+        first, last = int(lo), int(hi) if dash else int(lo)
+        if last < first:
+            raise BadInput(f"--layer {item!r}: the range {first}-{last} is empty")
+        out.update({i: spec.strip() for i in range(first, last + 1)})
+    return out
 
 
 def parse_part_options(items) -> dict[str, str]:

@@ -4,7 +4,9 @@
             bytes under each scheme, smallest first (fp32 always last)
     1. reference profile (fp32 export), once; the bytes of every part under every scheme
     2. sensitivity: one part at a time on its smallest rung, the rest fp32 -> drift checks;
-       severity = max over the checks of value / limit (> 1: that part alone breaks the budget)
+       severity = max over the checks of value / limit (> 1: that part alone breaks the budget);
+       and one group of consecutive decoder layers at a time on the ladder's first scheme
+       (reported, for `agevlm quantize --layer`; the search itself moves whole parts)
     3. all parts on their smallest rung; while over budget, raise the most sensitive part that
        can still go up by one rung (greedy up)
     4. greedy down: try each raised part one rung lower again, least sensitive first; keep
@@ -30,7 +32,7 @@ from agevlm_edge.runtime.manifest import export_bytes
 
 from .drift import Budget, compare, profile
 from .quantize import quantize_export
-from .schemes import PARTS, make_recipe, parse_scheme, part_scheme_ok
+from .schemes import PARTS, format_layers, make_recipe, parse_scheme, part_scheme_ok
 
 LADDER = ("int4:algo=gptq", "int8-dynamic", "fp32")
 PARTS_INDEX = {p: i for i, p in enumerate(PARTS)}
@@ -75,14 +77,29 @@ class Search:
         if levels in self.evaluated:
             return self.evaluated[levels]
         assign = {p: self.ladders[p][i] for p, i in zip(PARTS, levels)}
-        name = "c" + "".join(str(i) for i in levels)
+        reference = all(i == len(self.ladder) - 1 for i in levels) and self.ladder[-1] == "fp32"
+        row = self._gate("c" + "".join(str(i) for i in levels), why, assign, {}, reference)
+        self.evaluated[levels] = row
+        return row
+
+    def evaluate_layers(self, layers: range, scheme: str) -> dict:
+        """One group of decoder layers alone on ``scheme``, everything else fp32 (not a
+        candidate for the choice: it only says where in depth quantization hurts)."""
+        why = f"sensitivity of layers {layers[0]}-{layers[-1]}"
+        return {"layers": [layers[0], layers[-1]], "scheme": scheme,
+                **self._gate(f"L{layers[0]}-{layers[-1]}", why, {p: "fp32" for p in PARTS},
+                             {i: scheme for i in layers}, False)}
+
+    def _gate(self, name: str, why: str, assign: dict, layers: dict, reference: bool) -> dict:
         out = self.work / name
-        click.echo(f"[search] {why}: {', '.join(f'{p}={s}' for p, s in assign.items())}", err=True)
-        if all(i == len(self.ladder) - 1 for i in levels) and self.ladder[-1] == "fp32":
+        click.echo(f"[search] {why}: {', '.join(f'{p}={s}' for p, s in assign.items())}"
+                   + (f"; layers {format_layers(layers)}={next(iter(layers.values()))}" if layers else ""),
+                   err=True)
+        if reference:
             q = {"bytes": self.fp32_bytes, "quality": None}
             res = {"checks": [], "passed": True, "reference_itself": True}
         else:
-            q = quantize_export(self.model_dir, out, make_recipe("fp32", assign),
+            q = quantize_export(self.model_dir, out, make_recipe("fp32", assign, layers),
                                 calib_dir=self.data_dir, seed=self.seed, overwrite=True)
             res = compare(self.ref, profile(out, self.data_dir, limit=self.limit), self.budget)
         row = {"candidate": name, "dir": str(out), "why": why, "assignment": assign,
@@ -97,16 +114,18 @@ class Search:
         click.echo(f"[search]   {q['bytes'] / 1e6:.2f} MB ({row['size_ratio']:.3f} x fp32), "
                    f"{'inside' if res['passed'] else 'OVER'} the budget "
                    f"(severity {row['severity']:.2f})", err=True)
-        self.evaluated[levels] = row
         return row
 
 
 def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: str | os.PathLike,
                budget: Budget = Budget(), ladder: tuple[str, ...] = LADDER,
                limit: int | None = None, seed: int = 0, overwrite: bool = False,
-               keep_candidates: bool = False, ref_profile: dict | None = None) -> dict:
+               keep_candidates: bool = False, ref_profile: dict | None = None,
+               layer_groups: int = 4) -> dict:
     """Search, then write OUT/variant (the chosen EXPORT DIR) and OUT/search.json.
-    ``ref_profile``: the fp32 export's drift.profile on the same images, if already measured."""
+    ``ref_profile``: the fp32 export's drift.profile on the same images, if already measured.
+    ``layer_groups``: also gate each of this many groups of consecutive decoder layers alone
+    on the smallest rung (0: not)."""
     model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
     if not (data_dir / "dataset.json").is_file():
         raise BadInput(f"--data {data_dir} is not a DATA DIR (no dataset.json)")
@@ -124,6 +143,8 @@ def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: s
         for k, part in enumerate(PARTS):
             levels = tuple(0 if j == k else top for j in range(len(PARTS)))
             sens[part] = s.evaluate(levels, f"sensitivity of {part}")
+        n_layers = int(read_json(model_dir / "manifest.json")["model"]["n_layers"])
+        layer_sens = [s.evaluate_layers(g, ladder[0]) for g in layer_groups_of(n_layers, layer_groups)]
         order = sorted(PARTS, key=lambda p: (-sens[p]["severity"], p))   # most sensitive first
         levels = [0] * len(PARTS)
         path = [s.evaluate(tuple(levels), "every part on its smallest rung")]
@@ -146,6 +167,7 @@ def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: s
         result = {"reference": str(model_dir), "data": str(data_dir), "budget": budget.__dict__,
                   "ladder": list(ladder), "part_ladders": s.ladders, "seed": seed, "limit": limit,
                   "fp32_bytes": s.fp32_bytes, "sensitivity": [sens[p] for p in PARTS],
+                  "layer_sensitivity": layer_sens,
                   "path": path, "chosen": best,
                   "method": "greedy up by sensitivity, then greedy down; a local minimum over "
                             f"{len(s.evaluated)} evaluated assignments of "
@@ -155,6 +177,8 @@ def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: s
         else:
             shutil.move(best["dir"], tmp / "variant")
             result["variant"] = str(out / "variant")
+        for row in layer_sens:
+            row["dir"] = str(out / "candidates" / row["candidate"]) if keep_candidates else None
         for row in s.evaluated.values():             # where each candidate is once OUT is in place
             row["dir"] = (str(out / "variant") if row is best and not row["reference_itself"] else
                           str(model_dir) if row["reference_itself"] else
@@ -167,6 +191,13 @@ def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: s
 
 
 
+def layer_groups_of(n_layers: int, groups: int) -> list[range]:
+    """``n_layers`` decoder layers in ``groups`` runs of consecutive layers, sizes within one."""
+    groups = min(groups, n_layers)
+    bounds = [round(k * n_layers / groups) for k in range(groups + 1)] if groups else [0]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
 def format_search(res: dict) -> str:
     """The sensitivity table, the path and the choice."""
     head = f"{'candidate':<10} {'size':>6} {'sev':>6}  {'':<6} assignment"
@@ -175,6 +206,13 @@ def format_search(res: dict) -> str:
                        + ", ".join(f"{p}={v}" for p, v in r["assignment"].items()) for r in rs]
     lines = ["sensitivity (one part on its smallest rung, the rest fp32; size x fp32; severity = "
              "worst check / its limit)", head] + rows(res["sensitivity"])
+    if res.get("layer_sensitivity"):
+        lines += ["", "layer sensitivity (one group of decoder layers - self-attention, MLP and "
+                  "the cross-attention before them - alone on "
+                  f"{res['layer_sensitivity'][0]['scheme']}, the rest fp32)",
+                  f"{'layers':<10} {'size':>6} {'sev':>6}"]
+        lines += [f"{'{}-{}'.format(*r['layers']):<10} {r['size_ratio']:>6.3f} {r['severity']:>6.2f}  "
+                  f"{'ok' if r['passed'] else 'OVER'}" for r in res["layer_sensitivity"]]
     lines += ["", "path", head] + rows(res["path"])
     c = res["chosen"]
     lines += ["", f"chosen: {c['candidate']} = {c['size_ratio']:.3f} x fp32 "

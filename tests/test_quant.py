@@ -121,6 +121,36 @@ def test_per_part_recipe_quantizes_only_the_named_parts(fp32, tmp_path):
     assert set(man["part_bytes"]["decoder"]) >= {"mlp", "self_attn", "embed"}
 
 
+def test_per_layer_schemes_override_the_parts_inside_those_layers(fp32, tmp_path):
+    from agevlm_edge.quant.quantize import quantize_export
+    from agevlm_edge.quant.schemes import format_layers, layer_of, make_recipe
+
+    assert layer_of("decoder.layers.3.mlp.up_proj/MatMul_0") == 3
+    assert layer_of("decoder.xattn.1.attn.k_proj/MatMul_0") == 1 and layer_of("lm_head/MatMul_0") is None
+    assert format_layers([5, 0, 1, 2]) == "0-2,5"
+    from agevlm_edge.quant.search import layer_groups_of
+
+    assert [len(g) for g in layer_groups_of(30, 4)] == [8, 7, 7, 8]
+    assert layer_groups_of(2, 4) == [range(0, 1), range(1, 2)] and layer_groups_of(4, 0) == []
+    # Layer 1 alone int4: its 7 projections, the cross-attention block before it (q/o + MLP in
+    # the decoder, K/V in the vision graph); layer 0, the projector and the lm_head stay fp32.
+    quantize_export(fp32, tmp_path / "l1", make_recipe("fp32", layers={1: "int4"}), n_quality=2)
+    assert _ops(tmp_path / "l1" / "decoder.onnx")["MatMulNBits"] == 7 + 5
+    assert _ops(tmp_path / "l1" / "vision.onnx")["MatMulNBits"] == 2
+    # And the other way round through the CLI: int4 everywhere except layer 0.
+    proc = run_cli("quantize", "--model", fp32, "--scheme", "int4", "--layer", "0=fp32",
+                   "--out", tmp_path / "l0", "--quality-texts", "2", check_rc=0)
+    assert "layer 0 fp32" in proc.stdout
+    assert _ops(tmp_path / "l0" / "decoder.onnx")["MatMulNBits"] == 7 + 5 + 1
+    man = json.loads((tmp_path / "l0" / "manifest.json").read_text())
+    assert man["scheme"]["recipe"]["layers"]["0"]["name"] == "fp32"
+    for layer, msg in (("2=int4", "has 2 decoder layers"), ("a=int4", "LAYER=SCHEME"),
+                       ("1-0=int4", "is empty"), ("1=fp16", "per-layer schemes")):
+        assert_one_line_error(run_cli("quantize", "--model", fp32, "--scheme", "int4", "--layer",
+                                      layer, "--out", tmp_path / "bad"), msg)
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("spec,op", [("int8-dynamic", "MatMulInteger"), ("int8-qdq", "QuantizeLinear"),
                                      ("fp16", "Cast"), ("int2", "MatMulNBits")])
 def test_each_scheme_runs_and_agrees_with_fp32(fp32, tmp_path, small_world, spec, op):
@@ -271,6 +301,11 @@ def test_search_finds_a_small_variant_inside_the_budget_and_the_report_plots_it(
                      ladder=("int4", "fp32"), limit=12)
     assert [r["assignment"] for r in res["sensitivity"]][0]["vision"] == "int4"
     assert len(res["sensitivity"]) == 5 and res["path"][0]["why"].startswith("every part")
+    # the 2 decoder layers, each alone on int4 (with its cross-attention), the rest fp32
+    assert [r["layers"] for r in res["layer_sensitivity"]] == [[0, 0], [1, 1]]
+    assert all(r["scheme"] == "int4" and r["dir"] is None and 0 < r["size_ratio"] < 1
+               for r in res["layer_sensitivity"])
+    assert res["layer_sensitivity"][1]["size_ratio"] < res["layer_sensitivity"][0]["size_ratio"]
     chosen = res["chosen"]
     assert chosen["passed"] and chosen["size_ratio"] == min(
         r["size_ratio"] for r in res["sensitivity"] + res["path"] if r["passed"])
@@ -289,7 +324,8 @@ def test_search_finds_a_small_variant_inside_the_budget_and_the_report_plots_it(
     html = (tmp_path / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(rep["plots"]) and "<img" in html
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "Precision search" in md and "POPE F1" in md
+    assert "Precision search" in md and "POPE F1" in md and "layers 1-1=int4, the rest fp32" in md
+    assert "layer sensitivity" in text
 
 
 def test_pareto_front():
