@@ -312,10 +312,11 @@ def export_cmd(model_dir, out, target, fuse, xattn_probs, data_dir, pairs, overw
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="fp32 EXPORT DIR (made by `agevlm export`).")
 @click.option("--scheme", required=True, metavar="SCHEME[:KEY=VALUE,...]",
-              help="fp16 | int8-dynamic[:preset=avx2|avx512_vnni|arm64,per_channel=] | "
-                   "int8-qdq[:ops=matmul|all,per_channel=,calib_samples=N] | "
+              help="fp16 | int8-dynamic[:preset=avx2|avx512_vnni|arm64,per_channel=,smooth=ALPHA] | "
+                   "int8-qdq[:ops=matmul|all,per_channel=,calib_samples=N,smooth=ALPHA] | "
                    "int4[:block_size=16|32|64|128|256,symmetric=true,algo=rtn|gptq|hqq,"
-                   "accuracy_level=0|4,calib_samples=N] | w4a8 | w4a32 | int2 (deliberately bad).")
+                   "accuracy_level=0|4,calib_samples=N] | w4a8 | w4a32 | int2 (deliberately bad). "
+                   "smooth=ALPHA (e.g. 0.5): SmoothQuant before int8, calibrated on --calib.")
 @click.option("--part", "parts", multiple=True, metavar="PART=SCHEME",
               help="Another scheme for one part: vision, xattn, self_attn, mlp, embed; "
                    "fp32 keeps it (repeatable, e.g. --part vision=int8-dynamic --part embed=fp32).")

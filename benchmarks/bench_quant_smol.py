@@ -48,6 +48,8 @@ SCHEMES = {
     "fp16": "fp16",
     "int8-dynamic": "int8-dynamic:preset=avx2,per_channel=true",
     "int8-qdq": "int8-qdq",
+    "int8-dynamic-sq": "int8-dynamic:preset=avx2,per_channel=true,smooth=0.5",
+    "int8-qdq-sq": "int8-qdq:smooth=0.5",
     "int4-b32-asym": f"int4:block_size=32,symmetric=false,algo=rtn,{ACC0}",
     "int4-b32-sym": f"int4:block_size=32,symmetric=true,algo=rtn,{ACC0}",
     "int4-b128-asym": f"int4:block_size=128,symmetric=false,algo=rtn,{ACC0}",

@@ -6,6 +6,7 @@
         WeightOnly  (MatMul -> MatMulNBits, Gather -> GatherBlockQuantized): RTN by onnxruntime's
                     MatMulNBitsQuantizer, GPTQ by quant.gptq on calibration activations
         Int8Dynamic (MatMul/Gather/Conv -> *Integer ops): optimum's ORTQuantizer with its preset
+                    (smooth=ALPHA: quant.smooth's SmoothQuant first, for either int8 kind)
         Int8QDQ     (QuantizeLinear/DequantizeLinear): onnxruntime quantize_static, calibrated
         Fp16        OnnxModel.convert_float_to_float16(keep_io_types=True)
       then the quality check (quant.quality: top-1 agreement and KL vs fp32) and manifest.json.
@@ -34,6 +35,7 @@ from agevlm_edge.fsutil import check_out, staged_dir
 from agevlm_edge.runtime.manifest import export_bytes, load_manifest
 
 from .calib import CalibSet
+from .smooth import smooth_model
 from .schemes import (Fp16, Fp32, Int8Dynamic, Int8QDQ, PARTS, Recipe, WeightOnly, label,
                       layer_of, part_of)
 
@@ -180,6 +182,9 @@ def quantize_graph(src: Path, graph: str, recipe: Recipe, calib, tmp: Path) -> t
         names = assigned.get(s, [])
         if not names and not (isinstance(s, Int8QDQ) and s.ops == "all"):
             continue
+        if getattr(s, "smooth", 0):
+            done[f"smoothquant alpha {s.smooth:g}"] = smooth_model(
+                model, calib.feeds(graph, s.calib_samples), names, s.smooth)["activations"]
         if isinstance(s, WeightOnly):
             model = _weight_only(model, names, s, calib, graph)
         elif isinstance(s, Int8Dynamic):
@@ -227,7 +232,8 @@ def _check_inputs(model_dir: Path, out: Path, recipe: Recipe, calib_dir, overwri
         raise BadInput(f"--layer {beyond[0]}: {model_dir} has {n_layers} decoder layers "
                        f"(0-{n_layers - 1})")
     needs = [s.name for s in recipe.schemes()
-             if (isinstance(s, WeightOnly) and s.algo == "gptq") or isinstance(s, Int8QDQ)]
+             if (isinstance(s, WeightOnly) and s.algo == "gptq") or isinstance(s, Int8QDQ)
+             or getattr(s, "smooth", 0)]
     if needs and calib_dir is None:
         raise BadInput(f"{needs[0]} calibrates on data: pass --calib DATA_DIR")
     if calib_dir is not None and not (Path(calib_dir) / "dataset.json").is_file():

@@ -72,11 +72,14 @@ class Fp16:
 @dataclass(frozen=True)
 class Int8Dynamic:
     """MatMulInteger with activations quantized at run time, through optimum's ORTQuantizer and
-    its target presets. Weights per channel; no calibration."""
+    its target presets. Weights per channel; no calibration unless ``smooth`` > 0
+    (SmoothQuant with that alpha first, quant.smooth: scales calibrated on ``calib_samples``)."""
     preset: str = "avx2"             # avx2 | avx512_vnni | arm64
     per_channel: bool = True
+    smooth: float = 0.0              # SmoothQuant alpha; 0: off
+    calib_samples: int = 32
     name: str = field(default="int8-dynamic", init=False)
-    version: int = field(default=1, init=False)
+    version: int = field(default=2, init=False)      # 2: smooth, calib_samples
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,9 @@ class Int8QDQ:
     ops: str = "matmul"              # matmul (MatMul + Gather) | all
     per_channel: bool = True
     calib_samples: int = 32
+    smooth: float = 0.0              # SmoothQuant alpha before calibrating; 0: off
     name: str = field(default="int8-qdq", init=False)
-    version: int = field(default=1, init=False)
+    version: int = field(default=2, init=False)      # 2: smooth
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,9 @@ def parse_scheme(spec: str) -> Scheme:
         if key in CHOICES and kwargs[key] not in CHOICES[key]:
             raise BadInput(f"scheme option {key}={text!r}: choose one of "
                            f"{', '.join(map(str, CHOICES[key]))}")
+    if not 0.0 <= kwargs.get("smooth", 0.0) <= 1.0:
+        raise BadInput(f"scheme option smooth={kwargs['smooth']} is the SmoothQuant alpha: "
+                       "give a value in (0, 1] (0.5 is the paper's default), or 0 for off")
     if kwargs.get("calib_samples", 1) < 1:
         raise BadInput(f"scheme option calib_samples must be at least 1, got {kwargs['calib_samples']}")
     return cls(**kwargs)
@@ -169,10 +176,11 @@ def label(scheme: Scheme) -> str:
     if isinstance(scheme, WeightOnly):
         return (f"{scheme.name} b{scheme.block_size}{' sym' if scheme.symmetric else ''} "
                 f"{scheme.algo} a{scheme.accuracy_level}")
+    sq = f" sq{scheme.smooth:g}" if getattr(scheme, "smooth", 0) else ""
     if isinstance(scheme, Int8Dynamic):
-        return f"int8-dynamic {scheme.preset}"
+        return f"int8-dynamic {scheme.preset}{sq}"
     if isinstance(scheme, Int8QDQ):
-        return "int8-qdq" + (" all-ops" if scheme.ops == "all" else "")
+        return "int8-qdq" + (" all-ops" if scheme.ops == "all" else "") + sq
     return scheme.name
 
 

@@ -165,6 +165,77 @@ def test_each_scheme_runs_and_agrees_with_fp32(fp32, tmp_path, small_world, spec
         assert r["quality"]["kl_mean"] < 1e-3
 
 
+def _two_matmuls_on_one_input(k: int, n: int):
+    """x [rows, k] -> x @ w1, x @ w2: q/k projections sharing their input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.1, (k, n)).astype(np.float32), w) for w in ("w1", "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["y1"], name="a.q_proj/MatMul_0"),
+             helper.make_node("MatMul", ["x", "w2"], ["y2"], name="a.k_proj/MatMul_0")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, [None, n]) for y in ("y1", "y2")],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_smoothquant_is_exact_in_fp32_and_rescues_int8_from_outlier_channels(tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from agevlm_edge.quant.smooth import smooth_model
+
+    k = 64
+    model = _two_matmuls_on_one_input(k, 48)
+    gain = np.ones(k, np.float32)
+    gain[[3, 17]] = 80.0                                   # two outlier channels, as real LLMs have
+
+    def feeds(n, seed):
+        r = np.random.default_rng(seed)
+        return [{"x": (r.normal(size=(16, k)) * gain).astype(np.float32)} for _ in range(n)]
+
+    smoothed = onnx.ModelProto()
+    smoothed.CopyFrom(model)
+    info = smooth_model(smoothed, feeds(8, 1), ["a.q_proj/MatMul_0", "a.k_proj/MatMul_0"], alpha=0.5)
+    assert info["activations"] == 1 and len(info["smoothed"]) == 2      # one shared Mul
+    assert Counter(n.op_type for n in smoothed.graph.node) == {"MatMul": 2, "Mul": 1}
+
+    def run(m, x):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
+
+    def int8(m, name):
+        onnx.save(m, str(tmp_path / f"{name}.onnx"))
+        quantize_dynamic(str(tmp_path / f"{name}.onnx"), str(tmp_path / f"{name}8.onnx"),
+                         per_channel=True, weight_type=QuantType.QInt8)
+        return onnx.load(str(tmp_path / f"{name}8.onnx"))
+
+    test = feeds(1, 2)[0]
+    ref = run(model, test)
+    assert all(np.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(ref, run(smoothed, test)))
+    err = {name: np.mean([np.abs(a - b).mean() for a, b in zip(ref, run(int8(m, name), test))])
+           for name, m in (("plain", model), ("smooth", smoothed))}
+    assert err["smooth"] < 0.5 * err["plain"], err
+
+
+def test_int8_schemes_take_smoothquant_through_quantize(fp32, tmp_path, small_world):
+    from agevlm_edge.quant.quantize import quantize_export
+    from agevlm_edge.quant.schemes import make_recipe
+
+    r = quantize_export(fp32, tmp_path / "sq", make_recipe("int8-dynamic:smooth=0.5"),
+                        calib_dir=small_world, n_quality=4)
+    dec = _ops(tmp_path / "sq" / "decoder.onnx")
+    assert dec["MatMulInteger"] > 0 and dec["Mul"] > 0
+    man = json.loads((tmp_path / "sq" / "manifest.json").read_text())
+    assert man["precision"] == "int8-dynamic avx2 sq0.5"
+    # per layer: q/k/v share one input, o, gate/up share one, down; plus the cross-attention's
+    assert man["applied"]["decoder"]["smoothquant alpha 0.5"] >= 2 * 4
+    assert r["quality"]["top1_agreement"] >= 0.6
+    for spec, msg in (("int8-dynamic:smooth=0.5", "--calib"), ("int8-qdq:smooth=1.5", "SmoothQuant alpha")):
+        assert_one_line_error(run_cli("quantize", "--model", fp32, "--scheme", spec, "--out",
+                                      tmp_path / "bad"), msg)
+
+
 def test_hqq_runs_with_a_warning(fp32, tmp_path):
     proc = run_cli("quantize", "--model", fp32, "--scheme", "int4:algo=hqq", "--out", tmp_path / "h",
                    "--quality-texts", "2", check_rc=0)
