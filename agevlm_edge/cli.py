@@ -414,7 +414,7 @@ def drift_cmd(reference, candidate, data_dir, budget_file, pope_f1_drop, chair_i
               help="Seed for calibration samples.")
 @click.option("--layer-groups", default=4, show_default=True, type=click.IntRange(min=0),
               help="Also measure the sensitivity of the decoder layers in this many groups of "
-                   "consecutive layers (each group alone on the smallest rung; 0: skip).")
+                   "consecutive layers (each group alone on the ladder's first scheme; 0: skip).")
 @click.option("--keep-candidates", is_flag=True, help="Keep every evaluated candidate export.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 def search_cmd(model_dir, data_dir, out, budget_file, pope_f1_drop, chair_i_rise,
@@ -423,7 +423,7 @@ def search_cmd(model_dir, data_dir, out, budget_file, pope_f1_drop, chair_i_rise
 
     Parts: vision, xattn, self_attn, mlp, embed. First each part's sensitivity (that part alone
     on its smallest rung), and each decoder layer group's (its self-attention, MLP and
-    cross-attention alone on the smallest rung: where in depth the damage is, for
+    cross-attention alone on the ladder's first scheme: where in depth the damage is, for
     `agevlm quantize --layer`), then greedy up by part sensitivity until the gate passes, then
     greedy down. Every candidate is quantized and gated for real; search.json keeps the path.
     """

@@ -125,7 +125,7 @@ def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: s
     """Search, then write OUT/variant (the chosen EXPORT DIR) and OUT/search.json.
     ``ref_profile``: the fp32 export's drift.profile on the same images, if already measured.
     ``layer_groups``: also gate each of this many groups of consecutive decoder layers alone
-    on the smallest rung (0: not)."""
+    on the ladder's first scheme (0: not)."""
     model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
     if not (data_dir / "dataset.json").is_file():
         raise BadInput(f"--data {data_dir} is not a DATA DIR (no dataset.json)")
