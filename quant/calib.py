@@ -43,6 +43,7 @@ class CalibSet:
             order = np.random.default_rng(seed).permutation(len(recs))
             self._records = [recs[i] for i in order[:512]]
         self._used = 0
+        self._feeds: dict[tuple[str, int], list[dict]] = {}
 
     def describe(self) -> dict:
         return {"data": str(self.data_dir) if self.data_dir else None, "split": self.split,
@@ -58,7 +59,13 @@ class CalibSet:
         return caption_prompt() + target_text(caps[i // 2 % len(caps)]["text"])
 
     def feeds(self, graph: str, n: int) -> list[dict]:
-        """n feed dicts for ``graph`` (batch 1 each: no padding rows in the statistics)."""
+        """n feed dicts for ``graph`` (batch 1 each: no padding rows in the statistics),
+        built once per (graph, n): SmoothQuant and the quantizer after it read the same ones."""
+        if (graph, n) not in self._feeds:
+            self._feeds[(graph, n)] = self._build_feeds(graph, n)
+        return self._feeds[(graph, n)]
+
+    def _build_feeds(self, graph: str, n: int) -> list[dict]:
         if self.data_dir is None:
             raise BadInput("calibration needs a DATA DIR: pass --calib DATA_DIR")
         if not self._records:

@@ -25,7 +25,7 @@ import copy
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -347,29 +347,37 @@ def _expose(model: onnx.ModelProto, names: Iterable[str]) -> None:
             model.graph.output.append(helper.make_tensor_value_info(name, elem, None))
 
 
-def collect_hessians(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]],
-                     node_names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Run the model in onnxruntime (CPUExecutionProvider) with each MatMul's activation input
-    (input 0) exposed as an extra graph output, accumulate H = sum over rows of x x^T (float64,
-    [K, K]) and the row count; return H / rows per node. Leading dims of the activation are
-    flattened to rows. Works on a copy; never modifies `model`."""
-    act = {n: _find_node(model.graph, n)[1].input[0] for n in node_names}
+def activation_rows(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]],
+                    tensors: Iterable[str]) -> Iterator[dict[str, np.ndarray]]:
+    """Per feed, each named tensor as float64 rows [-1, last dim], from onnxruntime
+    (CPUExecutionProvider) with the tensors exposed as extra graph outputs (graph inputs are
+    taken from the feed). Works on a copy; never modifies `model`."""
+    tensors = set(tensors)
     m = copy.deepcopy(model)
     graph_inputs = {i.name for i in m.graph.input}
-    fetch = sorted({a for a in act.values() if a not in graph_inputs})
+    fetch = sorted(t for t in tensors if t not in graph_inputs)
     _expose(m, fetch)
-    sums: dict[str, np.ndarray] = {}
-    rows: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         sess = _session(m, tmp)
         for feed in feeds:
             values = dict(zip(fetch, sess.run(fetch, feed))) if fetch else {}
-            values.update({k: v for k, v in feed.items() if k in set(act.values())})
-            for a in set(act.values()):  # a shared activation (q/k/v) is accumulated once
-                x = np.asarray(values[a], np.float64)
-                x = x.reshape(-1, x.shape[-1])
-                sums[a] = sums.get(a, 0) + x.T @ x
-                rows[a] = rows.get(a, 0) + x.shape[0]
+            values.update({k: v for k, v in feed.items() if k in tensors})
+            yield {t: np.asarray(values[t], np.float64).reshape(-1, values[t].shape[-1])
+                   for t in tensors}
+
+
+def collect_hessians(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]],
+                     node_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Run the model with each MatMul's activation input (input 0) exposed
+    (activation_rows), accumulate H = sum over rows of x x^T (float64, [K, K]) and the row
+    count; return H / rows per node. A shared activation (q/k/v) is accumulated once."""
+    act = {n: _find_node(model.graph, n)[1].input[0] for n in node_names}
+    sums: dict[str, np.ndarray] = {}
+    rows: dict[str, int] = {}
+    for values in activation_rows(model, feeds, act.values()):
+        for a, x in values.items():
+            sums[a] = sums.get(a, 0) + x.T @ x
+            rows[a] = rows.get(a, 0) + x.shape[0]
     if not rows:
         raise ValueError("collect_hessians needs at least one feed")
     return {n: sums[a] / rows[a] for n, a in act.items()}

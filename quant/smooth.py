@@ -13,20 +13,18 @@ which is exact in fp32. Here X / s is a Mul by 1/s inserted once per activation 
 their input, so they share the Mul and each gets its rows scaled), where the paper folds 1/s
 into the preceding norm: the same arithmetic, one elementwise op more, and it also covers
 activations with no norm before them (o_proj, down_proj, the projector). max|X_j| comes from
-calibration feeds run in onnxruntime, as GPTQ's statistics do.
+calibration feeds through gptq.activation_rows, as GPTQ's statistics.
 """
 
 from __future__ import annotations
 
-import copy
-import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .gptq import _expose, _find_node, _initializer, _quantizable, _session
+from .gptq import _find_node, _initializer, _quantizable, activation_rows
 
 EPS = 1e-5
 
@@ -34,20 +32,11 @@ EPS = 1e-5
 def collect_absmax(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]],
                    activations: Sequence[str]) -> dict[str, np.ndarray]:
     """Per-channel (last axis) max |x| of each named tensor over the feeds, float64."""
-    m = copy.deepcopy(model)
-    graph_inputs = {i.name for i in m.graph.input}
-    fetch = sorted(a for a in set(activations) if a not in graph_inputs)
-    _expose(m, fetch)
     out: dict[str, np.ndarray] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        sess = _session(m, tmp)
-        for feed in feeds:
-            values = dict(zip(fetch, sess.run(fetch, feed))) if fetch else {}
-            values.update({k: v for k, v in feed.items() if k in set(activations)})
-            for a in set(activations):
-                x = np.abs(np.asarray(values[a], np.float64))
-                x = x.reshape(-1, x.shape[-1]).max(0)
-                out[a] = np.maximum(out[a], x) if a in out else x
+    for values in activation_rows(model, feeds, activations):
+        for a, x in values.items():
+            x = np.abs(x).max(0)
+            out[a] = np.maximum(out[a], x) if a in out else x
     if len(out) != len(set(activations)):
         raise ValueError("collect_absmax needs at least one feed")
     return out
@@ -65,18 +54,15 @@ def smooth_model(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]],
     for n in model.graph.node:
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
-    targets, skipped = [], []
+    groups: dict[str, list[onnx.NodeProto]] = {}      # activation -> the MatMuls it feeds
+    skipped = []
     for name in node_names:
-        ok = _quantizable(model, name)
-        node = _find_node(model.graph, name)[1] if ok else None
-        if ok and uses.get(node.input[1], 0) == 1:       # a shared weight cannot take two scalings
-            targets.append(name)
+        node = _find_node(model.graph, name)[1] if _quantizable(model, name) else None
+        if node is not None and uses.get(node.input[1], 0) == 1:   # a shared weight cannot take two scalings
+            groups.setdefault(node.input[0], []).append(node)
         else:
             skipped.append(name)
-    groups: dict[str, list[onnx.NodeProto]] = {}
-    for name in targets:
-        node = _find_node(model.graph, name)[1]
-        groups.setdefault(node.input[0], []).append(node)
+    targets = [n.name for nodes in groups.values() for n in nodes]
     if not groups:
         return {"smoothed": [], "skipped": skipped, "activations": 0}
     absmax = collect_absmax(model, feeds, list(groups))
