@@ -278,8 +278,9 @@ def eval_cmd(model_dir, data_dir, suite, split, limit, out_json, bnb) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="EXPORT DIR to write.")
 @click.option("--target", type=click.Choice(["cpu", "mobile-gpu"]), default="cpu", show_default=True,
               help="cpu: opset-23 Attention/RMSNormalization/RotaryEmbedding; mobile-gpu: "
-                   "opset 18 with com.microsoft MultiHeadAttention and SkipSimplified"
-                   "LayerNormalization, plus .ort files (WebGPU and phone runtimes).")
+                   "opset 18 with com.microsoft GroupQueryAttention (rotary fused) and "
+                   "SkipSimplifiedLayerNormalization, plus .ort files (WebGPU and phone "
+                   "runtimes); `agevlm quantize --scheme fp16` makes its fp16 variant.")
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
               help="--no-fuse: opset 18, attention as a MatMul/Softmax chain (the baseline).")
 @click.option("--xattn-probs/--no-xattn-probs", default=True, show_default=True,

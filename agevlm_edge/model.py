@@ -11,7 +11,8 @@ LlamaForCausalLM checkpoints (SmolLM2, TinyLlama, Llama-3.2) load unchanged; cro
 blocks live beside the layers (`decoder.xattn.<i>`), so they never disturb those keys.
 Image inputs are explicit forward arguments (pixels, or precomputed cross K/V), never state.
 Every attention has two paths behind one function: "eager" (returns probabilities, needed by
-the dice loss and heatmaps) and "fused" (SDPA), tested to agree.
+the dice loss and heatmaps) and "fused" (SDPA), tested to agree; the self-attention has a third,
+"gqa" (gqa_rotary: onnxruntime's GroupQueryAttention, which the mobile-gpu export emits).
 """
 
 from __future__ import annotations
@@ -193,6 +194,49 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x[..., h:], x[..., :h]], dim=-1) * sin
 
 
+def rope_cache(max_positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_positions, hd/2]: the rotary tables GroupQueryAttention takes (one half of
+    rope_cos_sin's rows, which repeat them)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.arange(max_positions).float()[:, None] * inv_freq
+    return freqs.cos(), freqs.sin()
+
+
+@torch.library.custom_op("agevlm::gqa_rotary", mutates_args=())
+def gqa_rotary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+               past_v: torch.Tensor, bias: torch.Tensor, cos_cache: torch.Tensor,
+               sin_cache: torch.Tensor, num_heads: int, kv_heads: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Self-attention over a KV cache as onnxruntime's com.microsoft GroupQueryAttention
+    computes it (do_rotary=1); the export of the mobile-gpu target maps this op onto that one.
+
+    q [B,T,Hq*hd], k/v [B,T,Hkv*hd] (before rotary), past [B,Hkv,P,hd], bias [B,1,T,P+T]
+    (additive), cos/sin_cache [max_positions, hd/2] -> (out [B,T,Hq*hd], present_k, present_v
+    [B,Hkv,P+T,hd]). The step's token t is rotated by its cache slot P+t, the same in every
+    row, where the model's other paths use its count of real tokens. With left padding the two
+    differ by the row's pad count for every token of the row alike; rotary scores depend only
+    on position differences, so the outputs agree to rounding (tested), while the cached keys
+    carry the slot phases and must be continued by this path.
+    """
+    B, T, _ = q.shape
+    hd, P = past_k.shape[-1], past_k.shape[2]
+    cos = torch.cat([cos_cache, cos_cache], -1)[P:P + T]                    # (T, hd)
+    sin = torch.cat([sin_cache, sin_cache], -1)[P:P + T]
+    q = apply_rope(q.view(B, T, num_heads, hd).transpose(1, 2), cos, sin)
+    k = apply_rope(k.view(B, T, kv_heads, hd).transpose(1, 2), cos, sin)
+    k = torch.cat([past_k, k], dim=2)
+    v = torch.cat([past_v, v.view(B, T, kv_heads, hd).transpose(1, 2)], dim=2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=num_heads != kv_heads)
+    return out.transpose(1, 2).reshape(B, T, -1), k, v
+
+
+@gqa_rotary.register_fake
+def _(q, k, v, past_k, past_v, bias, cos_cache, sin_cache, num_heads, kv_heads):
+    B, T, _ = q.shape
+    shape = (B, kv_heads, past_k.shape[2] + T, past_k.shape[-1])
+    return q.new_empty(q.shape), past_k.new_empty(shape), past_k.new_empty(shape)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, d: int, n_heads: int, n_kv: int, head_dim: int):
         super().__init__()
@@ -203,7 +247,15 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(n_heads * head_dim, d, bias=False)
 
     def forward(self, x, cos, sin, mask, past, impl):
+        """impl "gqa": cos/sin are rope_cache tables, mask an additive bias (Decoder.forward)."""
         B, T, _ = x.shape
+        if impl == "gqa":
+            if past is None:
+                past = (x.new_zeros(B, self.n_kv, 0, self.hd),) * 2
+            out, k, v = torch.ops.agevlm.gqa_rotary(self.q_proj(x), self.k_proj(x), self.v_proj(x),
+                                                    past[0], past[1], mask, cos, sin,
+                                                    self.n_heads, self.n_kv)
+            return self.o_proj(out), (k, v)
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)   # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)      # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
@@ -404,11 +456,24 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.rms_eps)
 
     def forward(self, h, positions, mask, cross_kv, past, impl, need_probs, need_hidden):
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        """impl "fused" | "eager" | "gqa" (self-attention in GroupQueryAttention's form,
+        gqa_rotary; cross-attention then runs "fused")."""
+        xattn_impl = impl
+        if impl == "gqa":
+            if self.cfg.arch == "concat":
+                # Its left padding sits between the image and the text tokens: cache slots are
+                # then not the real positions shifted alike for every key of a row.
+                raise ValueError('attn_impl "gqa" is for arch "xattn" (concat pads mid-sequence)')
+            cos, sin = rope_cache(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta)
+            mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill(
+                ~mask, torch.finfo(h.dtype).min)
+            xattn_impl = "fused"
+        else:
+            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         presents, probs, hidden = [], {}, []
         for i, layer in enumerate(self.layers):
             if str(i) in self.xattn and cross_kv is not None:
-                h, p = self.xattn[str(i)](h, cross_kv[str(i)], impl, need_probs)
+                h, p = self.xattn[str(i)](h, cross_kv[str(i)], xattn_impl, need_probs)
                 if need_probs:
                     probs[i] = p
             h, present = layer(h, cos, sin, mask, past[i] if past else None, impl)

@@ -9,15 +9,17 @@ count them, so a model change that silently breaks a fusion shows up in the mani
 tests.
 
 mobile-gpu: exported at opset 18 (phone and web runtimes take the contrib ops, not opset-23
-Attention), then onnxscript's ORT transformer fusions rewrite SDPA into com.microsoft
-`MultiHeadAttention` and the norms into `SimplifiedLayerNormalization` /
-`SkipSimplifiedLayerNormalization`, ops the WebGPU execution provider runs. The
+Attention) with the self-attention already com.microsoft `GroupQueryAttention` (rotary fused;
+export.contrib), then onnxscript's ORT transformer fusions rewrite the norms into
+`SimplifiedLayerNormalization` / `SkipSimplifiedLayerNormalization` (and SDPA into
+`MultiHeadAttention` for models GroupQueryAttention does not fit), ops the WebGPU execution
+provider runs. The
 cross-attention stays a MatMul/Softmax chain (also on WebGPU): its grouped K/V are not matched
 by the rewriter, and with the K/V expanded to one head per query head in the vision graph
 (which the rewriter does fuse) WebGPU's MultiHeadAttention disagreed with the CPU provider by
 3% of the logits' scale on a tiny test model (0.16% on a 4-layer one), against ~1e-6 for the
-chain, so that variant was dropped. Not done: GroupQueryAttention with fused rotary for the
-self-attention, fp16. The ORT-format files (`*.ort`, Fixed optimisation: CPU-EP rewrites baked
+chain, so that variant was dropped. fp16 is `agevlm quantize --scheme fp16` of this export
+(tests/test_webgpu.py runs it on WebGPU). The ORT-format files (`*.ort`, Fixed optimisation: CPU-EP rewrites baked
 in; export.parity.check_ort_parity runs them against the .onnx graphs, and
 `agevlm infer --graph-format ort` runs them) and onnxruntime's mobile usability verdicts
 (NNAPI, CoreML) are added to the EXPORT DIR and the manifest.

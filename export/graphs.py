@@ -57,7 +57,8 @@ class DecoderGraph(nn.Module):
     """One decoder step over new tokens with an explicit KV cache (see the module docstring).
 
     ``impl`` picks the attention path: "fused" (SDPA, which the exporter turns into the
-    opset-23 Attention op) or "eager" (the MatMul/Softmax chain, the unfused baseline).
+    opset-23 Attention op), "eager" (the MatMul/Softmax chain, the unfused baseline) or
+    "gqa" (self-attention as com.microsoft GroupQueryAttention, export.contrib).
     ``probs`` adds the cross-attention probabilities as outputs (the cross-attention then runs
     eager, since a fused op does not return them).
     """

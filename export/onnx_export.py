@@ -31,6 +31,7 @@ from agevlm_edge.errors import BadInput, CheckFailed
 from agevlm_edge.fsutil import check_out, sha256_file, staged_dir, write_json_atomic
 from agevlm_edge.runtime.manifest import FORMAT, FORMAT_VERSION
 
+from .contrib import gqa_unfit, translation_table
 from .fusion import apply_target, op_counts, target_opset
 from .graphs import DecoderGraph, VisionGraph, layer_names
 
@@ -38,7 +39,7 @@ TARGETS = ("cpu", "mobile-gpu")
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, opset: int, input_names: list[str],
-            output_names: list[str], dynamic_shapes) -> None:
+            output_names: list[str], dynamic_shapes, translations: dict | None = None) -> None:
     """One graph through the dynamo exporter, quietly (it logs every pass at INFO)."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
@@ -46,17 +47,19 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, opset: int, input_
         program = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
                                     input_names=input_names, output_names=output_names,
                                     dynamic_shapes=dynamic_shapes, verbose=False,
-                                    external_data=False)
+                                    external_data=False,
+                                    custom_translation_table=translations)
     program.save(str(path))
     name_nodes(path)
 
 
 def export_graphs(model, out_dir: Path, fused: bool = True, xattn_probs: bool = False,
-                  naive_kv: bool = False, opset: int | None = None) -> dict:
+                  naive_kv: bool = False, opset: int | None = None, gqa: bool = False) -> dict:
     """Write vision.onnx and decoder.onnx for ``model`` (eval mode, fp32) into ``out_dir``.
 
     ``fused`` picks the attention path (SDPA or the eager chain); the opset defaults to 23
-    for fused (SDPA -> Attention) and 18 otherwise.
+    for fused (SDPA -> Attention) and 18 otherwise. ``gqa``: the self-attention becomes
+    com.microsoft GroupQueryAttention with fused rotary (export.contrib; mobile-gpu).
     """
     from torch.export import Dim
 
@@ -85,12 +88,13 @@ def export_graphs(model, out_dir: Path, fused: bool = True, xattn_probs: bool = 
         else tuple({0: batch} for _ in vis)     # N is fixed by the model's image size
     dyn = ({0: batch, 1: seq}, {0: batch, 1: Dim("keys")},
            tuple({0: batch, 2: past_len} for _ in past) + image_dims)
-    decoder = DecoderGraph(model, impl="fused" if fused else "eager", probs=xattn_probs,
-                           naive_kv=naive_kv).eval()
+    impl = "gqa" if gqa else "fused" if fused else "eager"
+    decoder = DecoderGraph(model, impl=impl, probs=xattn_probs, naive_kv=naive_kv).eval()
     out_names = ["logits"] + names["present"] + (names["probs"] if xattn_probs else [])
     _export(decoder, (ids, mask, *past, *vis), out_dir / "decoder.onnx", opset,
-            ["input_ids", "attention_mask"] + names["past"] + vis_names, out_names, dyn)
-    return {"opset": opset}
+            ["input_ids", "attention_mask"] + names["past"] + vis_names, out_names, dyn,
+            translation_table() if gqa else None)
+    return {"opset": opset, "self_attention": "GroupQueryAttention" if gqa else impl}
 
 
 def module_path(node) -> str:
@@ -185,14 +189,17 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str =
     data = data if data is not None and (data / "dataset.json").is_file() else None
     t0 = time.perf_counter()
     with staged_dir(out, overwrite=overwrite) as tmp:
+        no_gqa = gqa_unfit(model.cfg) if target == "mobile-gpu" else "cpu target"
         info = export_graphs(model, tmp, fused=fused, xattn_probs=xattn_probs, naive_kv=naive_kv,
-                             opset=target_opset(target, fused))
+                             opset=target_opset(target, fused), gqa=no_gqa is None)
+        if target == "mobile-gpu" and no_gqa:
+            info["self_attention"] = f"MultiHeadAttention (not GroupQueryAttention: {no_gqa})"
         rewrites = apply_target(tmp, target, fused)
         for name in ("tokenizer.json", "preprocessor.json"):
             shutil.copyfile(run_dir / name, tmp / name)
         man = {"format": FORMAT, "format_version": FORMAT_VERSION,
                "created_by": f"agevlm-edge {__version__}", "target": target, "fused": fused,
-               "opset": info["opset"], "precision": "fp32", "scheme": {"name": "fp32"},
+               "opset": info["opset"], "self_attention": info["self_attention"], "precision": "fp32", "scheme": {"name": "fp32"},
                "model": model.cfg.to_dict(), "xattn_probs": xattn_probs,
                "naive_kv": naive_kv and model.cfg.arch == "xattn",
                "object_words": object_words(data), "rewrites": rewrites,

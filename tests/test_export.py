@@ -24,7 +24,7 @@ def tokenizer(small_world):
     return train_bpe(corpus(small_world), 400)
 
 
-def _run_dir(path, tokenizer, arch: str):
+def _run_dir(path, tokenizer, arch: str, **cfg):
     import torch
 
     from agevlm_edge.checkpoint import save_model_files
@@ -34,7 +34,7 @@ def _run_dir(path, tokenizer, arch: str):
     torch.manual_seed(1)
     cfg = AgeVLMConfig(image_size=S, patch_size=8, vision_width=32, vision_heads=2,
                        vocab_size=tokenizer.get_vocab_size(), d_model=32, n_layers=2, n_heads=4,
-                       n_kv_heads=2, ffn_hidden=64, arch=arch, max_seq_len=128)
+                       n_kv_heads=2, ffn_hidden=64, arch=arch, max_seq_len=128, **cfg)
     model = AgeVLM(cfg).eval()
     with torch.no_grad():
         for blk in model.decoder.xattn.values():
@@ -47,7 +47,10 @@ def _run_dir(path, tokenizer, arch: str):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("runs")
-    return {a: _run_dir(root / a, tokenizer, a) for a in ("xattn", "concat")}
+    runs = {a: _run_dir(root / a, tokenizer, a) for a in ("xattn", "concat")}
+    # GroupQueryAttention (mobile-gpu) takes head sizes divisible by 16 only
+    runs["xattn16"] = _run_dir(root / "xattn16", tokenizer, "xattn", head_dim=16)
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,8 @@ def exported(tmp_path_factory, runs, small_world):
     out = {}
     for name, run, kw in (("xattn", runs["xattn"], {}), ("concat", runs["concat"], {}),
                           ("unfused", runs["xattn"], {"fused": False, "xattn_probs": False}),
-                          ("mobile", runs["xattn"], {"target": "mobile-gpu", "xattn_probs": False})):
+                          ("mobile", runs["xattn16"], {"target": "mobile-gpu", "xattn_probs": False}),
+                          ("mobile8", runs["xattn"], {"target": "mobile-gpu", "xattn_probs": False})):
         export_run(run, root / name, data_dir=small_world, **kw)
         out[name] = root / name
     return out
@@ -117,8 +121,16 @@ def test_mobile_gpu_export_uses_contrib_attention_and_ships_ort_files(exported):
     man = _manifest(exported["mobile"])
     ops = man["graphs"]["decoder"]["ops"]
     assert man["opset"] == 18 and "Attention" not in ops
-    # The 2 self-attentions; the cross-attention (SDPA without a mask) is not matched yet.
-    assert ops["com.microsoft.MultiHeadAttention"] == 2
+    # Each self-attention one GroupQueryAttention (rotary inside, K/V not expanded); the
+    # cross-attention stays a MatMul/Softmax chain (export/fusion.py says why).
+    n_layers = man["model"]["n_layers"]
+    assert man["self_attention"] == "GroupQueryAttention"
+    assert ops["com.microsoft.GroupQueryAttention"] == n_layers
+    assert "com.microsoft.MultiHeadAttention" not in ops and "Softmax" in ops
+    # A head size GroupQueryAttention refuses: SDPA rewritten into MultiHeadAttention, and why
+    man8 = _manifest(exported["mobile8"])
+    assert man8["parity"]["passed"] and "divisible by 16, not 8" in man8["self_attention"]
+    assert man8["graphs"]["decoder"]["ops"]["com.microsoft.MultiHeadAttention"] == n_layers
     assert ops["com.microsoft.SkipSimplifiedLayerNormalization"] >= 2
     assert man["parity"]["passed"] and {"vision.ort", "decoder.ort"} <= set(man["files"])
     assert set(man["rewrites"]["usability"]["decoder"]["verdicts"]) >= {"NNAPI", "CoreML MLProgram"}

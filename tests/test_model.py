@@ -127,3 +127,29 @@ def test_vision_stems_give_one_token_per_patch(stem, patch):
     assert m.image_tokens(torch.randn(1, 3, 64, 64)).shape == (1, (64 // patch) ** 2, 32)
     with pytest.raises(ValueError, match="vision_stem must be"):
         AgeVLMConfig(vision_stem="resnet")
+
+
+def test_gqa_form_matches_eager_on_a_left_padded_batch_and_its_own_cache():
+    """attn_impl="gqa" rotates by cache slot, not by real-token count: the same scores (rotary
+    is relative) for prefill and a decode step over its own cache, different cached keys."""
+    m = _model(seed=2)
+    _open_gates(m)
+    ids, px = torch.randint(3, 97, (2, 7)), torch.randn(2, 3, 32, 32)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :3] = 0
+    real = mask.bool()
+    with torch.no_grad():
+        img = m.image_tokens(px)
+        kv = m.cross_kv(img)
+        a = m(ids, image_tokens=img, cross_kv=kv, attention_mask=mask, attn_impl="eager")
+        g = m(ids, image_tokens=img, cross_kv=kv, attention_mask=mask, attn_impl="gqa")
+        nxt, mask2 = a.logits[:, -1:].argmax(-1), torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        a2, g2 = (m(nxt, cross_kv=kv, attention_mask=mask2, past_key_values=o.past_key_values,
+                    attn_impl=impl) for o, impl in ((a, "eager"), (g, "gqa")))
+    assert (a.logits[real] - g.logits[real]).abs().max().item() < 1e-5
+    assert (a2.logits - g2.logits).abs().max().item() < 1e-5
+    k_eager, k_gqa = a.past_key_values[0][0], g.past_key_values[0][0]
+    assert torch.allclose(k_eager[1], k_gqa[1], atol=1e-6)          # no padding: same phases
+    assert not torch.allclose(k_eager[0, :, -4:], k_gqa[0, :, -4:], atol=1e-3)   # shifted by 3
+    with pytest.raises(ValueError, match="concat pads mid-sequence"):
+        _model(arch="concat")(ids, pixel_values=px, attention_mask=mask, attn_impl="gqa")

@@ -1,0 +1,81 @@
+"""com.microsoft contrib ops emitted at export, for the mobile-gpu target.
+
+The model's self-attention in its "gqa" form is one custom op (`agevlm::gqa_rotary`,
+agevlm_edge/model.py); here it is translated into onnxruntime's `GroupQueryAttention` (rotary
+fused, grouped K/V read without expansion, the KV cache appended inside the op), through the
+dynamo exporter's custom translation table:
+
+    query, key, value [B,T,H*hd]  past_key/value [B,Hkv,P,hd]  attention_bias [B,1,T,P+T]
+    seqlens_k = P+T-1 per row (int32), total_sequence_length = P+T, cos/sin_cache
+      -> output [B,T,Hq*hd], present_key/value [B,Hkv,P+T,hd]
+
+Every row counts all P+T cache slots as its own; the padding mask lives in attention_bias.
+Models it does not fit (`gqa_unfit`: concat, head sizes not divisible by 16) keep SDPA, which
+export.fusion rewrites into MultiHeadAttention.
+onnxruntime's CPU kernel refuses a multi-token step over a non-empty past at batch > 1; the
+runtime never makes one (prefill starts from an empty past, decode steps are one token).
+onnxscript builds ops from their ONNX schemas, and the onnx package knows no contrib schemas:
+`translation_table` registers the one this op needs (inputs up to attention_bias, the subset
+the translation fills) before the export.
+"""
+
+from __future__ import annotations
+
+_GQA_INPUTS = [("query", "T"), ("key", "T"), ("value", "T"), ("past_key", "T"), ("past_value", "T"),
+               ("seqlens_k", "M"), ("total_sequence_length", "M"), ("cos_cache", "T"),
+               ("sin_cache", "T"), ("position_ids", "P"), ("attention_bias", "T")]
+
+
+def _register_gqa_schema() -> None:
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has("GroupQueryAttention", "com.microsoft"):
+        return
+    opt, single = OpSchema.FormalParameterOption.Optional, OpSchema.FormalParameterOption.Single
+    required = {"query", "key", "value", "seqlens_k", "total_sequence_length"}
+    schema = OpSchema(
+        "GroupQueryAttention", "com.microsoft", 1,
+        inputs=[OpSchema.FormalParameter(n, t, "", param_option=single if n in required else opt)
+                for n, t in _GQA_INPUTS],
+        outputs=[OpSchema.FormalParameter(n, "T", "") for n in ("output", "present_key", "present_value")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""),
+                          ("M", ["tensor(int32)"], ""), ("P", ["tensor(int64)"], "")],
+        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "")
+                    for a in ("num_heads", "kv_num_heads", "do_rotary")])
+    onnx.defs.register_schema(schema)
+
+
+def _gqa_rotary(q, k, v, past_k, past_v, bias, cos_cache, sin_cache, num_heads: int, kv_heads: int):
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    msft = onnxscript.values.Opset("com.microsoft", 1)
+    # From the bias [B,1,T,P+T], which every layer shares, so the layers share these nodes.
+    total = op.Cast(op.Shape(bias, start=3, end=4), to=6)
+    one = op.CastLike(op.Constant(value_ints=[1]), total)
+    seqlens = op.Expand(op.Sub(total, one), op.Shape(bias, start=0, end=1))
+    return msft.GroupQueryAttention(q, k, v, past_k, past_v, seqlens,
+                                    op.Squeeze(total, op.Constant(value_ints=[0])),
+                                    cos_cache, sin_cache, None, bias,
+                                    num_heads=num_heads, kv_num_heads=kv_heads, do_rotary=1,
+                                    _outputs=3)
+
+
+def gqa_unfit(cfg) -> str | None:
+    """Why this model's self-attention cannot be GroupQueryAttention, or None when it can."""
+    if cfg.arch != "xattn":
+        return "concat models pad between image and text tokens (see model.gqa_rotary)"
+    if cfg.head_dim % 16:
+        return f"onnxruntime's GroupQueryAttention needs a head size divisible by 16, not {cfg.head_dim}"
+    return None
+
+
+def translation_table() -> dict:
+    """custom_translation_table for torch.onnx.export(dynamo=True)."""
+    import torch
+
+    import agevlm_edge.model  # noqa: F401  (registers torch.ops.agevlm.gqa_rotary)
+
+    _register_gqa_schema()
+    return {torch.ops.agevlm.gqa_rotary.default: _gqa_rotary}
