@@ -110,7 +110,7 @@ def _quant_stages(log: list[dict], out: Path, data: Path, short: bool) -> None:
     from .quant.drift import Budget, profile, run_drift
     from .quant.quantize import quantize_export
     from .quant.schemes import make_recipe
-    from .quant.search import run_search
+    from .quant.search import assignment_text, run_search
     from .report import build_report
 
     ref, limit = out / "export-cpu", SHORT_EVAL_IMAGES if short else None
@@ -136,8 +136,8 @@ def _quant_stages(log: list[dict], out: Path, data: Path, short: bool) -> None:
         found.update(run_search(ref, data, out / "search", Budget(), limit=limit,
                                 overwrite=True, ref_profile=ref_profile))
         c = found["chosen"]
-        parts = ", ".join(f"{p}={s}" for p, s in c["assignment"].items())
-        return f"chosen {c['candidate']} at {c['size_ratio']:.3f} x fp32 ({parts}) -> {found['variant']}"
+        return (f"chosen {c['candidate']} at {c['size_ratio']:.3f} x fp32 ({assignment_text(c)}) "
+                f"-> {found['variant']}")
 
     def _report() -> str:
         chosen = [Path(found["variant"])] if Path(found["variant"]) != ref else []

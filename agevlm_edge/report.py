@@ -183,6 +183,8 @@ def _f(x, d: int = 3) -> str:
 
 
 def markdown(rep: dict) -> str:
+    from .quant.search import assignment_text
+
     rows = rep["rows"]
     ref = rep.get("fp32_bytes")
     out = ["# agevlm accuracy vs size report", "",
@@ -214,7 +216,7 @@ def markdown(rep: dict) -> str:
                 "|---|---|---:|---:|---|"]
         out += [f"| {r['candidate']} ({r['why']}) | "
                 + (f"layers {r['layers'][0]}-{r['layers'][1]}={r['scheme']}, the rest fp32"
-                   if "layers" in r else ", ".join(f"{k}={v}" for k, v in r["assignment"].items()))
+                   if "layers" in r else assignment_text(r))
                 + f" | {r['size_ratio']:.3f} | {r['severity']:.2f} | {'yes' if r['passed'] else 'no'} |"
                 for r in s["sensitivity"] + s.get("layer_sensitivity", []) + s["path"]]
         out += ["", f"Chosen: {s['chosen']['candidate']} at {s['chosen']['size_ratio']:.3f} x fp32.", ""]

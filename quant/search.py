@@ -6,15 +6,18 @@
     2. sensitivity: one part at a time on its smallest rung, the rest fp32 -> drift checks;
        severity = max over the checks of value / limit (> 1: that part alone breaks the budget);
        and one group of consecutive decoder layers at a time on the ladder's first scheme
-       (reported, for `agevlm quantize --layer`; the search itself moves whole parts)
     3. all parts on their smallest rung; while over budget, raise the most sensitive part that
        can still go up by one rung (greedy up)
     4. greedy down: try each raised part one rung lower again, least sensitive first; keep
        every lowering that stays inside the budget
-    5. the chosen variant: the smallest (bytes) evaluated assignment inside the budget
+    5. layer groups: where a part inside the decoder layers (xattn, self_attn, mlp) stayed
+       above the ladder's first scheme, put one layer group at a time on that scheme (least
+       sensitive group first, by step 2); keep every group that stays inside the budget
+    6. the chosen variant: the smallest (bytes) evaluated assignment inside the budget
 Every candidate is really quantized and really evaluated; the path records each one with
 its bytes and checks. The result is a local minimum along that path (5 parts x 3 rungs is
-243 assignments; each evaluation costs a full POPE/CHAIR pass), which search.json says.
+243 assignments before any layer split; each evaluation costs a full POPE/CHAIR pass), which
+search.json says.
 Deterministic for a seed: the seed picks the calibration samples, decoding is greedy.
 """
 
@@ -32,7 +35,7 @@ from agevlm_edge.runtime.manifest import export_bytes
 
 from .drift import Budget, compare, profile
 from .quantize import quantize_export
-from .schemes import PARTS, format_layers, make_recipe, parse_scheme, part_scheme_ok
+from .schemes import LAYER_PARTS, PARTS, format_layers, make_recipe, parse_scheme, part_scheme_ok
 
 LADDER = ("int4:algo=gptq", "int8-dynamic", "fp32")
 PARTS_INDEX = {p: i for i, p in enumerate(PARTS)}
@@ -72,15 +75,29 @@ class Search:
         return {p: tuple(sorted(self.ladder[:-1], key=lambda s: (size[s][p], self.ladder.index(s))))
                 + self.ladder[-1:] for p in PARTS}
 
-    def evaluate(self, levels: tuple[int, ...], why: str) -> dict:
-        """Quantize and gate one assignment (part -> rung index); cached by assignment."""
-        if levels in self.evaluated:
-            return self.evaluated[levels]
+    def evaluate(self, levels: tuple[int, ...], why: str, layers: dict[int, str] | None = None
+                 ) -> dict:
+        """Quantize and gate one assignment (part -> rung index, plus decoder layers whose
+        in-layer parts take another scheme); cached by assignment."""
+        layers = dict(sorted((layers or {}).items()))
+        key = (levels, tuple(layers.items()))
+        if key in self.evaluated:
+            return self.evaluated[key]
         assign = {p: self.ladders[p][i] for p, i in zip(PARTS, levels)}
-        reference = all(i == len(self.ladder) - 1 for i in levels) and self.ladder[-1] == "fp32"
-        row = self._gate("c" + "".join(str(i) for i in levels), why, assign, {}, reference)
-        self.evaluated[levels] = row
+        reference = all(i == len(self.ladder) - 1 for i in levels) and self.ladder[-1] == "fp32" \
+            and not layers
+        name = "c" + "".join(str(i) for i in levels)
+        if layers:
+            name += "-L" + format_layers(layers).replace(",", "_")
+        row = self._gate(name, why, assign, layers, reference)
+        if layers:
+            row["layer_schemes"] = {str(i): sch for i, sch in layers.items()}
+        self.evaluated[key] = row
         return row
+
+    def lowers_layers(self, levels: tuple[int, ...], scheme: str) -> bool:
+        """Whether putting decoder layers on ``scheme`` makes some in-layer part smaller."""
+        return any(self.ladders[p].index(scheme) < levels[PARTS_INDEX[p]] for p in LAYER_PARTS)
 
     def evaluate_layers(self, layers: range, scheme: str) -> dict:
         """One group of decoder layers alone on ``scheme``, everything else fp32 (not a
@@ -162,6 +179,15 @@ def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: s
                 if not row["passed"]:
                     break
                 levels = trial
+        layers: dict[int, str] = {}
+        if s.lowers_layers(tuple(levels), ladder[0]):
+            for g in sorted(layer_sens, key=lambda r: (r["severity"], r["layers"][0])):
+                trial_layers = {**layers, **{i: ladder[0] for i in range(g["layers"][0], g["layers"][1] + 1)}}
+                row = s.evaluate(tuple(levels), f"down: layers {g['layers'][0]}-{g['layers'][1]} "
+                                 f"to {ladder[0]}", trial_layers)
+                path.append(row)
+                if row["passed"]:
+                    layers = trial_layers
         passing = [r for r in s.evaluated.values() if r["passed"]]
         best = min(passing, key=lambda r: (r["bytes"], r["candidate"]))
         result = {"reference": str(model_dir), "data": str(data_dir), "budget": budget.__dict__,
@@ -169,9 +195,9 @@ def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: s
                   "fp32_bytes": s.fp32_bytes, "sensitivity": [sens[p] for p in PARTS],
                   "layer_sensitivity": layer_sens,
                   "path": path, "chosen": best,
-                  "method": "greedy up by sensitivity, then greedy down; a local minimum over "
-                            f"{len(s.evaluated)} evaluated assignments of "
-                            f"{len(ladder) ** len(PARTS)}"}
+                  "method": "greedy up by sensitivity, then greedy down, then layer groups down; "
+                            f"a local minimum over {len(s.evaluated)} evaluated assignments of "
+                            f"{len(ladder) ** len(PARTS)} whole-part ones"}
         if best["reference_itself"]:
             result["variant"] = str(model_dir)       # nothing smaller passed: fp32 itself
         else:
@@ -198,12 +224,20 @@ def layer_groups_of(n_layers: int, groups: int) -> list[range]:
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
+def assignment_text(row: dict) -> str:
+    """"embed=int4, ..., mlp=int8-dynamic; layers 0-1=int4" for a search row."""
+    text = ", ".join(f"{p}={v}" for p, v in row["assignment"].items())
+    by_scheme: dict[str, list[int]] = {}
+    for i, sch in row.get("layer_schemes", {}).items():
+        by_scheme.setdefault(sch, []).append(int(i))
+    return text + "".join(f"; layers {format_layers(idx)}={sch}" for sch, idx in by_scheme.items())
+
+
 def format_search(res: dict) -> str:
     """The sensitivity table, the path and the choice."""
     head = f"{'candidate':<10} {'size':>6} {'sev':>6}  {'':<6} assignment"
     rows = lambda rs: [f"{r['candidate']:<10} {r['size_ratio']:>6.3f} {r['severity']:>6.2f}  "
-                       f"{'ok' if r['passed'] else 'OVER':<6} "
-                       + ", ".join(f"{p}={v}" for p, v in r["assignment"].items()) for r in rs]
+                       f"{'ok' if r['passed'] else 'OVER':<6} " + assignment_text(r) for r in rs]
     lines = ["sensitivity (one part on its smallest rung, the rest fp32; size x fp32; severity = "
              "worst check / its limit)", head] + rows(res["sensitivity"])
     if res.get("layer_sensitivity"):

@@ -399,6 +399,43 @@ def test_search_finds_a_small_variant_inside_the_budget_and_the_report_plots_it(
     assert "layer sensitivity" in text
 
 
+def test_search_splits_a_raised_part_by_layer_group(fp32, tmp_path, monkeypatch):
+    """The search's logic on a synthetic gate (no quantization): self-attention on int4 breaks
+    the budget in layer 1 only, so after raising self_attn the layer-group step puts layer 0
+    back on int4 and keeps it, and tries layer 1 and drops it."""
+    from agevlm_edge.quant.drift import Budget
+    from agevlm_edge.quant.schemes import LAYER_PARTS, PARTS
+    from agevlm_edge.quant.search import Search, assignment_text, format_search, run_search
+
+    def gate(self, name, why, assign, layers, reference):
+        (self.work / name).mkdir(parents=True, exist_ok=True)
+        eff = lambda p, i: layers.get(i, assign[p])
+        units = sum((3 if eff(p, i) == "int4" else 10) for p in LAYER_PARTS for i in (0, 1)) + \
+            sum((6 if assign[p] == "int4" else 20) for p in PARTS if p not in LAYER_PARTS)
+        sev = 2.0 if eff("self_attn", 1) == "int4" else 0.5
+        return {"candidate": name, "dir": str(self.work / name), "why": why, "assignment": assign,
+                "reference_itself": reference, "bytes": units, "size_ratio": units / 100,
+                "quality": None, "passed": sev <= 1, "severity": sev, "checks": [],
+                "drift": {}}
+
+    monkeypatch.setattr(Search, "_gate", gate)
+    monkeypatch.setattr(Search, "part_ladders", lambda self: {p: ("int4", "fp32") for p in PARTS})
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "dataset.json").write_text("{}")
+    res = run_search(fp32, data, tmp_path / "s", Budget(), ladder=("int4", "fp32"),
+                     ref_profile={"stub": True}, layer_groups=2)
+    whys = [r["why"] for r in res["path"]]
+    assert whys[:2] == ["every part on its smallest rung", "up: self_attn (most sensitive left)"]
+    assert whys[-2:] == ["down: layers 0-0 to int4", "down: layers 1-1 to int4"]
+    assert [r["passed"] for r in res["path"][-2:]] == [True, False]
+    chosen = res["chosen"]
+    assert chosen["layer_schemes"] == {"0": "int4"} and chosen["assignment"]["self_attn"] == "fp32"
+    assert chosen["bytes"] == min(r["bytes"] for r in res["path"] if r["passed"])
+    assert assignment_text(chosen).endswith("self_attn=fp32, mlp=int4, embed=int4; layers 0=int4")
+    assert "layers 0=int4" in format_search(res) and (tmp_path / "s" / "variant").is_dir()
+
+
 def test_pareto_front():
     from agevlm_edge.report import pareto
 
