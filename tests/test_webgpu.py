@@ -62,5 +62,11 @@ def test_mobile_gpu_graphs_run_on_webgpu_and_match_cpu(request, mobile_export, v
         assert heavy and all(ep == "WebGpuExecutionProvider" for ep in heavy.values()), \
             {n: ep for n, ep in heavy.items() if ep != "WebGpuExecutionProvider"}
     assert res["graphs"]["decoder"]["top1_agreement"] == 1.0
+    # The runtime on WebGPU: the KV cache kept in device memory between steps decodes exactly
+    # as the host-memory round trip does, and (fp32) as the CPU provider does.
+    gens = res["generations"]
+    assert gens["webgpu_kv_device"] == gens["webgpu_kv_host"] and len(gens["cpu"]) == 2
+    if variant == "fp32":
+        assert gens["webgpu_kv_device"] == gens["cpu"]
     ops = {op for op, _ in res["graphs"]["decoder"]["placement"].values()}
     assert "GroupQueryAttention" in ops

@@ -3,9 +3,11 @@
     .venv-webgpu/bin/python tests/webgpu_probe.py EXPORT_DIR
 
 Runs in the separate onnxruntime-webgpu venv (scripts/setup_webgpu.sh), so it needs only
-numpy and onnxruntime. Node placement comes from onnxruntime's profiler: every node event
-names the execution provider that ran it. Prints {"skip": reason} when no WebGPU adapter
-can be created here.
+what the device runtime needs (numpy, onnxruntime, tokenizers, Pillow; the runtime is imported
+from this checkout). Node placement comes from onnxruntime's profiler: every node event
+names the execution provider that ran it. Then the runtime's greedy generations on WebGPU
+(KV cache in device memory, and in host memory) and on CPU. Prints {"skip": reason} when no
+WebGPU adapter can be created here.
 """
 
 import glob
@@ -70,7 +72,26 @@ def main() -> None:
         if "logits" in names:
             x, y = a[names.index("logits")], b[names.index("logits")]
             res["graphs"][name]["top1_agreement"] = float((x.argmax(-1) == y.argmax(-1)).mean())
+    res["generations"] = generations(d)
     print(json.dumps(res))
+
+
+def generations(d: str) -> dict:
+    """Greedy tokens of the device runtime (two left-padded prompts about two noise images) on
+    WebGPU with the KV cache in device memory, on WebGPU with it in host memory, and on CPU."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from agevlm_edge.runtime.session import GenerationConfig, Runtime
+
+    out = {}
+    for key, kw in (("webgpu_kv_device", {"provider": "webgpu"}),
+                    ("webgpu_kv_host", {"provider": "webgpu", "kv_on_device": False}),
+                    ("cpu", {"provider": "cpu"})):
+        rt = Runtime(d, **kw)
+        images = [np.random.default_rng(i).integers(0, 256, (3, rt.image_size, rt.image_size),
+                                                    dtype=np.uint8) for i in range(2)]
+        prompts = [rt.prompt_ids("Caption:"), rt.prompt_ids("Is there a red cube in the image?")]
+        out[key] = rt.generate(rt.encode_images(images), prompts, GenerationConfig(max_new_tokens=8)).ids
+    return out
 
 
 if __name__ == "__main__":

@@ -51,7 +51,13 @@ def measure(export_dir: str | os.PathLike, prompt_len: int = 32, new_tokens: int
     """TTFT and decode figures of one EXPORT DIR in this process."""
     from .session import Runtime
 
-    rt = Runtime(export_dir, provider=provider, threads=threads)
+    return measure_runtime(Runtime(export_dir, provider=provider, threads=threads),
+                           prompt_len, new_tokens, repeats)
+
+
+def measure_runtime(rt, prompt_len: int = 32, new_tokens: int = 64, repeats: int = 3) -> dict:
+    """``measure`` on a loaded Runtime (one warm-up run, then ``repeats`` timed ones)."""
+    export_dir = rt.dir
     image = np.random.default_rng(0).integers(0, 256, (3, rt.image_size, rt.image_size), dtype=np.uint8)
     prompt = [prompt_of(rt.tokenizer, prompt_len, rt.bos_id)]
     ttft, per_token = [], []

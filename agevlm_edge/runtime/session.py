@@ -26,6 +26,9 @@ from .manifest import load_manifest
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "webgpu": "WebGpuExecutionProvider", "coreml": "CoreMLExecutionProvider",
              "nnapi": "NnapiExecutionProvider", "xnnpack": "XnnpackExecutionProvider"}
+# Providers with device memory that onnxruntime's python binding can bind outputs to: the KV
+# cache stays there between decode steps instead of a round trip through host memory.
+DEVICE_MEMORY = {"cuda": "cuda", "webgpu": "webgpu"}
 
 
 @dataclass(frozen=True)
@@ -111,9 +114,12 @@ class Runtime:
     """An EXPORT DIR loaded for inference (hashes verified first)."""
 
     def __init__(self, export_dir: str | os.PathLike, provider: str = "cpu",
-                 threads: int | None = None, verify: bool = True, graph_format: str = "onnx"):
+                 threads: int | None = None, verify: bool = True, graph_format: str = "onnx",
+                 kv_on_device: bool = True):
         """``graph_format``: "onnx" (vision.onnx, decoder.onnx) or "ort" (the ORT-format
-        copies a mobile-gpu export ships for onnxruntime's mobile builds)."""
+        copies a mobile-gpu export ships for onnxruntime's mobile builds). ``kv_on_device``:
+        on cuda / webgpu, keep the KV cache in device memory between steps (False: bind it
+        to host memory, the baseline benchmarks/bench_kv_binding.py compares with)."""
         import onnxruntime as ort
 
         self.dir = Path(export_dir)
@@ -143,6 +149,7 @@ class Runtime:
             opts.intra_op_num_threads = int(threads)
         providers = [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
         self.provider = provider
+        self.kv_device = DEVICE_MEMORY.get(provider) if kv_on_device else None
         if graph_format not in GRAPH_FORMATS:
             raise BadInput(f"unknown graph format {graph_format!r}; choose one of {', '.join(GRAPH_FORMATS)}")
         files = [self.dir / f"{g}.{graph_format}" for g in ("vision", "decoder")]
@@ -215,9 +222,9 @@ class Runtime:
              prefill: bool, want_probs: bool = True) -> tuple[np.ndarray, dict, dict]:
         """(logits [B,T,V], presents as OrtValues by past name, probs by layer) for one call.
 
-        The presents stay onnxruntime values bound to the next call (on the CPU provider no
-        copy through numpy; other providers still bind outputs to CPU memory here).
-        Probabilities are copied out only when ``want_probs``.
+        The presents stay onnxruntime values bound to the next call: no copy through numpy,
+        and on cuda / webgpu they stay in device memory (``kv_on_device``). Logits and
+        probabilities come back to host memory; probabilities only when ``want_probs``.
         """
         feeds = self.decoder_feeds(ids, mask, past, image, prefill)
         binding = self.decoder.io_binding()
@@ -227,7 +234,10 @@ class Runtime:
             else:
                 binding.bind_ortvalue_input(k, v)
         for o in self.decoder.get_outputs():
-            binding.bind_output(o.name)
+            if self.kv_device and o.name.startswith("present_"):
+                binding.bind_output(o.name, self.kv_device)
+            else:
+                binding.bind_output(o.name)
         self.decoder.run_with_iobinding(binding)
         outs = dict(zip([o.name for o in self.decoder.get_outputs()], binding.get_outputs()))
         logits = outs["logits"].numpy()
