@@ -18,7 +18,8 @@ cross-attention stays a MatMul/Softmax chain (also on WebGPU): its grouped K/V a
 by the rewriter, and with the K/V expanded to one head per query head in the vision graph
 (which the rewriter does fuse) WebGPU's MultiHeadAttention disagreed with the CPU provider by
 3% of the logits' scale on a tiny test model (0.16% on a 4-layer one), against ~1e-6 for the
-chain, so that variant was dropped. fp16 is `agevlm quantize --scheme fp16` of this export
+chain, so that variant was dropped; the vision graph gets the norm and gelu fusions only, for
+the same reason (ort_fuse). fp16 is `agevlm quantize --scheme fp16` of this export
 (tests/test_webgpu.py runs it on WebGPU). The ORT-format files (`*.ort`, Fixed optimisation: CPU-EP rewrites baked
 in; export.parity.check_ort_parity runs them against the .onnx graphs, and
 `agevlm infer --graph-format ort` runs them) and onnxruntime's mobile usability verdicts
@@ -50,19 +51,32 @@ def target_opset(target: str, fused: bool) -> int:
     return 23 if target == "cpu" and fused else 18
 
 
-def ort_fuse(path: Path) -> dict[str, int]:
+def ort_fuse(path: Path, attention: bool = True) -> dict[str, int]:
     """onnxscript's ORT transformer fusions (attention, norms, rotary, gelu), in place;
     returns the fusions applied by name.
 
     `fuse_xformers` rather than `optimize_for_ort`: the latter also folds Transpose/scale
     into com.microsoft `FusedMatMul`, which the WebGPU execution provider has no kernel for
-    (measured: those MatMuls fell back to the CPU).
+    (measured: those MatMuls fell back to the CPU). ``attention=False``: the norm and gelu
+    fusions only, attention stays a MatMul/Softmax chain (the vision graph: on WebGPU the
+    bidirectional com.microsoft `Attention` / `MultiHeadAttention` these fusions make of a
+    ViT's attention gave outputs 14% of their scale away from the CPU provider's, measured on
+    a SigLIP tower's first layer, where the chain agrees to 1e-6).
     """
     import onnx_ir as ir
-    from onnxscript.rewriter.ort_fusions._core import fuse_xformers
+    from onnxscript.rewriter.ort_fusions import _core as fusions
 
     model = ir.load(str(path))
-    model, counts = fuse_xformers(model)
+    if attention:
+        model, counts = fusions.fuse_xformers(model)
+    else:
+        model = fusions._pre_optimize(model)
+        counts = {name: fn(model) for name, fn in (
+            ("erf_gelu", fusions.fuse_erfgelu), ("rms_normalization", fusions.fuse_rms_normalization),
+            ("skip_layer_normalization", fusions.fuse_skip_layer_normalization),
+            ("skip_rms_normalization", fusions.fuse_skip_rms_normalization),
+            ("gelu", fusions.fuse_gelu), ("bias_gelu", fusions.fuse_bias_gelu))}
+        fusions.optimize(model)
     ir.save(model, str(path))
     return {k: v for k, v in sorted(counts.items()) if v}
 
@@ -107,7 +121,7 @@ def apply_target(out_dir: Path, target: str, fused: bool) -> dict:
                                                        "RotaryEmbedding")}}
     done: dict = {"fusions": {}, "usability": {}}
     for name in GRAPHS:
-        done["fusions"][name] = ort_fuse(out_dir / f"{name}.onnx")
+        done["fusions"][name] = ort_fuse(out_dir / f"{name}.onnx", attention=name == "decoder")
     for name in GRAPHS:
         done["usability"][name] = mobile_usability(out_dir / f"{name}.onnx")
     done["ort_format"] = to_ort_format(out_dir)

@@ -181,9 +181,6 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str =
         raise BadInput("--target mobile-gpu always fuses attention (its runtimes need the "
                        "contrib ops); drop --no-fuse or use --target cpu")
     model, tokenizer, pre, config = load_model_files(run_dir)
-    if model.cfg.vision_hf_config:
-        raise BadInput("exporting a model with a Hugging Face vision tower is not supported yet; "
-                       "export a model with the built-in tower")
     xattn_probs = xattn_probs and model.cfg.arch == "xattn"
     data = Path(data_dir) if data_dir else (Path(config["data"]) if config.get("data") else None)
     data = data if data is not None and (data / "dataset.json").is_file() else None

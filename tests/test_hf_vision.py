@@ -87,6 +87,40 @@ def test_tower_reproduces_transformers_and_the_vlm_runs(tmp_path, kind):
     assert out.logits.shape == (2, 9, 97) and torch.isfinite(out.logits).all()
 
 
+def hf_run_dir(root, kind: str, world):
+    """A RUN DIR of a tiny VLM (gates open) on a saved random `kind` tower, with a tokenizer
+    trained on ``world``'s texts, whose vocabulary the decoder takes."""
+    from agevlm_edge.checkpoint import save_model_files
+    from agevlm_edge.data.tokenizer import corpus, train_bpe
+
+    tok = train_bpe(corpus(world), 400)
+    _save_hf(kind, root / "hf")
+    torch.manual_seed(1)
+    model = AgeVLM(AgeVLMConfig(vision_hf_dir=str(root / "hf"),
+                                **{**DECODER, "vocab_size": tok.get_vocab_size()}))
+    model.vision.load_pretrained(root / "hf")
+    with torch.no_grad():
+        for blk in model.decoder.xattn.values():
+            blk.attn_gate.fill_(0.7)
+            blk.mlp_gate.fill_(0.7)
+    save_model_files(root / "run", model.eval(), tok,
+                     Preprocessor.from_hf_dir(root / "hf", model.cfg.image_size))
+    return root / "run"
+
+
+@pytest.mark.parametrize("kind", ["siglip", "convnext"])
+def test_a_model_with_a_hf_tower_exports_and_passes_parity(tmp_path, kind, small_world):
+    from agevlm_edge.export.onnx_export import export_run
+
+    r = export_run(hf_run_dir(tmp_path, kind, small_world), tmp_path / "export",
+                   data_dir=small_world, n_pairs=4)
+    man = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert r["parity"]["generations_identical"] == 4 and man["parity"]["passed"]
+    n, w = GEOMETRY[kind]
+    assert man["parity"]["vision_shapes"]["cross_key_1"] == [2, 2, n, 8]
+    assert man["parity"]["vision_max_abs_diff"] <= 1e-4
+
+
 @pytest.mark.parametrize("kind", ["siglip", "convnext"])
 def test_run_dir_reloads_without_the_hf_dir(tmp_path, kind):
     from tokenizers import Tokenizer, models

@@ -29,6 +29,23 @@ def mobile_export(tmp_path_factory, small_world):
     return root / "export"
 
 
+def test_a_hf_vit_tower_runs_on_webgpu_as_on_cpu(tmp_path, small_world):
+    """A SigLIP tower's attention stays a MatMul/Softmax chain in the mobile-gpu vision graph
+    (export.fusion.ort_fuse): fused into com.microsoft Attention it was 14% off on WebGPU."""
+    from agevlm_edge.export.onnx_export import export_run
+    from test_hf_vision import hf_run_dir
+
+    if not VENV_PY.is_file():
+        pytest.skip("no .venv-webgpu: run scripts/setup_webgpu.sh (make test does)")
+    export_run(hf_run_dir(tmp_path, "siglip", small_world), tmp_path / "export",
+               target="mobile-gpu", xattn_probs=False, n_pairs=2)
+    g = _probe(tmp_path / "export")["graphs"]["vision"]
+    for out, d in g["outputs"].items():
+        assert d["max_abs_diff"] <= 1e-4 * max(1.0, d["ref_abs_max"]), (out, d)
+    ops = {op: ep for op, ep in g["placement"].values()}
+    assert ops["Softmax"] == ops["MatMul"] == "WebGpuExecutionProvider" and "Attention" not in ops
+
+
 @pytest.fixture(scope="module")
 def mobile_fp16(mobile_export):
     from agevlm_edge.quant.quantize import quantize_export
