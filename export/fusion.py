@@ -13,17 +13,16 @@ Attention) with the self-attention already com.microsoft `GroupQueryAttention` (
 export.contrib), then onnxscript's ORT transformer fusions rewrite the norms into
 `SimplifiedLayerNormalization` / `SkipSimplifiedLayerNormalization` (and SDPA into
 `MultiHeadAttention` for models GroupQueryAttention does not fit), ops the WebGPU execution
-provider runs. The
-cross-attention stays a MatMul/Softmax chain (also on WebGPU): its grouped K/V are not matched
-by the rewriter, and with the K/V expanded to one head per query head in the vision graph
-(which the rewriter does fuse) WebGPU's MultiHeadAttention disagreed with the CPU provider by
-3% of the logits' scale on a tiny test model (0.16% on a 4-layer one), against ~1e-6 for the
-chain, so that variant was dropped; the vision graph gets the norm and gelu fusions only, for
-the same reason (ort_fuse). fp16 is `agevlm quantize --scheme fp16` of this export
-(tests/test_webgpu.py runs it on WebGPU). The ORT-format files (`*.ort`, Fixed optimisation: CPU-EP rewrites baked
-in; export.parity.check_ort_parity runs them against the .onnx graphs, and
-`agevlm infer --graph-format ort` runs them) and onnxruntime's mobile usability verdicts
-(NNAPI, CoreML) are added to the EXPORT DIR and the manifest.
+provider runs. The cross-attention stays a MatMul/Softmax chain (also on WebGPU): its grouped
+K/V are not matched by the rewriter, and with the K/V expanded to one head per query head in
+the vision graph (which the rewriter does fuse) WebGPU's MultiHeadAttention disagreed with the
+CPU provider by 3% of the logits' scale on a tiny test model (0.16% on a 4-layer one), against
+~1e-6 for the chain, so that variant was dropped; the vision graph gets the norm and gelu
+fusions only, for the same reason (ort_fuse). fp16 is `agevlm quantize --scheme fp16` of this
+export (tests/test_webgpu.py runs it on WebGPU). The ORT-format files (`*.ort`, Fixed
+optimisation: CPU-EP rewrites baked in; export.parity.check_ort_parity runs them against the
+.onnx graphs, and `agevlm infer --graph-format ort` runs them) and onnxruntime's mobile
+usability verdicts (NNAPI, CoreML) are added to the EXPORT DIR and the manifest.
 """
 
 from __future__ import annotations
