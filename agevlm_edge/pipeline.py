@@ -123,11 +123,16 @@ def _quant_stages(log: list[dict], out: Path, data: Path, short: bool) -> None:
                          f"{r['quality']['top1_agreement']:.3f}" for r in rs)
 
     ref_profile: dict = {}
+    profiles: dict[str, dict] = {}      # measured once, used by the search and the report too
 
     def _drift() -> str:
-        ref_profile.update(profile(ref, data, limit=limit))     # measured once, used by search too
+        ref_profile.update(profile(ref, data, limit=limit))
+        profiles[str(ref)] = ref_profile
+        for d in variants.values():
+            profiles[str(d)] = profile(d, data, limit=limit)
         res = {n: run_drift(ref, d, data, Budget(), limit=limit, ref_profile=ref_profile,
-                            out_json=out / f"drift-{n}.json") for n, d in variants.items()}
+                            cand_profile=profiles[str(d)], out_json=out / f"drift-{n}.json")
+               for n, d in variants.items()}
         return ", ".join(f"{n} {'pass' if r['passed'] else 'OVER'}" for n, r in res.items())
 
     found: dict = {}
@@ -142,7 +147,7 @@ def _quant_stages(log: list[dict], out: Path, data: Path, short: bool) -> None:
     def _report() -> str:
         chosen = [Path(found["variant"])] if Path(found["variant"]) != ref else []
         rep = build_report([out / "run", ref, *variants.values(), *chosen, out / "search"],
-                           out / "report", data, limit=limit, overwrite=True,
+                           out / "report", data, limit=limit, overwrite=True, profiles=profiles,
                            command=f"agevlm pipeline --out {out}{' --short' * short} (report stage)")
         return f"{out / 'report'}: report.md, report.html, {', '.join(rep['plots'])}"
 

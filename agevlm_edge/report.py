@@ -49,13 +49,20 @@ def metrics_row(name: str, kind: str, results: dict, nbytes: int, **extra) -> di
             "images": results["images"], **extra}
 
 
-def _export_row(d: Path, data_dir: Path, limit: int | None) -> dict:
+def _export_row(d: Path, data_dir: Path, limit: int | None, drift_profile: dict | None = None) -> dict:
+    """``drift_profile``: quant.drift.profile of ``d`` on the same images, if already measured
+    (the same POPE / CHAIR / grounding runs the evaluation would repeat)."""
     from .eval.suite import evaluate
     from .runtime.manifest import export_bytes, load_manifest
 
     man = load_manifest(d)
     grounding = man.get("xattn_probs") or man["model"]["arch"] == "concat"   # what the export can run
-    res = evaluate(d, data_dir, limit=limit, suites=("pope", "chair") + ("grounding",) * bool(grounding))
+    if drift_profile is not None:
+        res = {"images": drift_profile["images"],
+               "suites": {k: drift_profile[k] for k in ("pope", "chair", "grounding")}}
+    else:
+        res = evaluate(d, data_dir, limit=limit,
+                       suites=("pope", "chair") + ("grounding",) * bool(grounding))
     nbytes = export_bytes(d, man)
     q = man.get("quality") or {}
     name = f"{d.parent.name}/{d.name}" if d.parent.name else d.name    # search/variant, not variant
@@ -273,8 +280,10 @@ def check_report_args(dirs: list, out: str | os.PathLike, data_dir: str | os.Pat
 
 def build_report(dirs: list[str | os.PathLike], out: str | os.PathLike, data_dir: str | os.PathLike,
                  limit: int | None = None, bench_rounds: int = 1, extra_rows: list[dict] = (),
-                 overwrite: bool = False, command: str = "") -> dict:
-    """Measure every dir, then write report.{md,html,json} and the plots into ``out``."""
+                 overwrite: bool = False, command: str = "", profiles: dict | None = None) -> dict:
+    """Measure every dir, then write report.{md,html,json} and the plots into ``out``.
+    ``profiles``: {export dir: quant.drift.profile on this data's test split with ``limit``},
+    used instead of evaluating those exports again."""
     from .runtime.bench import bench_dirs
 
     kinds = check_report_args(dirs, out, data_dir, overwrite)
@@ -284,7 +293,8 @@ def build_report(dirs: list[str | os.PathLike], out: str | os.PathLike, data_dir
         if kind == "search":
             searches.append({**read_json(d / "search.json", "search.json"), "file": str(d / "search.json")})
         else:
-            rows.append(_export_row(d, data_dir, limit) if kind == "export" else _run_row(d, data_dir, limit))
+            rows.append(_export_row(d, data_dir, limit, (profiles or {}).get(str(d)))
+                        if kind == "export" else _run_row(d, data_dir, limit))
     exports = [r for r in rows if r["kind"] == "export"]
     if exports and bench_rounds > 0:
         speed = {s["dir"]: s for s in bench_dirs([r["dir"] for r in exports], rounds=bench_rounds,

@@ -191,13 +191,14 @@ def same_model(reference: str | os.PathLike, candidate: str | os.PathLike) -> No
 def run_drift(reference: str | os.PathLike, candidate: str | os.PathLike,
               data_dir: str | os.PathLike, budget: Budget = Budget(), split: str = "test",
               limit: int | None = None, out_json: str | os.PathLike | None = None,
-              ref_profile: dict | None = None) -> dict:
-    """Profile both exports on the same images and compare; writes ``out_json`` when given."""
+              ref_profile: dict | None = None, cand_profile: dict | None = None) -> dict:
+    """Profile both exports on the same images and compare; writes ``out_json`` when given.
+    ``ref_profile`` / ``cand_profile``: profiles already measured on these images."""
     if not (Path(data_dir) / "dataset.json").is_file():
         raise BadInput(f"--data {data_dir} is not a DATA DIR (no dataset.json)")
     same_model(reference, candidate)
     ref = ref_profile or profile(reference, data_dir, split, limit)
-    res = compare(ref, profile(candidate, data_dir, split, limit), budget)
+    res = compare(ref, cand_profile or profile(candidate, data_dir, split, limit), budget)
     if out_json is not None:
         write_json_atomic(out_json, res)
     return res

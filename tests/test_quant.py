@@ -436,6 +436,20 @@ def test_search_splits_a_raised_part_by_layer_group(fp32, tmp_path, monkeypatch)
     assert "layers 0=int4" in format_search(res) and (tmp_path / "s" / "variant").is_dir()
 
 
+def test_report_rows_from_drift_profiles_equal_a_fresh_evaluation(fp32, tmp_path, small_world):
+    """The pipeline hands the report the drift stage's profiles instead of evaluating again."""
+    from agevlm_edge.quant.drift import profile
+    from agevlm_edge.report import build_report
+
+    prof = profile(fp32, small_world, limit=12)
+    fresh = build_report([fp32], tmp_path / "a", small_world, limit=12, bench_rounds=0)["rows"]
+    reused = build_report([fp32], tmp_path / "b", small_world, limit=12, bench_rounds=0,
+                          profiles={str(fp32): prof})["rows"]
+    keys = ("pope_f1", "chair_i", "chair_s", "grounding_iou", "images", "bytes")
+    assert [{k: r[k] for k in keys} for r in fresh] == [{k: r[k] for k in keys} for r in reused]
+    assert reused[0]["pope_f1"] and reused[0]["images"] == 12
+
+
 def test_pareto_front():
     from agevlm_edge.report import pareto
 
