@@ -57,9 +57,9 @@ def _reference_tokens(cls, path, pixels: torch.Tensor) -> torch.Tensor:
     return h[:, 1:] if cls.__name__.startswith("CLIP") else h
 
 
-def _pretrained_vlm(path) -> AgeVLM:
+def _pretrained_vlm(path, **decoder) -> AgeVLM:
     torch.manual_seed(1)
-    model = AgeVLM(AgeVLMConfig(vision_hf_dir=str(path), **DECODER))
+    model = AgeVLM(AgeVLMConfig(vision_hf_dir=str(path), **{**DECODER, **decoder}))
     model.vision.load_pretrained(path)
     with torch.no_grad():                 # open the gates so the image reaches the logits
         for blk in model.decoder.xattn.values():
@@ -95,15 +95,8 @@ def hf_run_dir(root, kind: str, world):
 
     tok = train_bpe(corpus(world), 400)
     _save_hf(kind, root / "hf")
-    torch.manual_seed(1)
-    model = AgeVLM(AgeVLMConfig(vision_hf_dir=str(root / "hf"),
-                                **{**DECODER, "vocab_size": tok.get_vocab_size()}))
-    model.vision.load_pretrained(root / "hf")
-    with torch.no_grad():
-        for blk in model.decoder.xattn.values():
-            blk.attn_gate.fill_(0.7)
-            blk.mlp_gate.fill_(0.7)
-    save_model_files(root / "run", model.eval(), tok,
+    model = _pretrained_vlm(root / "hf", vocab_size=tok.get_vocab_size())
+    save_model_files(root / "run", model, tok,
                      Preprocessor.from_hf_dir(root / "hf", model.cfg.image_size))
     return root / "run"
 

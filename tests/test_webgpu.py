@@ -42,8 +42,9 @@ def test_a_hf_vit_tower_runs_on_webgpu_as_on_cpu(tmp_path, small_world):
     g = _probe(tmp_path / "export")["graphs"]["vision"]
     for out, d in g["outputs"].items():
         assert d["max_abs_diff"] <= 1e-4 * max(1.0, d["ref_abs_max"]), (out, d)
-    ops = {op: ep for op, ep in g["placement"].values()}
-    assert ops["Softmax"] == ops["MatMul"] == "WebGpuExecutionProvider" and "Attention" not in ops
+    placed = list(g["placement"].values())
+    assert {ep for op, ep in placed if op in ("Softmax", "MatMul")} == {"WebGpuExecutionProvider"}
+    assert {"Softmax", "MatMul"} <= {op for op, _ in placed} and "Attention" not in {op for op, _ in placed}
 
 
 @pytest.fixture(scope="module")
