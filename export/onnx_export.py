@@ -5,8 +5,9 @@
          (fused: opset 23, SDPA -> Attention and the exporter's RMSNormalization /
          RotaryEmbedding fusions; unfused: opset 18, the MatMul/Softmax chain);
       2. per-target rewrites (export.fusion: cpu keeps opset-23 Attention; mobile-gpu is
-         exported at opset 18 and rewritten to com.microsoft MultiHeadAttention etc., plus
-         ORT-format files and the mobile usability verdicts);
+         exported at opset 18 with com.microsoft GroupQueryAttention (export.contrib) and
+         rewritten to the contrib norms etc., plus ORT-format files and the mobile usability
+         verdicts);
       3. parity against PyTorch (export.parity) through the device runtime itself, and of
          the .ort copies against the .onnx graphs (mobile-gpu);
       4. manifest.json (hashes, graph signatures, op histograms, parity), written last.
