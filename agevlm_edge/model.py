@@ -177,11 +177,15 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """[hd/2] rotary frequencies, Llama's."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+
+
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [B,T] -> cos, sin [B,1,T,hd] in Hugging Face Llama's (rotate_half) layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float()
-                                / head_dim))
+    inv_freq = rope_inv_freq(head_dim, theta, positions.device)
     freqs = positions.float()[..., None] * inv_freq                 # (B, T, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)                         # (B, T, hd)
     return emb.cos()[:, None], emb.sin()[:, None]                   # (B, 1, T, hd)
@@ -197,8 +201,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def rope_cache(max_positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [max_positions, hd/2]: the rotary tables GroupQueryAttention takes (one half of
     rope_cos_sin's rows, which repeat them)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    freqs = torch.arange(max_positions).float()[:, None] * inv_freq
+    freqs = torch.arange(max_positions).float()[:, None] * rope_inv_freq(head_dim, theta)
     return freqs.cos(), freqs.sin()
 
 
