@@ -1,7 +1,6 @@
 """Continue a finished tiny run with one more, fresh instruct stage (a probe of the recipe).
 
-    python scripts/continue_instruct.py --run RUN --data DATA --out OUT [--seed N]
-                                        [--steps 700] [--lr 1e-3]
+    python scripts/continue_instruct.py --run RUN --data DATA --out OUT [--steps 700] [--lr 1e-3]
 
 Copies RUN to OUT and resumes it with the tiny recipe (the run's seed and variant) plus a
 stage `instruct2`: the recipe's instruct stage with a new warmup + cosine schedule of --steps
