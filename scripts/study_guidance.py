@@ -60,23 +60,30 @@ def main() -> None:
     if not (data / "tokenizer.json").is_file():
         print(synthesize(data, preset=args.preset, seed=0, n_train=args.n_train, overwrite=True))
         print(build_tokenizer(data))
-    rows: dict[str, list[dict]] = {}
-    for variant in args.variants.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
+    rows: dict[str, list[dict]] = {v: [] for v in args.variants.split(",")}
+    # seed-major, so that a study stopped part-way already holds one seed of every variant
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for variant in rows:
             run, res_file = args.out / f"{variant}-s{seed}", args.out / f"{variant}-s{seed}.json"
             if not res_file.is_file():
                 print(train(data, run, preset_recipe("tiny", variant, seed=seed, scale=args.scale),
                             overwrite=True))
                 evaluate(run, data, out_json=res_file)
-            rows.setdefault(variant, []).append(metrics(json.loads(res_file.read_text())))
-    keys = list(next(iter(rows.values()))[0])
+            rows[variant].append(metrics(json.loads(res_file.read_text())))
+            table = write_table(args, rows)  # after every run: a stopped study keeps its table
+    print(table)
+
+
+def write_table(args: argparse.Namespace, rows: dict[str, list[dict]]) -> str:
+    keys = list(next(r for rs in rows.values() for r in rs))
     lines = [f"| variant | seeds | {' | '.join(keys)} |", "|" + "---|" * (len(keys) + 2)]
     for variant, rs in rows.items():
-        lines.append(f"| {variant} | {len(rs)} | " + " | ".join(fmt([r[k] for r in rs]) for k in keys) + " |")
+        if rs:
+            lines.append(f"| {variant} | {len(rs)} | " + " | ".join(fmt([r[k] for r in rs]) for k in keys) + " |")
     table = "\n".join(lines)
     write_json_atomic(args.out / "study.json", {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
     write_text_atomic(args.out / "study.md", table + "\n")
-    print(table)
+    return table
 
 
 if __name__ == "__main__":
