@@ -18,7 +18,11 @@ K/V are not matched by the rewriter, and with the K/V expanded to one head per q
 the vision graph (which the rewriter does fuse) WebGPU's MultiHeadAttention disagreed with the
 CPU provider by 3% of the logits' scale on a tiny test model (0.16% on a 4-layer one), against
 ~1e-6 for the chain, so that variant was dropped; the vision graph gets the norm and gelu
-fusions only, for the same reason (ort_fuse). fp16 is `agevlm quantize --scheme fp16` of this
+fusions only, for the same reason (ort_fuse). Isolated (scripts/probe_webgpu_mha.py, one
+MultiHeadAttention node against numpy): on this machine's software Vulkan adapter it is exact
+(~1e-6) for single-token queries and 5e-2 to 8e-1 off on O(1) outputs for every multi-token
+query, whatever the heads, head size, K/V layout or scale; decode alone could use it, prefill
+cannot, and one graph serves both. fp16 is `agevlm quantize --scheme fp16` of this
 export (tests/test_webgpu.py runs it on WebGPU). The ORT-format files (`*.ort`, Fixed
 optimisation: CPU-EP rewrites baked in; export.parity.check_ort_parity runs them against the
 .onnx graphs, and `agevlm infer --graph-format ort` runs them) and onnxruntime's mobile
