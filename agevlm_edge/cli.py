@@ -329,13 +329,17 @@ def export_cmd(model_dir, out, target, fuse, xattn_probs, data_dir, pairs, overw
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="EXPORT DIR to write.")
 @click.option("--calib", "calib_dir", type=click.Path(path_type=Path), default=None,
               help="DATA DIR to calibrate on (needed by gptq and int8-qdq; val split first).")
+@click.option("--calib-text", "calib_text", type=click.Path(path_type=Path), default=None,
+              help="UTF-8 file, one text per line: the decoder calibrates (and the quality "
+                   "check reads) these texts instead of the DATA DIR's captions and questions, "
+                   "e.g. prose like your users' prompts. Images still come from --calib.")
 @click.option("--quality-texts", default=16, show_default=True, type=click.IntRange(min=1),
               help="Teacher-forced texts for the top-1 agreement / KL check vs fp32.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed for picking calibration samples.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
-def quantize_cmd(model_dir, scheme, parts, layers, out, calib_dir, quality_texts, seed,
-                 overwrite) -> None:
+def quantize_cmd(model_dir, scheme, parts, layers, out, calib_dir, calib_text, quality_texts,
+                 seed, overwrite) -> None:
     """Quantize an fp32 EXPORT DIR, then measure next-token agreement with it.
 
     The recipe (one scheme per part), the bytes per part and the top-1 agreement and KL of
@@ -346,7 +350,7 @@ def quantize_cmd(model_dir, scheme, parts, layers, out, calib_dir, quality_texts
 
     recipe = make_recipe(scheme, parse_part_options(parts), parse_layer_options(layers))
     r = quantize_export(model_dir, out, recipe, calib_dir=calib_dir, n_quality=quality_texts,
-                        seed=seed, overwrite=overwrite)
+                        seed=seed, overwrite=overwrite, calib_text=calib_text)
     q = r["quality"]
     click.echo(f"quantized {r['out']} ({r['scheme']}): {r['bytes'] / 1e6:.2f} MB = "
                f"{r['size_ratio']:.3f} x fp32; vs fp32 on {q['positions']} positions: top-1 "

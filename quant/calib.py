@@ -4,13 +4,17 @@
       vision:  {"pixel_values": [1, 3, S, S]}
       decoder: {"input_ids": [1, T], "attention_mask", empty past, the image's fp32 vision outputs}
                for "Caption: <a caption of the image>" or "Question: ... Answer: <answer>"
-               (teacher-forced text, so the activations are those of real answers)
+               (teacher-forced text, so the activations are those of real answers),
+               or, with calibration texts (--calib-text FILE), those texts in turn (the
+               records still give the images): for a language model whose users write
+               prose, not the DATA DIR's captions
 Without a DATA DIR (RTN and int8-dynamic need none) the quality check falls back to seeded
 noise images and fixed prompts. Selection is seeded: the same seed, the same samples.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -26,10 +30,12 @@ SPLITS = ("val", "train", "test")      # calibration never prefers the split the
 
 class CalibSet:
     def __init__(self, export_dir: str | os.PathLike, data_dir: str | os.PathLike | None,
-                 seed: int = 0):
+                 seed: int = 0, text_file: str | os.PathLike | None = None):
         self.rt = Runtime(export_dir, verify=False)      # the fp32 reference (already verified)
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.seed = seed
+        self.text_file = Path(text_file) if text_file is not None else None
+        self.texts = read_texts(self.text_file) if self.text_file is not None else None
         self.split = None
         self._records: list[dict] = []
         if self.data_dir is not None:
@@ -46,11 +52,18 @@ class CalibSet:
         self._feeds: dict[tuple[str, int], list[dict]] = {}
 
     def describe(self) -> dict:
-        return {"data": str(self.data_dir) if self.data_dir else None, "split": self.split,
-                "seed": self.seed, "samples_used": self._used}
+        d = {"data": str(self.data_dir) if self.data_dir else None, "split": self.split,
+             "seed": self.seed, "samples_used": self._used}
+        if self.texts is not None:
+            d["texts"] = {"file": str(self.text_file), "n": len(self.texts),
+                          "sha256": hashlib.sha256(self.text_file.read_bytes()).hexdigest()}
+        return d
 
     def _texts(self, rec: dict, i: int) -> str:
-        """A prompt with its teacher-forced answer: captions and questions alternate."""
+        """The i-th calibration text, or a prompt with its teacher-forced answer from the
+        record (captions and questions alternate)."""
+        if self.texts is not None:
+            return self.texts[i % len(self.texts)]
         qs, caps = rec.get("questions", []), rec.get("captions", [])
         if (i % 2 and qs) or not caps:
             q = qs[i // 2 % len(qs)] if qs else None
@@ -91,4 +104,21 @@ class CalibSet:
             return image_prompt_pairs(None, self.rt.image_size, n)
         store = ImageStore(self.data_dir, self.rt.image_size)
         recs = [self._records[-1 - i % len(self._records)] for i in range(n)]   # not the first ones
+        if self.texts is not None:      # from the end too, so they differ from the first ones used
+            return ([store.get(r["file"]) for r in recs],
+                    [self.texts[-1 - i % len(self.texts)] for i in range(n)])
         return [store.get(r["file"]) for r in recs], [self._texts(r, i) for i, r in enumerate(recs)]
+
+
+def read_texts(path: Path) -> list[str]:
+    """One calibration text per non-blank line of a UTF-8 file."""
+    if not path.is_file():
+        raise BadInput(f"--calib-text {path}: no such file; give a UTF-8 text file, one text per line")
+    try:
+        texts = [t.strip() for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+    except UnicodeDecodeError as e:
+        raise BadInput(f"--calib-text {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                       "save it as UTF-8, one text per line") from None
+    if not texts:
+        raise BadInput(f"--calib-text {path} holds no text; give one text per line")
+    return texts

@@ -219,7 +219,8 @@ def part_bytes(model: onnx.ModelProto, graph: str) -> dict[str, int]:
     return out
 
 
-def _check_inputs(model_dir: Path, out: Path, recipe: Recipe, calib_dir, overwrite: bool) -> dict:
+def _check_inputs(model_dir: Path, out: Path, recipe: Recipe, calib_dir, calib_text,
+                  overwrite: bool) -> dict:
     man = load_manifest(model_dir)
     if man.get("precision") != "fp32":
         raise BadInput(f"{model_dir} is already quantized ({man.get('precision')}); quantize the "
@@ -231,6 +232,9 @@ def _check_inputs(model_dir: Path, out: Path, recipe: Recipe, calib_dir, overwri
     if beyond:
         raise BadInput(f"--layer {beyond[0]}: {model_dir} has {n_layers} decoder layers "
                        f"(0-{n_layers - 1})")
+    if calib_text is not None and calib_dir is None:
+        raise BadInput("--calib-text replaces the calibration texts, the images still come from "
+                       "a DATA DIR: pass --calib DATA_DIR too")
     needs = [s.name for s in recipe.schemes()
              if (isinstance(s, WeightOnly) and s.algo == "gptq") or isinstance(s, Int8QDQ)
              or getattr(s, "smooth", 0)]
@@ -250,13 +254,16 @@ def _check_inputs(model_dir: Path, out: Path, recipe: Recipe, calib_dir, overwri
 
 def quantize_export(model_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
                     calib_dir: str | os.PathLike | None = None, n_quality: int = 16,
-                    seed: int = 0, overwrite: bool = False) -> dict:
-    """Quantize an fp32 EXPORT DIR into ``out`` under ``recipe``; returns a summary dict."""
+                    seed: int = 0, overwrite: bool = False,
+                    calib_text: str | os.PathLike | None = None) -> dict:
+    """Quantize an fp32 EXPORT DIR into ``out`` under ``recipe``; returns a summary dict.
+    ``calib_text``: a UTF-8 file, one text per line, that replaces the DATA DIR's prompts as
+    the decoder's calibration and quality-check texts (images still come from ``calib_dir``)."""
     model_dir, out = Path(model_dir), Path(out)
     if n_quality < 1:
         raise BadInput(f"the quality check needs at least 1 text, got {n_quality}")
-    man = _check_inputs(model_dir, out, recipe, calib_dir, overwrite)
-    calib = CalibSet(model_dir, calib_dir, seed=seed)
+    man = _check_inputs(model_dir, out, recipe, calib_dir, calib_text, overwrite)
+    calib = CalibSet(model_dir, calib_dir, seed=seed, text_file=calib_text)
     import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401 (sets up logging on import)
 
     # The quantizers log every node and pre-processing advice: quiet while they run.

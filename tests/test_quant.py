@@ -259,6 +259,29 @@ def test_gptq_is_calibrated_deterministic_and_closer_to_fp32_than_rtn(fp32, tmp_
     assert kl["g1"] < kl["rtn"], kl
 
 
+def test_calibration_texts_replace_the_data_dir_prompts(fp32, tmp_path, small_world):
+    from agevlm_edge.fsutil import sha256_file
+    from agevlm_edge.quant.calib import CalibSet
+    from agevlm_edge.quant.quantize import quantize_export
+    from agevlm_edge.quant.schemes import make_recipe
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a red ball on the left\n\n  the blue cube is big  \n", encoding="utf-8")
+    cs = CalibSet(fp32, small_world, text_file=texts)
+    got = [f["input_ids"][0].tolist() for f in cs.feeds("decoder", 3)]
+    want = ["a red ball on the left", "the blue cube is big", "a red ball on the left"]
+    assert got == [cs.rt.prompt_ids(t) for t in want]
+    assert cs.quality_pairs(2)[1] == ["the blue cube is big", "a red ball on the left"]
+    shas = {}
+    for name, text in (("text", texts), ("data", None)):
+        quantize_export(fp32, tmp_path / name, make_recipe("int8-qdq:calib_samples=4"),
+                        calib_dir=small_world, calib_text=text, n_quality=2)
+        shas[name] = sha256_file(tmp_path / name / "decoder.onnx")
+    assert shas["text"] != shas["data"]                    # other activations, other ranges
+    cal = json.loads((tmp_path / "text" / "manifest.json").read_text())["calibration"]
+    assert cal["texts"]["n"] == 2 and cal["texts"]["sha256"] == sha256_file(texts)
+
+
 def test_quantize_bad_inputs_one_line_exit_2(fp32, tmp_path, small_world):
     out = tmp_path / "x"
     assert_one_line_error(run_cli("quantize", "--model", fp32, "--scheme", "int4:algo=gptq",
@@ -273,6 +296,16 @@ def test_quantize_bad_inputs_one_line_exit_2(fp32, tmp_path, small_world):
                                   "--calib", tmp_path, "--out", out), "not a DATA DIR")
     assert_one_line_error(run_cli("quantize", "--model", fp32, "--scheme", "int4", "--out", out,
                                   "--quality-texts", "0"), "--quality-texts")
+    text = tmp_path / "t.txt"
+    assert_one_line_error(run_cli("quantize", "--model", fp32, "--scheme", "int8-qdq", "--out", out,
+                                  "--calib-text", text), "pass --calib DATA_DIR too")
+    for content, why in ((None, "no such file"), (b"\n  \n", "holds no text"),
+                         (b"caf\xe9 au lait\n", "not UTF-8")):
+        if content is not None:
+            text.write_bytes(content)
+        assert_one_line_error(run_cli("quantize", "--model", fp32, "--scheme", "int8-qdq", "--out",
+                                      out, "--calib", small_world, "--calib-text", text), why)
+    assert not out.exists()
     run_cli("quantize", "--model", fp32, "--scheme", "int4", "--out", out, check_rc=0)
     assert_one_line_error(run_cli("quantize", "--model", out, "--scheme", "int4", "--out",
                                   tmp_path / "y"), "already quantized")
