@@ -135,25 +135,40 @@ def _int8_dynamic(model: onnx.ModelProto, names: list[str], s: Int8Dynamic, tmp:
 
 def _int8_qdq(model: onnx.ModelProto, names: list[str], s: Int8QDQ, calib, graph: str,
               tmp: Path) -> onnx.ModelProto:
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
 
     class Reader(CalibrationDataReader):
         def __init__(self, feeds):
+            self.feeds = feeds
             self.it = iter(feeds)
 
         def get_next(self):
             return next(self.it, None)
+
+        def __len__(self):
+            return len(self.feeds)
+
+        def set_range(self, start_index: int, end_index: int):
+            self.it = iter(self.feeds[start_index:end_index])
 
     src, dst = tmp / f"qdq_{graph}_in.onnx", tmp / f"qdq_{graph}_out.onnx"
     onnx.save(model, str(src))
     every_op = s.ops == "all"
     quantize_static(str(src), str(dst), Reader(calib.feeds(graph, s.calib_samples)),
                     quant_format=QuantFormat.QDQ, per_channel=s.per_channel,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt16 if s.activations == "uint16" else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method={"minmax": CalibrationMethod.MinMax,
+                                      "percentile": CalibrationMethod.Percentile,
+                                      "entropy": CalibrationMethod.Entropy}[s.calibration],
                     op_types_to_quantize=None if every_op else ["MatMul", "Gather"],
                     nodes_to_quantize=None if every_op else names,
-                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                                   # the histogram estimators stack a batch's activations into
+                                   # one array, which fails on prompts of different lengths:
+                                   # one sample per batch (histograms merge across batches)
+                                   **({"CalibStridedMinMax": 1} if s.calibration != "minmax" else {})})
     return onnx.load(str(dst))
 
 

@@ -86,13 +86,19 @@ class Int8Dynamic:
 class Int8QDQ:
     """Static QDQ (QuantizeLinear/DequantizeLinear pairs), activation ranges calibrated on DATA DIR
     samples; MatMul and Gather only by default (``ops="all"`` quantizes every op: a known bad
-    variant, kept to prove the drift gate catches it). The format NPUs / NNAPI take."""
+    variant, kept to prove the drift gate catches it). The format NPUs / NNAPI take.
+    ``activations="uint16"`` keeps the weights int8 and quantizes activations to 16 bits
+    (A16W8, the form NPU toolchains such as QNN use for language models, whose activations
+    have outliers one 8-bit range cannot hold); ``calibration`` picks onnxruntime's range
+    estimator (minmax, or percentile / entropy, which clip outliers)."""
     ops: str = "matmul"              # matmul (MatMul + Gather) | all
     per_channel: bool = True
     calib_samples: int = 32
     smooth: float = 0.0              # SmoothQuant alpha before calibrating; 0: off
+    activations: str = "uint8"       # uint8 | uint16
+    calibration: str = "minmax"      # minmax | percentile | entropy
     name: str = field(default="int8-qdq", init=False)
-    version: int = field(default=2, init=False)      # 2: smooth
+    version: int = field(default=3, init=False)      # 2: smooth; 3: activations, calibration
 
 
 @dataclass(frozen=True)
@@ -126,7 +132,8 @@ NAMES: dict[str, tuple[type, dict]] = {
     "int2": (WeightOnly, {"bits": 2}),
 }
 CHOICES = {"preset": ("avx2", "avx512_vnni", "arm64"), "ops": ("matmul", "all"),
-           "algo": ("rtn", "gptq", "hqq"), "block_size": (16, 32, 64, 128, 256), "accuracy_level": (0, 4)}
+           "algo": ("rtn", "gptq", "hqq"), "activations": ("uint8", "uint16"),
+           "calibration": ("minmax", "percentile", "entropy"), "block_size": (16, 32, 64, 128, 256), "accuracy_level": (0, 4)}
 
 
 def _value(text: str, kind: type):
@@ -180,7 +187,9 @@ def label(scheme: Scheme) -> str:
     if isinstance(scheme, Int8Dynamic):
         return f"int8-dynamic {scheme.preset}{sq}"
     if isinstance(scheme, Int8QDQ):
-        return "int8-qdq" + (" all-ops" if scheme.ops == "all" else "") + sq
+        return ("int8-qdq" + (" all-ops" if scheme.ops == "all" else "")
+                + (" a16" if scheme.activations == "uint16" else "")
+                + (f" {scheme.calibration}" if scheme.calibration != "minmax" else "") + sq)
     return scheme.name
 
 

@@ -236,6 +236,33 @@ def test_int8_schemes_take_smoothquant_through_quantize(fp32, tmp_path, small_wo
                                       tmp_path / "bad"), msg)
 
 
+def test_int8_qdq_with_16_bit_activations_is_closer_to_fp32_and_takes_other_calibrations(
+        fp32, tmp_path, small_world):
+    import onnx
+
+    from agevlm_edge.fsutil import sha256_file
+    from agevlm_edge.quant.quantize import quantize_export
+    from agevlm_edge.quant.schemes import make_recipe
+
+    kl, zp_types = {}, {}
+    for name, spec in (("a8", "int8-qdq"), ("a16", "int8-qdq:activations=uint16"),
+                       ("pct", "int8-qdq:calibration=percentile")):
+        r = quantize_export(fp32, tmp_path / name, make_recipe(spec), calib_dir=small_world,
+                            n_quality=8)
+        kl[name] = r["quality"]["kl_mean"]
+        model = onnx.load(str(tmp_path / name / "decoder.onnx"))
+        inits = {i.name: i.data_type for i in model.graph.initializer}
+        zp_types[name] = {inits[n.input[2]] for n in model.graph.node
+                          if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits}
+    assert zp_types["a8"] == {onnx.TensorProto.UINT8} == zp_types["pct"]
+    assert zp_types["a16"] == {onnx.TensorProto.UINT16}
+    assert kl["a16"] < 0.5 * kl["a8"], kl
+    assert json.loads((tmp_path / "a16" / "manifest.json").read_text())["precision"] == "int8-qdq a16"
+    assert json.loads((tmp_path / "pct" / "manifest.json").read_text())["precision"] == \
+        "int8-qdq percentile"
+    assert sha256_file(tmp_path / "pct" / "decoder.onnx") != sha256_file(tmp_path / "a8" / "decoder.onnx")
+
+
 def test_hqq_runs_with_a_warning(fp32, tmp_path):
     proc = run_cli("quantize", "--model", fp32, "--scheme", "int4:algo=hqq", "--out", tmp_path / "h",
                    "--quality-texts", "2", check_rc=0)
