@@ -8,8 +8,10 @@ the smol VLM (SmolLM2-135M + cross-attention blocks) with every cross-attention 
 its decoder then computes exactly SmolLM2's language model and the image does not matter
 (checked against transformers' LlamaForCausalLM on the first paragraph). The run is exported
 to ONNX fp32 at 64x64 px (64 image tokens), and each scheme is quantized from that export with
-agevlm_edge.quant.quantize_export (all parts; GPTQ and int8-qdq calibrate on a small synthetic
-DATA DIR, i.e. on the synthetic captions, the tool's own calibration texts).
+agevlm_edge.quant.quantize_export (all parts; GPTQ, SmoothQuant and int8-qdq calibrate on a small
+synthetic DATA DIR, i.e. on the synthetic captions, the tool's own calibration texts; the keys
+ending in "-en" calibrate instead on benchmarks/data/english-calib.txt, 32 English paragraphs
+that are not the evaluation's: `agevlm quantize --calib-text`).
 
 Measurement, on the English paragraphs of benchmarks/data/english.txt (one per line; ids =
 [bos] + tokenizer ids, truncated to --max-tokens; one prefill each with a fixed seeded image,
@@ -17,6 +19,8 @@ batch 1, onnxruntime with 1 intra-op thread):
     perplexity        exp(mean next-token NLL over all paragraphs)
     top-1 / KL        next-token argmax agreement and mean KL(p_fp32 || p_scheme) at every position
     size              files of the export (MB and x fp32), quantize seconds
+    tok/s             decode tokens/s of each ONNX export by `agevlm bench`'s protocol (own
+                      process each, round-robin, --speed-rounds rounds, medians) and x fp32
 llama.cpp (llama-cpp-python, when importable) runs the Q4_1 GGUF the weights were dequantized
 from, and a Q8_0 GGUF requantized from it, on the same token ids.
 
@@ -41,6 +45,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 TEXT = ROOT / "benchmarks" / "data" / "english.txt"
+CALIB_TEXT = ROOT / "benchmarks" / "data" / "english-calib.txt"     # disjoint from TEXT
+EN = "-en"      # key suffix: the scheme of the key without it, calibrated on CALIB_TEXT
 IMAGE_SIZE = 64
 ACC0 = "accuracy_level=0"
 # key -> scheme spec (agevlm_edge.quant.schemes.parse_scheme); every part gets the scheme.
@@ -50,16 +56,23 @@ SCHEMES = {
     "int8-qdq": "int8-qdq",
     "int8-dynamic-sq": "int8-dynamic:preset=avx2,per_channel=true,smooth=0.5",
     "int8-qdq-sq": "int8-qdq:smooth=0.5",
+    "int8-qdq-a16": "int8-qdq:activations=uint16",
     "int4-b32-asym": f"int4:block_size=32,symmetric=false,algo=rtn,{ACC0}",
     "int4-b32-sym": f"int4:block_size=32,symmetric=true,algo=rtn,{ACC0}",
     "int4-b128-asym": f"int4:block_size=128,symmetric=false,algo=rtn,{ACC0}",
     "int4-b128-sym": f"int4:block_size=128,symmetric=true,algo=rtn,{ACC0}",
     "int4-b32-asym-gptq": f"int4:block_size=32,symmetric=false,algo=gptq,{ACC0}",
     "int4-b128-sym-gptq": f"int4:block_size=128,symmetric=true,algo=gptq,{ACC0}",
+    "int8-qdq-en": "int8-qdq",
+    "int8-dynamic-sq-en": "int8-dynamic:preset=avx2,per_channel=true,smooth=0.5",
+    "int8-qdq-sq-en": "int8-qdq:smooth=0.5",
+    "int4-b32-asym-gptq-en": f"int4:block_size=32,symmetric=false,algo=gptq,{ACC0}",
+    "int4-b128-sym-gptq-en": f"int4:block_size=128,symmetric=true,algo=gptq,{ACC0}",
     "w4a8": "w4a8:block_size=32,symmetric=false,algo=rtn",
     "int2": "int2",
 }
 LLAMA_CPP = {"llama.cpp-q4_1": "Q4_1", "llama.cpp-q8_0": "Q8_0"}
+BNB = {"bnb-int8": "int8", "bnb-nf4": "nf4"}      # PyTorch bitsandbytes (quant.bnb)
 
 
 def log(msg: str) -> None:
@@ -238,29 +251,37 @@ def grid_check(lm_dir: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- variants
-def cached_quant(out: Path, recipe) -> dict | None:
-    """The summary of an existing quantized export made with the same recipe, else None."""
+def cached_quant(out: Path, recipe, calib_text: Path | None) -> dict | None:
+    """The summary of an existing quantized export made with the same recipe (and calibration
+    texts), else None."""
+    from agevlm_edge.fsutil import sha256_file
+
     man_path = out / "manifest.json"
     if not man_path.is_file():
         return None
     man = json.loads(man_path.read_text())
     if man.get("scheme", {}).get("recipe") != json.loads(json.dumps(recipe.as_dict())):
         return None
+    texts = man.get("calibration", {}).get("texts")
+    if (texts and texts["sha256"]) != (calib_text and sha256_file(calib_text)):
+        return None
     return {"bytes": sum((out / f).stat().st_size for f in man["files"]),
             "quantize_seconds": man.get("quantize_seconds"), "quality": man.get("quality"),
             "cached": True}
 
 
-def quantize(fp32: Path, out: Path, spec: str, calib: Path, requantize: bool) -> dict:
+def quantize(fp32: Path, out: Path, spec: str, calib: Path, requantize: bool,
+             calib_text: Path | None = None) -> dict:
     from agevlm_edge.quant.quantize import quantize_export
     from agevlm_edge.quant.schemes import make_recipe
 
     recipe = make_recipe(spec)
-    hit = None if requantize else cached_quant(out, recipe)
+    hit = None if requantize else cached_quant(out, recipe, calib_text)
     if hit is not None:
         return {**hit, "label": recipe.label()}
     t0 = time.perf_counter()
-    r = quantize_export(fp32, out, recipe, calib_dir=calib, seed=0, overwrite=True)
+    r = quantize_export(fp32, out, recipe, calib_dir=calib, seed=0, overwrite=True,
+                        calib_text=calib_text)
     return {"bytes": r["bytes"], "quantize_seconds": time.perf_counter() - t0,
             "quality": r["quality"], "cached": False, "label": recipe.label()}
 
@@ -273,13 +294,29 @@ def export_bytes(export_dir: Path) -> int:
 def onnx_variant(key: str, fp32: Path, work: Path, calib: Path, ids, ref, requantize: bool) -> dict:
     spec = SCHEMES.get(key, key)
     out_dir = work / "q" / "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
-    log(f"[bench] {key}: quantizing ({spec})")
-    q = quantize(fp32, out_dir, spec, calib, requantize)
+    calib_text = CALIB_TEXT if key.endswith(EN) else None
+    log(f"[bench] {key}: quantizing ({spec}{', calibrated on ' + CALIB_TEXT.name if calib_text else ''})")
+    q = quantize(fp32, out_dir, spec, calib, requantize, calib_text)
     log(f"  {q['bytes'] / 1e6:.1f} MB in {q['quantize_seconds'] or 0:.0f}s"
         f"{' (cached)' if q['cached'] else ''}; evaluating")
     t0 = time.perf_counter()
     row = measure(onnx_logits(out_dir, ids), ids, ref)
-    return {"key": key, "spec": spec, **q, **row, "eval_seconds": time.perf_counter() - t0}
+    return {"key": key, "spec": spec, "dir": str(out_dir), **q, **row,
+            "eval_seconds": time.perf_counter() - t0}
+
+
+def add_speed(rows: list[dict], rounds: int) -> None:
+    """Decode tokens/s and TTFT of every ONNX row (fp32 first) with `agevlm bench`'s protocol:
+    each export in its own process, round-robin for ``rounds`` rounds, medians (32-token
+    prompt, 32 greedy tokens, 2 onnxruntime threads)."""
+    from agevlm_edge.runtime.bench import bench_dirs
+
+    timed = [r for r in rows if r.get("dir") and "error" not in r]
+    log(f"[bench] decode speed: {len(timed)} exports x {rounds} rounds")
+    for r, b in zip(timed, bench_dirs([r["dir"] for r in timed], rounds=rounds, new_tokens=32,
+                                      repeats=2, threads=2)):
+        r.update(decode_tokens_per_s=b["decode_tokens_per_s"], ttft_ms=b["ttft_ms"],
+                 peak_rss_mb=b["peak_rss_mb"], speed_rounds=b["rounds"])
 
 
 # ----------------------------------------------------------------------------- llama.cpp
@@ -371,6 +408,54 @@ def llama_variants(keys: list[str], work: Path, texts, ids, bos: int, ref, n_voc
     return rows, vocab
 
 
+# ----------------------------------------------------------------------------- bitsandbytes
+def bnb_variants(keys: list[str], run_dir: Path, ids, ref, speed: bool) -> list[dict]:
+    """Rows for the bitsandbytes variants in ``keys`` (quant.bnb.quantize_bnb of the gate-0
+    run, PyTorch), after a PyTorch fp32 row of the same run: perplexity, top-1 / KL vs the fp32
+    export, weight bytes in memory, and decode tokens/s by the runtime's protocol
+    (report.torch_decode_speed), whose ratios are against that PyTorch fp32 row."""
+    import warnings
+
+    import torch
+
+    from agevlm_edge.checkpoint import load_model_files
+    from agevlm_edge.quant.bnb import quantize_bnb, weight_bytes
+    from agevlm_edge.report import torch_decode_speed
+
+    if not keys:
+        return []
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)   # a cast warning per int8 matmul
+    torch.set_num_threads(2)
+    rows: list[dict] = []
+    for key in ["torch-fp32", *keys]:
+        log(f"[bench] {key} (PyTorch)")
+        try:
+            model, tok, pre, _ = load_model_files(run_dir)
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")     # int8 warns on every matmul it casts to fp16
+                if key in BNB:
+                    quantize_bnb(model, BNB[key])
+                image = np.random.default_rng(0).integers(0, 256, (1, 3, model.cfg.image_size,
+                                                                   model.cfg.image_size), dtype=np.uint8)
+                kv = model.cross_kv(model.image_tokens(torch.from_numpy(pre.normalize(image))))
+                t0 = time.perf_counter()
+                logits = [model(torch.tensor([seq]), cross_kv=kv).logits[0].numpy() for seq in ids]
+                row = {"key": key, "spec": BNB.get(key, "fp32"), "label": key,
+                       "bytes": weight_bytes(model), **measure(logits, ids, ref),
+                       "eval_seconds": time.perf_counter() - t0}
+                if speed:
+                    sp = torch_decode_speed(model, tok, pre)
+                    row.update(decode_tokens_per_s=sp["decode_tokens_per_s"], ttft_ms=sp["ttft_ms"])
+            row["base"] = "torch-fp32"
+            rows.append(row)
+        except Exception as e:   # report, do not hide: the row says what failed
+            log(f"  FAILED: {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}")
+            rows.append({"key": key, "spec": BNB.get(key, "fp32"), "error": f"{type(e).__name__}: {e}"})
+    return rows
+
+
 # ----------------------------------------------------------------------------- report
 def activation_note(tc: dict | None) -> str:
     if not tc:
@@ -403,18 +488,24 @@ def header(grid: dict, n_par: int, n_tok: int, max_tokens: int, command: str,
         f"Text: {TEXT.relative_to(ROOT)} ({n_par} paragraphs, {n_tok} next tokens scored, "
         f"[bos] + ids truncated to {max_tokens}); top-1 / KL = next-token argmax agreement and "
         "mean KL(p_fp32 || p) over every position vs the fp32 export.",
-        "Calibration (GPTQ, int8-qdq): the synthetic DATA DIR's captions / QA (agevlm data synth "
-        "--preset easy), what the tool calibrates on, not English prose.",
+        "Calibration (GPTQ, SmoothQuant, int8-qdq): the synthetic DATA DIR's captions / QA "
+        "(agevlm data synth --preset easy), what the tool calibrates on by default, not English "
+        f"prose; '{EN}' rows calibrate on {CALIB_TEXT.relative_to(ROOT)} (English, disjoint "
+        "from the evaluation text).",
         "int4 rows compute at accuracy_level 0 (fp32) to isolate the weight grid; w4a8 = int4 b32 "
         "asym RTN at accuracy_level 4 (int8 activations).",
         activation_note(tc),
         "int2: MatMuls only (GatherBlockQuantized takes 4 bits), so the embedding stays fp32; "
-        "llama.cpp rows: x fp32 is the GGUF size over our fp32 export's.",
+        "llama.cpp rows: x fp32 is the GGUF size over our fp32 export's (no tok/s: another "
+        "runtime). torch-fp32 / bnb-* rows run in PyTorch: MB = weights in memory, and x fp32, "
+        "dPPL and tok/s ratios are against the torch-fp32 row.",
         f"Command: {command}",
     ])
 
 
 def fmt_row(r: dict, fp32: dict) -> str:
+    """One table line; size and speed ratios against ``fp32`` (the row named by r["base"],
+    if any: PyTorch rows compare with PyTorch fp32)."""
     name = f"{r['key']:20}"
     if "error" in r:
         return f"{name} FAILED: {r['error']}"
@@ -428,14 +519,18 @@ def fmt_row(r: dict, fp32: dict) -> str:
     kl = f"{'n/a':>8}" if kl is None else f"{kl:8.4f}" if kl == 0 or kl >= 0.01 else f"{kl:8.1e}"
     qs = r.get("quantize_seconds")
     qs = f"{qs:7.0f}" if isinstance(qs, (int, float)) else f"{'-':>7}"
-    return f"{name} {mb:8.1f} {ratio:6.3f} {ppl:10.3f} {dppl} {top1} {kl} {qs}"
+    tps = r.get("decode_tokens_per_s")
+    speed = (f"{tps:6.1f} {tps / fp32['decode_tokens_per_s']:6.2f}"
+             if tps and fp32.get("decode_tokens_per_s") else f"{'-':>6} {'-':>6}")
+    return f"{name} {mb:8.1f} {ratio:6.3f} {ppl:10.3f} {dppl} {top1} {kl} {qs} {speed}"
 
 
 def table(rows: list[dict]) -> str:
-    fp32 = rows[0]
+    by_key = {r["key"]: r for r in rows}
     head = (f"{'scheme':20} {'MB':>8} {'xfp32':>6} {'PPL':>10} {'dPPL':>8} {'top-1':>7} "
-            f"{'KL mean':>8} {'quant s':>7}")
-    return "\n".join([head, "-" * len(head)] + [fmt_row(r, fp32) for r in rows])
+            f"{'KL mean':>8} {'quant s':>7} {'tok/s':>6} {'xfp32':>6}")
+    return "\n".join([head, "-" * len(head)] + [fmt_row(r, by_key.get(r.get("base"), rows[0]))
+                                                 for r in rows])
 
 
 # ----------------------------------------------------------------------------- main
@@ -446,11 +541,13 @@ def args():
                     help="cache for the run, exports, DATA DIR and GGUFs")
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     ap.add_argument("--schemes", default=None,
-                    help=f"comma-separated subset of: {', '.join([*SCHEMES, *LLAMA_CPP])} "
+                    help=f"comma-separated subset of: {', '.join([*SCHEMES, *BNB, *LLAMA_CPP])} "
                          "(other items are taken as scheme specs, e.g. 'int4:block_size=64'; "
                          "separate items with ';' when a spec has options)")
     ap.add_argument("--max-tokens", type=int, default=256, help="tokens per paragraph, bos included")
     ap.add_argument("--requantize", action="store_true", help="rebuild cached quantized exports")
+    ap.add_argument("--speed-rounds", type=int, default=2,
+                    help="rounds of `agevlm bench` decode timing over the ONNX rows (0: skip)")
     ap.add_argument("--no-torch-check", action="store_true",
                     help="skip the transformers cross-check of the fp32 export")
     return ap.parse_args()
@@ -458,7 +555,7 @@ def args():
 
 def selected(spec: str | None) -> list[str]:
     if not spec:
-        return [*SCHEMES, *LLAMA_CPP]
+        return [*SCHEMES, *BNB, *LLAMA_CPP]
     return [s.strip() for s in spec.split(";" if ":" in spec else ",") if s.strip()]
 
 
@@ -479,7 +576,8 @@ def main() -> None:
     log(f"[bench] fp32 reference: {len(texts)} paragraphs, {sum(map(len, ids))} tokens")
     t0 = time.perf_counter()
     ref = onnx_logits(fp32_dir, ids)
-    fp32 = {"key": "fp32", "spec": "fp32", "label": "fp32", "bytes": export_bytes(fp32_dir),
+    fp32 = {"key": "fp32", "spec": "fp32", "label": "fp32", "dir": str(fp32_dir),
+            "bytes": export_bytes(fp32_dir),
             **measure(ref, ids, ref), "eval_seconds": time.perf_counter() - t0}
     if not a.no_torch_check:
         fp32["torch"] = tc = torch_check(lm, ids, ref)
@@ -488,12 +586,16 @@ def main() -> None:
     log("[bench] weight-grid check")
     grid = grid_check(lm)
     rows = [fp32]
-    for key in [k for k in keys if k not in LLAMA_CPP]:
+    for key in [k for k in keys if k not in LLAMA_CPP and k not in BNB]:
         try:
             rows.append(onnx_variant(key, fp32_dir, a.work, calib, ids, ref, a.requantize))
         except Exception as e:   # report, do not hide: the row says what failed
             log(f"  FAILED: {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}")
             rows.append({"key": key, "spec": SCHEMES.get(key, key), "error": f"{type(e).__name__}: {e}"})
+    if a.speed_rounds > 0:
+        add_speed(rows, a.speed_rounds)
+    rows += bnb_variants([k for k in keys if k in BNB], a.work / "run-64-gate0", ids, ref,
+                         a.speed_rounds > 0)
     lc_rows, vocab = llama_variants([k for k in keys if k in LLAMA_CPP], a.work, texts, ids, bos,
                                     ref, ref[0].shape[-1])
     rows += lc_rows
