@@ -26,10 +26,18 @@ from agevlm_edge.train.recipe import preset_recipe
 VARIANTS = ("guided", "ca", "concat")
 
 
-def metrics(res: dict) -> dict:
+def val_yesno(run: Path) -> float | None:
+    """The run's last validation yes/no accuracy (after instruct): did its answers leave chance?"""
+    vals = [json.loads(line)["val"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if '"val"' in line] if (run / "metrics.jsonl").is_file() else []
+    return vals[-1].get("val_yesno_acc") if vals else None
+
+
+def metrics(res: dict, run: Path) -> dict:
     s = res["suites"]
     pope = s["pope"]
-    row = {f"pope_f1_{v}": f["f1"] for v, f in pope["files"].items()}
+    row = {"val_yesno": val_yesno(run)}
+    row.update({f"pope_f1_{v}": f["f1"] for v, f in pope["files"].items()})
     fy = pope["summary"]["false_yes"]
     row["fy_partner"], row["fy_other"] = fy["prior_partner"]["rate"], fy["other_absent"]["rate"]
     row["chair_i"] = s["chair"]["chair_i"]
@@ -69,7 +77,7 @@ def main() -> None:
                 print(train(data, run, preset_recipe("tiny", variant, seed=seed, scale=args.scale),
                             overwrite=True))
                 evaluate(run, data, out_json=res_file)
-            rows[variant].append(metrics(json.loads(res_file.read_text())))
+            rows[variant].append(metrics(json.loads(res_file.read_text()), run))
             table = write_table(args, rows)  # after every run: a stopped study keeps its table
     print(table)
 
