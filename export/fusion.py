@@ -84,8 +84,15 @@ def ort_fuse(path: Path, attention: bool = True) -> dict[str, int]:
     return {k: v for k, v in sorted(counts.items()) if v}
 
 
-def to_ort_format(out_dir: Path) -> list[str]:
-    """`convert_onnx_models_to_ort --optimization_style Fixed` for each graph; the .ort files."""
+def to_ort_format(out_dir: Path) -> dict:
+    """`convert_onnx_models_to_ort --optimization_style Fixed` for each graph; the .ort files,
+    with what they need at run time. Fixed bakes in this onnxruntime's CPU execution provider
+    rewrites (e.g. its internal NHWC Conv), so they load on this onnxruntime version or a newer
+    one, and not on WebGPU (measured with onnxruntime-webgpu 1.27: a WebGPU session refused
+    vision.ort's NHWC Conv, and every session refused decoder.ort, written with a newer
+    GroupQueryAttention schema); WebGPU takes the .onnx graphs."""
+    import onnxruntime as ort
+
     made = []
     for name in GRAPHS:
         src = out_dir / f"{name}.onnx"
@@ -99,7 +106,8 @@ def to_ort_format(out_dir: Path) -> list[str]:
         made.append(ort_file.name)
     for extra in out_dir.glob("*.config"):       # the converter's op-type config: not needed
         extra.unlink()
-    return made
+    return {"files": made, "optimization_style": "Fixed", "provider": "cpu",
+            "onnxruntime": ort.__version__}
 
 
 def mobile_usability(path: Path) -> dict:

@@ -133,6 +133,11 @@ def test_mobile_gpu_export_uses_contrib_attention_and_ships_ort_files(exported):
     assert man8["graphs"]["decoder"]["ops"]["com.microsoft.MultiHeadAttention"] == n_layers
     assert ops["com.microsoft.SkipSimplifiedLayerNormalization"] >= 2
     assert man["parity"]["passed"] and {"vision.ort", "decoder.ort"} <= set(man["files"])
+    import onnxruntime
+
+    assert man["rewrites"]["ort_format"] == {"files": ["vision.ort", "decoder.ort"],
+                                             "optimization_style": "Fixed", "provider": "cpu",
+                                             "onnxruntime": onnxruntime.__version__}
     assert set(man["rewrites"]["usability"]["decoder"]["verdicts"]) >= {"NNAPI", "CoreML MLProgram"}
     Runtime(exported["mobile"])                                   # hashes of .ort files hold
     ort = man["parity"]["ort_format"]                             # .ort vs .onnx, run
@@ -149,6 +154,22 @@ def test_infer_runs_the_ort_copies_and_says_where_there_are_none(exported, small
     assert ort_out == onnx_out and ort_out.startswith("Caption:")
     assert_one_line_error(run_cli("infer", "--model", exported["xattn"], *args,
                                   "--graph-format", "ort"), "no ORT-format graphs")
+    assert_one_line_error(run_cli("infer", "--model", exported["mobile"], *args, "--graph-format",
+                                  "ort", "--provider", "webgpu"), "WebGPU sessions refuse")
+
+
+def test_ort_copies_an_older_onnxruntime_cannot_read_get_one_clear_error(exported, monkeypatch):
+    import onnxruntime
+
+    from agevlm_edge.errors import BadInput
+    from agevlm_edge.runtime.session import Runtime
+
+    def refuse(path, *a, **k):   # what onnxruntime-webgpu 1.27 said of our decoder.ort
+        raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : This is an invalid model.")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+    with pytest.raises(BadInput, match=f"wrote them \\({onnxruntime.__version__}\\) or a newer one"):
+        Runtime(exported["mobile"], graph_format="ort")
 
 
 def _tiny_graph(tmp_path, norm: str):

@@ -137,6 +137,19 @@ class Runtime:
             raise BadInput(f"{self.dir}/manifest.json has no valid model config ({e!r}); re-export") from None
         self.pre = Preprocessor.load(self.dir / "preprocessor.json")
         self.tokenizer = load_tokenizer(self.dir / "tokenizer.json")
+        if graph_format not in GRAPH_FORMATS:
+            raise BadInput(f"unknown graph format {graph_format!r}; choose one of {', '.join(GRAPH_FORMATS)}")
+        files = [self.dir / f"{g}.{graph_format}" for g in ("vision", "decoder")]
+        ort_info = self.manifest.get("rewrites", {}).get("ort_format") or {}
+        if graph_format == "ort":
+            if not all(f.name in self.manifest.get("files", {}) for f in files):
+                raise BadInput(f"{self.dir} has no ORT-format graphs (vision.ort, decoder.ort); only "
+                               "`agevlm export --target mobile-gpu` writes them: use the .onnx graphs "
+                               "or re-export for mobile-gpu")
+            if provider == "webgpu":   # measured: its session refuses the CPU-internal NHWC Conv
+                raise BadInput("the .ort graphs carry onnxruntime's CPU-provider rewrites (Fixed "
+                               "optimisation), which WebGPU sessions refuse: use --graph-format onnx "
+                               "on webgpu, or --provider cpu")
         if provider not in PROVIDERS:
             raise BadInput(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
         name = PROVIDERS[provider]
@@ -150,19 +163,17 @@ class Runtime:
         providers = [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
         self.provider = provider
         self.kv_device = DEVICE_MEMORY.get(provider) if kv_on_device else None
-        if graph_format not in GRAPH_FORMATS:
-            raise BadInput(f"unknown graph format {graph_format!r}; choose one of {', '.join(GRAPH_FORMATS)}")
-        files = [self.dir / f"{g}.{graph_format}" for g in ("vision", "decoder")]
-        if graph_format == "ort" and not all(f.name in self.manifest.get("files", {}) for f in files):
-            raise BadInput(f"{self.dir} has no ORT-format graphs (vision.ort, decoder.ort); only "
-                           "`agevlm export --target mobile-gpu` writes them: use the .onnx graphs "
-                           "or re-export for mobile-gpu")
         self.graph_format = graph_format
         try:
             self.vision = ort.InferenceSession(str(files[0]), opts, providers=providers)
             self.decoder = ort.InferenceSession(str(files[1]), opts, providers=providers)
         except Exception as e:   # onnxruntime raises its own pybind error types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if graph_format == "ort":
+                raise BadInput(f"onnxruntime {ort.__version__} cannot load {self.dir}'s .ort graphs "
+                               f"({first}); ORT-format files load on the onnxruntime that wrote "
+                               f"them ({ort_info.get('onnxruntime', 'see the manifest')}) or a newer "
+                               "one: upgrade onnxruntime or use --graph-format onnx") from None
             raise BadInput(f"onnxruntime {ort.__version__} cannot load {self.dir}'s graphs ({first}); "
                            "the cpu target needs opset 23 (onnxruntime >= 1.22), or re-export "
                            "with --target mobile-gpu (opset 18)") from None
