@@ -133,7 +133,8 @@ NAMES: dict[str, tuple[type, dict]] = {
 }
 CHOICES = {"preset": ("avx2", "avx512_vnni", "arm64"), "ops": ("matmul", "all"),
            "algo": ("rtn", "gptq", "hqq"), "activations": ("uint8", "uint16"),
-           "calibration": ("minmax", "percentile", "entropy"), "block_size": (16, 32, 64, 128, 256), "accuracy_level": (0, 4)}
+           "calibration": ("minmax", "percentile", "entropy"),
+           "block_size": (16, 32, 64, 128, 256), "accuracy_level": (0, 4)}
 
 
 def _value(text: str, kind: type):
