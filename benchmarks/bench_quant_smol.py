@@ -414,6 +414,7 @@ def bnb_variants(keys: list[str], run_dir: Path, ids, ref, speed: bool) -> list[
     run, PyTorch), after a PyTorch fp32 row of the same run: perplexity, top-1 / KL vs the fp32
     export, weight bytes in memory, and decode tokens/s by the runtime's protocol
     (report.torch_decode_speed), whose ratios are against that PyTorch fp32 row."""
+    import logging
     import warnings
 
     import torch
@@ -424,8 +425,6 @@ def bnb_variants(keys: list[str], run_dir: Path, ids, ref, speed: bool) -> list[
 
     if not keys:
         return []
-    import logging
-
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)   # a cast warning per int8 matmul
     torch.set_num_threads(2)
     rows: list[dict] = []

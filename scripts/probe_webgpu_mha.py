@@ -31,7 +31,6 @@ RUNNER = r"""
 import json, sys
 import numpy as np, onnxruntime as ort
 so = ort.SessionOptions(); so.log_severity_level = 3
-out = {}
 for case in json.loads(sys.argv[1]):
     feeds = dict(np.load(case + ".npz"))
     for prov in ("WebGpuExecutionProvider", "CPUExecutionProvider"):
