@@ -14,7 +14,6 @@ noise images and fixed prompts. Selection is seeded: the same seed, the same sam
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from agevlm_edge.errors import BadInput
 from agevlm_edge.eval.common import ImageStore, image_prompt_pairs
+from agevlm_edge.fsutil import sha256_file
 from agevlm_edge.prompts import caption_prompt, question_prompt, target_text
 from agevlm_edge.runtime.session import Runtime
 
@@ -56,7 +56,7 @@ class CalibSet:
              "seed": self.seed, "samples_used": self._used}
         if self.texts is not None:
             d["texts"] = {"file": str(self.text_file), "n": len(self.texts),
-                          "sha256": hashlib.sha256(self.text_file.read_bytes()).hexdigest()}
+                          "sha256": sha256_file(self.text_file)}
         return d
 
     def _texts(self, rec: dict, i: int) -> str:
