@@ -6,7 +6,8 @@ Builds (once) a hard world, trains each variant for each seed with the tiny reci
 on the prior-broken `test` split and prints a markdown table of mean +- std: POPE F1 per split,
 false-yes rate on absent prior partners vs other absent objects, CHAIR_i, attention-mask IoU,
 pointing, and the matched/mismatched image-text AUROC. Everything lands in --out (study.json,
-study.md); finished runs are reused, so an interrupted study picks up where it stopped.
+study.md); finished runs are reused and a run stopped part-way resumes from its checkpoint, so
+an interrupted study picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ def val_yesno(run: Path) -> float | None:
     vals = [json.loads(line)["val"] for line in (run / "metrics.jsonl").read_text().splitlines()
             if '"val"' in line] if (run / "metrics.jsonl").is_file() else []
     return vals[-1].get("val_yesno_acc") if vals else None
+
+
+def stopped_run_of(run: Path, recipe) -> bool:
+    """True when ``run`` holds a checkpoint of this very recipe (a study stopped mid-run), so
+    training resumes it (bit-exactly) instead of starting again."""
+    try:
+        cfg = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (run / "training_state" / "state.json").is_file() and cfg.get("recipe") == json.loads(json.dumps(recipe.to_dict()))
 
 
 def metrics(res: dict, run: Path) -> dict:
@@ -74,8 +85,10 @@ def main() -> None:
         for variant in rows:
             run, res_file = args.out / f"{variant}-s{seed}", args.out / f"{variant}-s{seed}.json"
             if not res_file.is_file():
-                print(train(data, run, preset_recipe("tiny", variant, seed=seed, scale=args.scale),
-                            overwrite=True))
+                recipe = preset_recipe("tiny", variant, seed=seed, scale=args.scale)
+                resume = stopped_run_of(run, recipe)
+                print(f"{'resuming' if resume else 'training'} {run}")
+                print(train(data, run, recipe, resume=resume, overwrite=True))
                 evaluate(run, data, out_json=res_file)
             rows[variant].append(metrics(json.loads(res_file.read_text()), run))
             table = write_table(args, rows)  # after every run: a stopped study keeps its table
