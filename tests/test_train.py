@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace as dataclasses_replace
 import subprocess
 import sys
 
@@ -237,3 +238,74 @@ def test_length_buckets_change_no_loss_and_keep_every_sample():
     torch.testing.assert_close(parts["lm_sum"], whole["lm_sum"], rtol=1e-5, atol=1e-4)
     assert length_buckets(samples[:2], 3) == [[s] for s in sorted(samples[:2], key=lambda s: len(s.ids))]
     assert length_buckets(samples, 1) == [samples]   # unsorted: one bucket is the old batch
+
+
+def test_question_phrases_are_the_asked_object_and_the_answer_position(world):
+    """A question about a class in the image carries two phrases, the object word and the
+    prompt's last token, both toward the union mask of that class's instances; absent classes
+    and relation questions carry none."""
+    from agevlm_edge.data.datadir import load_split
+    from agevlm_edge.data.tokenizer import load_tokenizer
+    from agevlm_edge.eval.grounding import mask_to_grid
+    from agevlm_edge.train.batches import load_split_data
+    from agevlm_edge.data.datadir import decode_mask
+
+    tok = load_tokenizer(world / "tokenizer.json")
+    recs = load_split(world, "train")[:6]
+    data = load_split_data(world, "train", tok, 64, 8, limit=6)
+    qs = [(rec, q) for rec in recs for q in rec["questions"]]
+    assert len(qs) == len(data.questions)
+    checked = {"with": 0, "without": 0}
+    for (rec, q), s in zip(qs, data.questions):
+        present = [o for o in rec["objects"] if o["class"] == q.get("object")]
+        if q["type"] in ("existence", "colour", "count") and present:
+            (obj_toks, g1), (ans, g2) = s.phrases
+            assert tok.decode([s.ids[t] for t in obj_toks]).strip().startswith(q["object"])
+            assert ans == [s.prompt_len - 1] and tok.decode([s.ids[s.prompt_len - 1]]) == ":"
+            m = np.zeros((64, 64), bool)
+            for o in present:
+                m |= decode_mask(o["mask"])
+            np.testing.assert_allclose(g1, mask_to_grid(m, 8).reshape(-1))
+            assert g2 is g1
+            checked["with"] += 1
+        else:
+            assert s.phrases == []
+            checked["without"] += 1
+    assert checked["with"] and checked["without"]
+
+
+def test_question_dice_draws_only_when_on_and_attaches_question_phrases(tmp_path, world):
+    """question_dice = 0 keeps the batches of recipes written before it (no extra random
+    draw); at 1 every question about a present object brings its two phrases to the batch."""
+    from agevlm_edge.train.loop import Run, _generator
+    from agevlm_edge.train.recipe import Stage
+
+    recipe = recipe_from_dict(_recipe([STAGES[2]]))
+    run = Run(world, tmp_path / "r", recipe, limit=32)
+    base = Stage(**{**STAGES[2], "train": tuple(STAGES[2]["train"]), "dice_fraction": 0.0})
+    off = run.vlm_samples(base, _generator(5, 0, 3))
+    on = run.vlm_samples(dataclasses_replace(base, question_dice=1.0), _generator(5, 0, 3))
+    assert [s.ids for s in off] == [s.ids for s in on]
+    assert all(s.phrases == [] for s in off)
+    with_phr = [s for s in on if s.phrases]
+    assert with_phr and all(len(s.phrases) == 2 for s in with_phr)
+    assert [s.ids for s in run.vlm_samples(dataclasses_replace(base, question_dice=0.5), _generator(5, 0, 3))] \
+        == [s.ids for s in off]
+    unguided = run.vlm_samples(dataclasses_replace(base, question_dice=1.0, dice_weight=0.0), _generator(5, 0, 3))
+    assert all(s.phrases == [] for s in unguided)
+    with pytest.raises(Exception, match="question_dice in 0..1"):
+        recipe_from_dict(_recipe([{**STAGES[2], "question_dice": 2.0}]))
+
+
+def test_val_every_validates_inside_a_stage_without_changing_training(tmp_path, world):
+    from agevlm_edge.train.loop import train
+
+    stage = {**STAGES[0], "steps": 3}
+    train(world, tmp_path / "a", recipe_from_dict(_recipe([stage])), limit=32)
+    train(world, tmp_path / "b", recipe_from_dict(_recipe([{**stage, "val_every": 2}])), limit=32)
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in rows if "val" in r] == [2, 3]
+    a, b = (load_file(str(tmp_path / r / "model.safetensors")) for r in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(Exception, match="val_every must be >= 0"):
+        recipe_from_dict(_recipe([{**STAGES[0], "val_every": -1}]))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from agevlm_edge.data.datadir import decode_mask, load_meta, load_split
+from agevlm_edge.data.tokenizer import span_tokens
 from agevlm_edge.eval.common import ImageStore
 from agevlm_edge.eval.grounding import mask_to_grid
 from agevlm_edge.text import encode_with_spans, prompt_ids
@@ -115,17 +116,22 @@ def load_split_data(data_dir: str | Path, split: str, tokenizer, image_size: int
     cap_prompt_len = len(prompt_ids(tokenizer, caption_prompt(), bos))
     captions, questions, q_cache = [], [], {}
     for i, rec in enumerate(records):
+
+        def union_mask(objects: list[int]) -> np.ndarray:
+            m = np.zeros((rec["height"], rec["width"]), bool)
+            for o in objects:
+                rle = extra.get((rec["image_id"], o)) if extra is not None else rec["objects"][o].get("mask")
+                if rle is not None:
+                    m |= decode_mask(rle)
+            return m
+
         for cap in rec.get("captions", []):
             spans = [(ph["start"], ph["end"]) for ph in cap["phrases"]]
             ids, idx = encode_with_spans(tokenizer, caption_prompt(), cap["text"], spans,
                                          bos_id=bos, eos_id=eos)
             phrases = []
             for ph, toks in zip(cap["phrases"], idx):
-                m = np.zeros((rec["height"], rec["width"]), bool)
-                for o in ph["objects"]:
-                    rle = extra.get((rec["image_id"], o)) if extra is not None else rec["objects"][o].get("mask")
-                    if rle is not None:
-                        m |= decode_mask(rle)
+                m = union_mask(ph["objects"])
                 if toks and m.any():
                     phrases.append((toks, mask_to_grid(m, grid).reshape(-1)))
             captions.append(Sample(i, ids, cap_prompt_len, phrases))
@@ -134,10 +140,41 @@ def load_split_data(data_dir: str | Path, split: str, tokenizer, image_size: int
             if key not in q_cache:  # a few hundred distinct questions: encode each once
                 prompt = question_prompt(q["question"])
                 ids, _ = encode_with_spans(tokenizer, prompt, q["answer"], (), bos_id=bos, eos_id=eos)
-                q_cache[key] = (ids, len(prompt_ids(tokenizer, prompt, bos)))
-            questions.append(Sample(i, *q_cache[key]))
+                q_cache[key] = (ids, len(prompt_ids(tokenizer, prompt, bos)),
+                                question_object_tokens(tokenizer, q))
+            ids, prompt_len, obj_toks = q_cache[key]
+            phrases = []
+            if obj_toks and q.get("type") in QUESTION_PHRASE_TYPES:
+                m = union_mask([k for k, o in enumerate(rec["objects"]) if o["class"] == q["object"]])
+                if m.any():
+                    g = mask_to_grid(m, grid).reshape(-1)
+                    phrases = [(obj_toks, g), ([prompt_len - 1], g)]
+            questions.append(Sample(i, ids, prompt_len, phrases))
     return SplitData(_load_images(data_dir, records, image_size), _labels(records, classes, colours),
                      captions, questions, records)
+
+
+# Questions about one object class, whose phrases (see question_object_tokens) the dice loss
+# can use when that class is in the image; relation questions name two objects.
+QUESTION_PHRASE_TYPES = ("existence", "colour", "count")
+
+
+def question_object_tokens(tokenizer, q: dict) -> list[int]:
+    """Token positions (in [bos] + prompt) of the asked object's word in a question sample.
+
+    With the answer position (the prompt's last token, which predicts the answer) these are
+    the question's grounded phrases: when the object is in the image the dice loss can pull
+    both toward its mask (Stage.question_dice), so the query that decides the answer looks at
+    the asked object. Empty when the question has no ``object`` or does not contain it.
+    """
+    obj = q.get("object")
+    start = q["question"].find(obj) if obj else -1
+    if start < 0:
+        return []
+    prompt = question_prompt(q["question"])
+    head = prompt.index(q["question"])
+    enc = tokenizer.encode(prompt, add_special_tokens=False)
+    return [1 + t for t in span_tokens(enc.offsets, head + start, head + start + len(obj))]
 
 
 def context_questions(records: list[dict], tokenizer, bos: int = 1, eos: int = 2) -> list[Sample]:

@@ -200,17 +200,21 @@ class Run:
 
     def vlm_samples(self, stage: Stage, g: torch.Generator) -> list:
         """This rank's samples of one VLM step: captions (a dice_fraction of them with their
-        phrases, when the stage has a dice loss) and questions, in the stage's mix."""
+        phrases, when the stage has a dice loss) and questions (a question_dice fraction of
+        them with theirs), in the stage's mix."""
         d = self.train_data
         n_cap = round(stage.batch_size * stage.captions / (stage.captions + stage.questions))
         caps = torch.randint(max(len(d.captions), 1), (n_cap,), generator=g) if n_cap else torch.zeros(0, dtype=torch.long)
         qs = torch.randint(max(len(d.questions), 1), (stage.batch_size - n_cap,), generator=g)
         dice_pick = torch.rand(n_cap, generator=g) < stage.dice_fraction
+        # drawn only when used, so that recipes without question dice keep their batches
+        q_pick = (torch.rand(len(qs), generator=g) < stage.question_dice).tolist() \
+            if stage.question_dice > 0 and stage.dice_weight > 0 else [False] * len(qs)
         samples = []
-        for i, pick in zip(caps.tolist(), dice_pick.tolist()):
-            s = d.captions[i]
-            samples.append(s if (pick and stage.dice_weight > 0) else type(s)(s.image, s.ids, s.prompt_len))
-        samples += [d.questions[i] for i in qs.tolist()]
+        for pool, rows, picks in ((d.captions, caps, dice_pick.tolist()), (d.questions, qs, q_pick)):
+            for i, pick in zip(rows.tolist(), picks):
+                s = pool[i]
+                samples.append(s if (pick and stage.dice_weight > 0) else type(s)(s.image, s.ids, s.prompt_len))
         return [samples[i] for i in self._shard(torch.arange(len(samples)))]
 
     def step_vlm(self, ddp, stage: Stage, g: torch.Generator) -> dict:
@@ -358,6 +362,9 @@ class Run:
                            lr=lr_at(stage, step), samples_per_s=round(seen / (time.perf_counter() - t0), 1))
                 self.log(row)
                 bar.set_postfix(stage=stage.name, loss=f"{row['loss']:.3f}")
+            if stage.val_every and self.state["step"] % stage.val_every == 0 and self.state["step"] < stage.steps:
+                self.log({"stage": stage.name, "step": self.state["step"],
+                          "global_step": self.state["global_step"], "val": self.validate(stage)})
             if stop_at is not None and self.state["global_step"] >= stop_at:
                 self.save()
                 return False

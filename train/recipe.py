@@ -44,12 +44,16 @@ class Stage:
     dice_weight: float = 0.0        # SAM-guided loss weight (0: off)
     dice_fraction: float = 0.1      # fraction of caption samples that get the dice loss
     dice_layers: tuple = ()         # cross-attention layers the loss reads (): all
+    question_dice: float = 0.0      # fraction of question samples that also get the dice loss:
+                                    # the asked object's word and the answer position toward
+                                    # its mask, when it is in the image (batches.question_object_tokens)
     gate_lr_mult: float = 1.0       # LR multiplier for the tanh gates of cross-attention blocks
     context_qa: float = 0.0         # lm stage: fraction of each batch that is a question after
                                     # its image's caption, as text (reading comprehension)
     length_buckets: int = 1         # lm/vlm: run each batch as this many length-sorted parts
                                     # (3: 1.3-1.7x faster steps, same loss up to float order;
                                     # batches.length_buckets)
+    val_every: int = 0              # also validate every this many steps (0: at the stage's end only)
     vision_labels: str = "image"    # vision stage: image (default) | mask (ablation: + per-token
                                     # labels from the object masks, which teach grounding to all)
 
@@ -61,12 +65,15 @@ class Stage:
             raise BadInput(f"stage {self.name}: train must list groups from {', '.join(GROUPS)}")
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise BadInput(f"stage {self.name}: steps >= 0, batch_size >= 1 and lr > 0 required")
-        if not 0 <= self.dice_fraction <= 1 or self.dice_weight < 0:
-            raise BadInput(f"stage {self.name}: dice_fraction in 0..1 and dice_weight >= 0 required")
+        if not 0 <= self.dice_fraction <= 1 or not 0 <= self.question_dice <= 1 or self.dice_weight < 0:
+            raise BadInput(f"stage {self.name}: dice_fraction and question_dice in 0..1 and "
+                           "dice_weight >= 0 required")
         if not 0 <= self.context_qa <= 1:
             raise BadInput(f"stage {self.name}: context_qa must be in 0..1")
         if self.vision_labels not in ("image", "mask"):
             raise BadInput(f"stage {self.name}: vision_labels must be image or mask")
+        if self.val_every < 0:
+            raise BadInput(f"stage {self.name}: val_every must be >= 0")
         if self.length_buckets < 1:
             raise BadInput(f"stage {self.name}: length_buckets must be >= 1")
         if self.gate_lr_mult <= 0:
