@@ -22,7 +22,8 @@ from agevlm_edge.data.tokenizer import build_tokenizer
 from agevlm_edge.eval.suite import evaluate
 from agevlm_edge.fsutil import write_json_atomic, write_text_atomic
 from agevlm_edge.train.loop import train
-from agevlm_edge.train.recipe import preset_recipe
+from agevlm_edge.errors import BadInput
+from agevlm_edge.train.recipe import preset_recipe, recipe_from_dict
 
 VARIANTS = ("guided", "ca", "concat")
 
@@ -37,11 +38,11 @@ def val_yesno(run: Path) -> float | None:
 def stopped_run_of(run: Path, recipe) -> bool:
     """True when ``run`` holds a checkpoint of this very recipe (a study stopped mid-run), so
     training resumes it (bit-exactly) instead of starting again."""
-    try:
-        cfg = json.loads((run / "config.json").read_text())
-    except (OSError, ValueError):
+    try:   # through recipe_from_dict, so that fields added since the run took their defaults
+        saved = recipe_from_dict(json.loads((run / "config.json").read_text())["recipe"])
+    except (OSError, ValueError, KeyError, BadInput):
         return False
-    return (run / "training_state" / "state.json").is_file() and cfg.get("recipe") == json.loads(json.dumps(recipe.to_dict()))
+    return (run / "training_state" / "state.json").is_file() and saved == recipe
 
 
 def metrics(res: dict, run: Path) -> dict:
