@@ -19,10 +19,10 @@ from pathlib import Path
 
 from agevlm_edge.data.synth import synthesize
 from agevlm_edge.data.tokenizer import build_tokenizer
+from agevlm_edge.errors import BadInput
 from agevlm_edge.eval.suite import evaluate
 from agevlm_edge.fsutil import write_json_atomic, write_text_atomic
 from agevlm_edge.train.loop import train
-from agevlm_edge.errors import BadInput
 from agevlm_edge.train.recipe import preset_recipe, recipe_from_dict
 
 VARIANTS = ("guided", "ca", "concat")

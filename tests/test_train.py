@@ -245,11 +245,10 @@ def test_question_phrases_are_the_asked_object_and_the_answer_position(world):
     """A question about a class in the image carries two phrases, the object word and the
     prompt's last token, both toward the union mask of that class's instances; absent classes
     and relation questions carry none."""
-    from agevlm_edge.data.datadir import load_split
+    from agevlm_edge.data.datadir import decode_mask, load_split
     from agevlm_edge.data.tokenizer import load_tokenizer
     from agevlm_edge.eval.grounding import mask_to_grid
     from agevlm_edge.train.batches import load_split_data
-    from agevlm_edge.data.datadir import decode_mask
 
     tok = load_tokenizer(world / "tokenizer.json")
     recs = load_split(world, "train")[:6]
