@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import replace as dataclasses_replace
 import subprocess
 import sys
 
@@ -284,14 +284,14 @@ def test_question_dice_draws_only_when_on_and_attaches_question_phrases(tmp_path
     run = Run(world, tmp_path / "r", recipe, limit=32)
     base = Stage(**{**STAGES[2], "train": tuple(STAGES[2]["train"]), "dice_fraction": 0.0})
     off = run.vlm_samples(base, _generator(5, 0, 3))
-    on = run.vlm_samples(dataclasses_replace(base, question_dice=1.0), _generator(5, 0, 3))
+    on = run.vlm_samples(dataclasses.replace(base, question_dice=1.0), _generator(5, 0, 3))
     assert [s.ids for s in off] == [s.ids for s in on]
     assert all(s.phrases == [] for s in off)
     with_phr = [s for s in on if s.phrases]
     assert with_phr and all(len(s.phrases) == 2 for s in with_phr)
-    assert [s.ids for s in run.vlm_samples(dataclasses_replace(base, question_dice=0.5), _generator(5, 0, 3))] \
+    assert [s.ids for s in run.vlm_samples(dataclasses.replace(base, question_dice=0.5), _generator(5, 0, 3))] \
         == [s.ids for s in off]
-    unguided = run.vlm_samples(dataclasses_replace(base, question_dice=1.0, dice_weight=0.0), _generator(5, 0, 3))
+    unguided = run.vlm_samples(dataclasses.replace(base, question_dice=1.0, dice_weight=0.0), _generator(5, 0, 3))
     assert all(s.phrases == [] for s in unguided)
     with pytest.raises(Exception, match="question_dice in 0..1"):
         recipe_from_dict(_recipe([{**STAGES[2], "question_dice": 2.0}]))
