@@ -37,6 +37,8 @@ class AgeVLMConfig:
     vision_layers: int = 0
     vision_heads: int = 4
     vision_stem: str = "cnn"         # "cnn": BatchNorm CNN; "conv": light conv stem; "patch": linear
+    vision_skip: bool = False        # cnn stem: append the first conv layer's activations, averaged
+                                     # per patch, to every token (the colour the deep layers drop)
     # ... or a pretrained Hugging Face tower (CLIP, SigLIP, ConvNeXt; see hf_vision.py): its
     # vision config is read once from vision_hf_dir into vision_hf_config, which a RUN DIR
     # stores, so reloading never needs the dir; image_size, patch_size (the pixel stride of
@@ -87,6 +89,8 @@ class AgeVLMConfig:
         if self.vision_stem in ("cnn", "conv") and self.patch_size not in (4, 8, 16, 32) \
                 and not self.vision_hf_config:
             raise ValueError(f"the {self.vision_stem} stem needs a power-of-two patch_size in 4..32")
+        if self.vision_skip and (self.vision_stem != "cnn" or self.vision_hf_config):
+            raise ValueError("vision_skip needs the built-in cnn stem (vision_stem='cnn', no vision_hf_dir)")
         if self.n_heads % self.n_kv_heads or self.xattn_heads % self.xattn_kv_heads:
             raise ValueError("query heads must be a multiple of key/value heads")
 
@@ -106,6 +110,12 @@ class AgeVLMConfig:
     @property
     def n_image_tokens(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def vision_out_width(self) -> int:
+        """Width of the tower's tokens: vision_width, plus the skip's channels with vision_skip."""
+        skip = _cnn_plan(self.vision_width, self.patch_size)[0][0] if self.vision_skip else 0
+        return self.vision_width + skip
 
     @classmethod
     def from_dict(cls, d: dict) -> "AgeVLMConfig":
@@ -386,13 +396,17 @@ def _cnn_stem(w: int, patch: int) -> nn.Sequential:
     recipe, where the 4-block ViT on the light conv stem reached 0.72 after 900 steps (600 s);
     a ViT block on top of this CNN did not help.
     """
+    return nn.Sequential(*_conv_bn(_cnn_plan(w, patch), nn.ReLU))
+
+
+def _cnn_plan(w: int, patch: int) -> list[tuple[int, int]]:
+    """(channels, stride) of each conv layer of `_cnn_stem`."""
     n = int(math.log2(patch))
     plan = [(max(3 * w // 2 ** (n + 1), 8), 2)]
     for s in range(1, n - 1):
         c = max(3 * w // 2 ** (n + 1 - s), 8)
         plan += [(c, 2), (2 * c, 1)]
-    plan += [(w, 2), (w, 1)]
-    return nn.Sequential(*_conv_bn(plan, nn.ReLU))
+    return plan + [(w, 2), (w, 1)]
 
 
 def _light_conv_stem(w: int, patch: int) -> nn.Sequential:
@@ -408,6 +422,15 @@ class VisionTower(nn.Module):
 
     Stems: "cnn" (the default, `_cnn_stem`), "conv" (`_light_conv_stem`, for ViT towers),
     "patch" (a linear patch embedding).
+
+    `vision_skip` (cnn stem; off by default) appends to every token its patch's mean of the
+    first conv layer's activations, layer-normalised. Colour can survive the deep layers of a
+    tower trained for image-level labels poorly: `scripts/probe_image_path.py` reads an
+    object's colour from its patch's RGB mean at 0.99 and from the first layer at 1.00, but
+    from the tower's tokens at 0.48 (easy world, seed 0; 0.96 for seed 1). The skip restores
+    it in the tokens (1.00) and the projected tokens (0.89), yet the cross-attention values,
+    which the text reads, kept 0.30 and that run's answers stayed at chance (one run; README,
+    "Known gap"), so it stays an option.
     """
 
     def __init__(self, cfg: AgeVLMConfig):
@@ -422,12 +445,24 @@ class VisionTower(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, cfg.n_image_tokens, w) * 0.02)
         self.blocks = nn.ModuleList(ViTBlock(w, cfg.vision_heads) for _ in range(cfg.vision_layers))
         self.norm = nn.LayerNorm(w)
+        self.skip_pool = cfg.patch_size // 2 if cfg.vision_skip else 0   # the first layer has stride 2
+        if cfg.vision_skip:
+            self.skip_norm = nn.LayerNorm(cfg.vision_out_width - w)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.stem(pixels).flatten(2).transpose(1, 2) + self.pos   # (B, N, Wv)
+        if self.skip_pool:
+            first = self.stem[:3](pixels)                              # conv, BatchNorm, ReLU
+            x = self.stem[3:](first)
+        else:
+            x = self.stem(pixels)
+        x = x.flatten(2).transpose(1, 2) + self.pos                   # (B, N, Wv)
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x)
+        x = self.norm(x)
+        if self.skip_pool:
+            skip = F.avg_pool2d(first, self.skip_pool).flatten(2).transpose(1, 2)
+            x = torch.cat([x, self.skip_norm(skip)], dim=-1)          # (B, N, Wv + skip)
+        return x
 
 
 class Projector(nn.Module):
@@ -518,7 +553,7 @@ class AgeVLM(nn.Module):
             self.vision = HFVisionTower(cfg.vision_hf_config)
         else:
             self.vision = VisionTower(cfg)
-        self.projector = Projector(cfg.vision_width, cfg.d_model, cfg.n_image_tokens)
+        self.projector = Projector(cfg.vision_out_width, cfg.d_model, cfg.n_image_tokens)
         self.decoder = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init)

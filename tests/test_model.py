@@ -129,6 +129,26 @@ def test_vision_stems_give_one_token_per_patch(stem, patch):
         AgeVLMConfig(vision_stem="resnet")
 
 
+def test_vision_skip_appends_each_patchs_own_first_layer_mean():
+    m = _model(image_size=64, vision_skip=True)
+    w, skip = 32, m.cfg.vision_out_width - 32
+    assert skip == 8 and AgeVLMConfig.from_dict(m.cfg.to_dict()) == m.cfg
+    m.vision.eval()                                   # BatchNorm from running stats: per-sample
+    x = torch.randn(2, 3, 64, 64)
+    tokens = m.vision(x)
+    assert tokens.shape == (2, 64, w + skip)
+    assert m.image_tokens(x).shape == (2, 64, 32)
+    y = x.clone()
+    y[:, :, 1:7, 1:7] += 1.0     # inside the first 8x8 patch, clear of the 3x3 conv's reach
+    changed = (m.vision(y) - tokens).abs().amax(dim=0)             # (N, W)
+    assert changed[0, w:].max() > 1e-3                # that patch's skip moves ...
+    assert changed[1:, w:].max() < 1e-6               # ... and no other patch's skip
+    assert changed[1:, :w].max() > 1e-3               # (the deep channels do see neighbours)
+    for bad in (dict(vision_stem="conv"), dict(vision_stem="patch")):
+        with pytest.raises(ValueError, match="vision_skip needs the built-in cnn stem"):
+            AgeVLMConfig(vision_skip=True, **bad)
+
+
 def test_gqa_form_matches_eager_on_a_left_padded_batch_and_its_own_cache():
     """attn_impl="gqa" rotates by cache slot, not by real-token count: the same scores (rotary
     is relative) for prefill and a decode step over its own cache, different cached keys."""

@@ -125,7 +125,7 @@ class Run:
         self.classes = list(meta["vocabulary"]["classes"])
         self.colours = list(meta["vocabulary"].get("colours", []))
         self.n_labels = len(self.classes) + len(self.colours)
-        self.head = VisionHead(self.cfg.vision_width, self.n_labels)
+        self.head = VisionHead(self.cfg.vision_out_width, self.n_labels)
         args = (self.tok, self.cfg.image_size, self.cfg.patch_size, recipe.mask_source)
         ids = dict(bos=self.cfg.bos_id, eos=self.cfg.eos_id)
         self.train_data = load_split_data(data_dir, "train", *args, limit=limit, **ids)
