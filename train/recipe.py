@@ -101,9 +101,10 @@ class Recipe:
 
 
 def _tiny_stages(scale: float) -> list[Stage]:
-    # Sized near the 15-minute budget on 2 CPU cores (measured: an LM step of 64 samples
-    # ~0.53 s, an instruct step ~0.65 s, a CNN vision step of 128 images ~0.17 s; the whole
-    # recipe took 16m10s; with length_buckets=3, 12m26s). The CNN tower reaches class F1 0.95
+    # Sized near the 15-minute budget on 2 CPU cores (measured alone: an LM step of 64 samples
+    # ~0.53 s, an instruct step ~0.57 s, a CNN vision step of 128 images ~0.2 s; the whole
+    # recipe 15m54s, README "Known gap"; length_buckets=3 gained ~1.05x in whole runs and
+    # left POPE F1 within the seeds' spread, so it stays off). The CNN tower reaches class F1 0.95
     # in 800 steps (0.98 in 1000). Once yes/no answers break away from chance, more instruct
     # steps keep paying (continuing a trained run: 0.74 -> 0.86 after 300 more steps, 0.90
     # after 700), but whether they break is chance: README, "Known gap".
