@@ -5,7 +5,8 @@
 For every object of the first --images images of the split, the patch its mask covers most
 (at least half) is read at each stage of the image path: the patch's mean RGB, the tower's
 first conv layer (averaged over the patch), the tower's tokens, the projected tokens, and the
-value vectors of every cross-attention layer (what the text can read). A linear softmax probe
+key and value vectors of every cross-attention layer (keys: what a text query can match;
+values: what it reads). A linear softmax probe
 per stage (70% of the objects to fit, 30% to score, features standardised) prints the held-out
 accuracy for the object's colour and its class; chance is 1/8 and 1/14 on the synthetic
 worlds. Used for README's "Known gap" (colour answers at chance); a diagnostic, not a test.
@@ -71,8 +72,9 @@ def main() -> None:
                       F.avg_pool2d(first, first.shape[-1] // grid)}
             stages = {k: v.flatten(2).transpose(1, 2) for k, v in stages.items()}
             stages |= {"tower tokens": tokens, "projected tokens": projected}
-            for layer, (_, v) in sorted(model.cross_kv(projected).items(), key=lambda kv: int(kv[0])):
-                stages[f"cross-attn V, layer {layer}"] = v.transpose(1, 2).flatten(2)  # (B, N, Hkv*hd)
+            for layer, (k, v) in sorted(model.cross_kv(projected).items(), key=lambda kv: int(kv[0])):
+                stages[f"cross-attn K, layer {layer}"] = k.transpose(1, 2).flatten(2)  # (B, N, Hkv*hd)
+                stages[f"cross-attn V, layer {layer}"] = v.transpose(1, 2).flatten(2)
             for b, rec in enumerate(part):
                 for ob in rec["objects"]:
                     cover = decode_mask(ob["mask"]).reshape(grid, p, grid, p).mean((1, 3)).ravel()
