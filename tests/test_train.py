@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from agevlm_edge.train.losses import dice_loss_sum, phrase_maps
+from agevlm_edge.train.losses import dice_loss_sum, lm_loss_sum, phrase_maps
 from agevlm_edge.train.recipe import apply_sets, preset_recipe, recipe_from_dict
 from conftest import assert_one_line_error, run_cli
 
@@ -59,6 +59,23 @@ def test_dice_is_zero_exactly_when_attention_spreads_over_the_mask():
     assert dice_loss_sum(off, mask, torch.zeros(1, 1, dtype=torch.bool))[1].item() == 0
 
 
+def test_per_sample_loss_weighs_every_sample_alike():
+    """loss_norm=sample: a one-token answer weighs as much as a long caption; token (the
+    default) averages over all target tokens of the batch. Rows without a label do not count."""
+    logits = torch.randn(3, 6, 5, generator=torch.Generator().manual_seed(0))
+    labels = torch.full((3, 6), -100)
+    labels[0, 1:] = torch.tensor([1, 2, 3, 4, 0])      # a caption: 5 target tokens
+    labels[1, 5] = 2                                   # an answer: 1 target token
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
+                                           ignore_index=-100, reduction="none")
+    s, n = lm_loss_sum(logits, labels)
+    assert n.item() == 6 and s.item() == pytest.approx(ce.sum().item(), rel=1e-6)
+    s, n = lm_loss_sum(logits, labels, per_sample=True)
+    assert n.item() == 2
+    assert s.item() == pytest.approx(ce[0].sum().item() / 5 + ce[1, 4].item(), rel=1e-6)
+    assert s.item() / n.item() != pytest.approx(ce.sum().item() / 6, rel=1e-3)
+
+
 def test_phrase_maps_average_heads_layers_and_tokens():
     probs = {1: torch.zeros(1, 2, 3, 4), 3: torch.zeros(1, 2, 3, 4)}
     probs[1][0, :, 0, 0] = 1
@@ -97,6 +114,9 @@ def test_bad_recipes_fail_with_one_line(tmp_path, world):
     bad.write_text(yaml.safe_dump(_recipe([{**STAGES[2], "gate_lr_mult": 0}])))
     assert_one_line_error(run_cli("train", "--data", world, "--out", tmp_path / "r", "--config", bad),
                           "gate_lr_mult must be > 0")
+    bad.write_text(yaml.safe_dump(_recipe([{**STAGES[2], "loss_norm": "word"}])))
+    assert_one_line_error(run_cli("train", "--data", world, "--out", tmp_path / "r", "--config", bad),
+                          "loss_norm must be token or sample")
     assert not (tmp_path / "r").exists()
 
 
@@ -236,6 +256,11 @@ def test_length_buckets_change_no_loss_and_keep_every_sample():
     whole = step([collate(samples, 0, 64, lm_only=True)])
     parts = step([collate(b, 0, 64, lm_only=True) for b in buckets])
     assert int(parts["lm_count"]) == int(whole["lm_count"])
+    torch.testing.assert_close(parts["lm_sum"], whole["lm_sum"], rtol=1e-5, atol=1e-4)
+    step.per_sample = True                           # loss_norm=sample: the same, per sample
+    whole = step([collate(samples, 0, 64, lm_only=True)])
+    parts = step([collate(b, 0, 64, lm_only=True) for b in buckets])
+    assert int(parts["lm_count"]) == int(whole["lm_count"]) == len(samples)
     torch.testing.assert_close(parts["lm_sum"], whole["lm_sum"], rtol=1e-5, atol=1e-4)
     assert length_buckets(samples[:2], 3) == [[s] for s in sorted(samples[:2], key=lambda s: len(s.ids))]
     assert length_buckets(samples, 1) == [samples]   # unsorted: one bucket is the old batch

@@ -324,11 +324,11 @@ class Run:
             freq = self.train_data.labels.mean(0)
             module = VisionStep(self.model, self.head, ((1 - freq) / freq.clamp(min=1e-3)).clamp(1, 10))
         elif stage.kind == "lm":
-            module = LMStep(self.model)
+            module = LMStep(self.model, stage.loss_norm == "sample")
         else:
             if not self.feats:
                 self.cache_features()
-            module = VLMStep(self.model, tuple(stage.dice_layers))
+            module = VLMStep(self.model, tuple(stage.dice_layers), stage.loss_norm == "sample")
         gates = {id(p) for p in self.model.gates()}
         groups = [{"params": [p for p in params if id(p) not in gates], "lr_mult": 1.0},
                   {"params": [p for p in params if id(p) in gates], "lr_mult": stage.gate_lr_mult}]

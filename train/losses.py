@@ -20,16 +20,28 @@ import torch
 import torch.nn.functional as F
 
 
-def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, per_sample: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token CE over labelled positions, and their count.
 
     logits [B,T,V] predict labels [B,T] shifted by one; label -100 is ignored. Sums (not means)
     so that data-parallel ranks can normalise by the global token count.
+
+    per_sample: instead, the sum over samples of each sample's mean CE, and the number of
+    samples with a label (Stage.loss_norm = "sample"): every sample weighs the same, however
+    many target tokens it has. With the token mean, a one-word answer among captions is a tiny
+    share of the loss: in the tiny instruct mix a colour answer is ~1% of a batch's target
+    tokens although colour questions are ~10% of its samples.
     """
     lg = logits[:, :-1].reshape(-1, logits.shape[-1])
-    lb = labels[:, 1:].reshape(-1)
-    loss = F.cross_entropy(lg, lb, ignore_index=-100, reduction="sum")
-    return loss, (lb != -100).sum()
+    lb = labels[:, 1:]
+    if not per_sample:
+        loss = F.cross_entropy(lg, lb.reshape(-1), ignore_index=-100, reduction="sum")
+        return loss, (lb != -100).sum()
+    ce = F.cross_entropy(lg, lb.reshape(-1), ignore_index=-100, reduction="none").view(lb.shape)
+    n = (lb != -100).sum(1)
+    has = n > 0
+    return (ce.sum(1)[has] / n[has]).sum(), has.sum()
 
 
 def phrase_maps(xattn_probs: dict[int, torch.Tensor], layers: tuple, token_weights: torch.Tensor) -> torch.Tensor:

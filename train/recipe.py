@@ -53,6 +53,8 @@ class Stage:
     length_buckets: int = 1         # lm/vlm: run each batch as this many length-sorted parts
                                     # (3: 1.3-1.7x faster steps, same loss up to float order;
                                     # batches.length_buckets)
+    loss_norm: str = "token"        # lm/vlm: next-token loss averaged over the batch's target
+                                    # tokens (token) or per sample, then over samples (sample)
     val_every: int = 0              # also validate every this many steps (0: at the stage's end only)
     vision_labels: str = "image"    # vision stage: image (default) | mask (ablation: + per-token
                                     # labels from the object masks, which teach grounding to all)
@@ -72,6 +74,8 @@ class Stage:
             raise BadInput(f"stage {self.name}: context_qa must be in 0..1")
         if self.vision_labels not in ("image", "mask"):
             raise BadInput(f"stage {self.name}: vision_labels must be image or mask")
+        if self.loss_norm not in ("token", "sample"):
+            raise BadInput(f"stage {self.name}: loss_norm must be token or sample")
         if self.val_every < 0:
             raise BadInput(f"stage {self.name}: val_every must be >= 0")
         if self.length_buckets < 1:

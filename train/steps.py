@@ -69,15 +69,15 @@ def _sum_parts(parts: list[dict]) -> dict:
 class LMStep(nn.Module):
     """Next-token loss sums over the length buckets of one batch (batches.length_buckets)."""
 
-    def __init__(self, model: AgeVLM):
+    def __init__(self, model: AgeVLM, per_sample: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.per_sample = model, per_sample
 
     def forward(self, batches: list[dict]) -> dict:
         parts = []
         for batch in batches:
             out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"])
-            s, n = lm_loss_sum(out.logits, batch["labels"])
+            s, n = lm_loss_sum(out.logits, batch["labels"], self.per_sample)
             parts.append({"lm_sum": s, "lm_count": n})
         return _sum_parts(parts)
 
@@ -85,9 +85,9 @@ class LMStep(nn.Module):
 class VLMStep(nn.Module):
     """Projector (+ cross-attention or concatenation) on cached frozen vision features."""
 
-    def __init__(self, model: AgeVLM, dice_layers: tuple = ()):
+    def __init__(self, model: AgeVLM, dice_layers: tuple = (), per_sample: bool = False):
         super().__init__()
-        self.model, self.dice_layers = model, dice_layers
+        self.model, self.dice_layers, self.per_sample = model, dice_layers, per_sample
 
     def forward(self, buckets: list[tuple[torch.Tensor, dict]], with_dice: bool) -> dict:
         """buckets: (vision features [b,N,Wv], collated batch) per length bucket."""
@@ -96,7 +96,7 @@ class VLMStep(nn.Module):
             img = self.model.projector(feats)
             out = self.model(batch["input_ids"], image_tokens=img, attention_mask=batch["attention_mask"],
                              attn_impl="eager" if with_dice else "fused", output_xattn=with_dice)
-            s, n = lm_loss_sum(out.logits, batch["labels"])
+            s, n = lm_loss_sum(out.logits, batch["labels"], self.per_sample)
             res = {"lm_sum": s, "lm_count": n}
             if with_dice:
                 maps = phrase_maps(out.xattn_probs, self.dice_layers, batch["phrase_weights"])
