@@ -7,7 +7,7 @@ records, and prints: how many objects each caption mentions against how many the
 how many hallucinated mentions sit in captions that mention exactly as many objects as the
 image holds (a present object called by a wrong name) against surplus mentions (an object
 made up beside the real ones); how many hallucinated classes are the planted prior partner of
-a present object (the synthetic world's `priors`), against the number expected if each wrong
+a present trigger object (the world's `priors`, as POPE's false-yes split counts them), against the number expected if each wrong
 name were drawn uniformly from the classes absent from its image; and the commonest (missed present class ->
 hallucinated class) pairs of a caption. Used for README's "Known gap"; a diagnostic, not a test.
 """
@@ -19,7 +19,8 @@ import collections
 import json
 from pathlib import Path
 
-from agevlm_edge.data.datadir import load_split
+from agevlm_edge.data.datadir import load_meta, load_split
+from agevlm_edge.eval.pope import absent_kind, prior_partners
 
 
 def main() -> None:
@@ -30,11 +31,8 @@ def main() -> None:
     args = ap.parse_args()
     ev = json.loads(args.eval.read_text())
     records = {r["image_id"]: r for r in load_split(args.data, ev.get("split", "test"))}
-    meta = json.loads((args.data / "dataset.json").read_text())
-    classes, config = set(meta["vocabulary"]["classes"]), meta["generator"].get("config", {})
-    partner = {}
-    for a, b in config.get("priors", []):
-        partner[a], partner[b] = b, a
+    meta = load_meta(args.data)
+    classes, partner = set(meta["vocabulary"]["classes"]), prior_partners(meta)
     diff, pairs = collections.Counter(), collections.Counter()
     halluc = in_matched = to_partner = surplus = 0
     expected = 0.0
@@ -49,7 +47,7 @@ def main() -> None:
         absent = classes - present
         partners = {partner[p] for p in present if p in partner} & absent
         for h in cap["hallucinated"]:
-            to_partner += h in partners
+            to_partner += absent_kind(h, present, partner) == "prior_partner"
             expected += len(partners) / max(len(absent), 1)
             pairs.update((m, h) for m in missed)
     n = sum(diff.values())
@@ -57,7 +55,7 @@ def main() -> None:
           + ", ".join(f"{d:+d}: {c}" for d, c in sorted(diff.items())))
     print(f"hallucinated mentions: {halluc}; in captions with as many mentions as objects "
           f"(misnamings): {in_matched}; surplus mentions over all captions: {surplus}")
-    print(f"hallucinated classes that are the prior partner of a present object: {to_partner} "
+    print(f"hallucinated classes that are the prior partner of a present trigger: {to_partner} "
           f"(uniformly wrong names would give {expected:.0f})")
     print("commonest (missed present class -> hallucinated class) in one caption:")
     for (m, h), c in pairs.most_common(args.top):
