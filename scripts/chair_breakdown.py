@@ -7,9 +7,10 @@ records, and prints: how many objects each caption mentions against how many the
 how many hallucinated mentions sit in captions that mention exactly as many objects as the
 image holds (a present object called by a wrong name) against surplus mentions (an object
 made up beside the real ones); how many hallucinated classes are the planted prior partner of
-a present trigger object (the world's `priors`, as POPE's false-yes split counts them), against the number expected if each wrong
-name were drawn uniformly from the classes absent from its image; and the commonest (missed present class ->
-hallucinated class) pairs of a caption. Used for README's "Known gap"; a diagnostic, not a test.
+a present trigger object (the world's `priors`, as POPE's false-yes split counts them),
+against the number expected if each wrong name were drawn uniformly from the classes absent
+from its image; and the commonest (missed present class -> hallucinated class) pairs of a
+caption. Used for README's "Known gap"; a diagnostic, not a test.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ def main() -> None:
     halluc = in_matched = to_partner = surplus = 0
     expected = 0.0
     for cap in ev["suites"]["chair"]["captions"]:
-        present = {o["class"] for o in records[cap["image_id"]]["objects"]}
-        n_objects, n_mentioned = len(records[cap["image_id"]]["objects"]), len(cap["mentioned"])
+        objects = records[cap["image_id"]]["objects"]
+        present = {o["class"] for o in objects}
+        n_objects, n_mentioned = len(objects), len(cap["mentioned"])
         diff[n_mentioned - n_objects] += 1
         surplus += max(0, n_mentioned - n_objects)
         halluc += len(cap["hallucinated"])
