@@ -47,9 +47,9 @@ def main() -> None:
         in_matched += len(cap["hallucinated"]) if n_mentioned == n_objects else 0
         missed = present - set(cap["mentioned"])
         absent = classes - present
-        partners = {partner[p] for p in present if p in partner} & absent
+        partners = {c for c in absent if absent_kind(c, present, partner) == "prior_partner"}
         for h in cap["hallucinated"]:
-            to_partner += absent_kind(h, present, partner) == "prior_partner"
+            to_partner += h in partners
             expected += len(partners) / max(len(absent), 1)
             pairs.update((m, h) for m in missed)
     n = sum(diff.values())
