@@ -420,10 +420,16 @@ def drift_cmd(reference, candidate, data_dir, budget_file, pope_f1_drop, chair_i
 @click.option("--layer-groups", default=4, show_default=True, type=click.IntRange(min=0),
               help="Also measure the sensitivity of the decoder layers in this many groups of "
                    "consecutive layers (each group alone on the ladder's first scheme; 0: skip).")
+@click.option("--calib-text", "calib_text", type=click.Path(path_type=Path), default=None,
+              help="UTF-8 file, one text per line: every candidate's decoder calibrates on these "
+                   "texts instead of --data's captions and questions (as `agevlm quantize "
+                   "--calib-text`; for GPTQ rungs on a pretrained LM, text like its users' "
+                   "prompts). The gate still runs on --data.")
 @click.option("--keep-candidates", is_flag=True, help="Keep every evaluated candidate export.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 def search_cmd(model_dir, data_dir, out, budget_file, pope_f1_drop, chair_i_rise,
-               yes_ratio_shift, ladder, limit, seed, layer_groups, keep_candidates, overwrite) -> None:
+               yes_ratio_shift, ladder, limit, seed, layer_groups, calib_text, keep_candidates,
+               overwrite) -> None:
     """Find the smallest per-part precision assignment inside the drift budget.
 
     Parts: vision, xattn, self_attn, mlp, embed. First each part's sensitivity (that part alone
@@ -441,7 +447,7 @@ def search_cmd(model_dir, data_dir, out, budget_file, pope_f1_drop, chair_i_rise
                          yes_ratio_shift=yes_ratio_shift)
     res = run_search(model_dir, data_dir, out, budget, tuple(s.strip() for s in ladder.split(";")),
                      limit=limit, seed=seed, overwrite=overwrite, keep_candidates=keep_candidates,
-                     layer_groups=layer_groups)
+                     layer_groups=layer_groups, calib_text=calib_text)
     click.echo(format_search(res))
 
 

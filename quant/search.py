@@ -33,6 +33,7 @@ from agevlm_edge.errors import BadInput
 from agevlm_edge.fsutil import check_out, read_json, staged_dir, write_json_atomic
 from agevlm_edge.runtime.manifest import export_bytes
 
+from .calib import read_texts
 from .drift import Budget, compare, profile
 from .quantize import quantize_export
 from .schemes import LAYER_PARTS, PARTS, format_layers, make_recipe, parse_scheme, part_scheme_ok
@@ -52,9 +53,10 @@ def severity(res: dict) -> float:
 
 class Search:
     def __init__(self, model_dir: Path, data_dir: Path, budget: Budget, work: Path,
-                 ladder: tuple[str, ...], limit: int | None, seed: int, ref_profile: dict | None):
+                 ladder: tuple[str, ...], limit: int | None, seed: int, ref_profile: dict | None,
+                 calib_text: Path | None = None):
         self.model_dir, self.data_dir, self.budget, self.work = model_dir, data_dir, budget, work
-        self.ladder, self.limit, self.seed = ladder, limit, seed
+        self.ladder, self.limit, self.seed, self.calib_text = ladder, limit, seed, calib_text
         self.ref = ref_profile or profile(model_dir, data_dir, limit=limit)
         self.fp32_bytes = export_bytes(model_dir)
         self.evaluated: dict[tuple, dict] = {}
@@ -67,8 +69,7 @@ class Search:
         size: dict[str, dict[str, int]] = {}
         for spec in self.ladder[:-1]:
             out = self.work / "sizes"
-            quantize_export(self.model_dir, out, make_recipe(spec), calib_dir=self.data_dir,
-                            n_quality=1, seed=self.seed, overwrite=True)
+            self.quantize(out, make_recipe(spec), n_quality=1)
             pb = read_json(out / "manifest.json")["part_bytes"]
             size[spec] = {p: sum(g.get(p, 0) for g in pb.values()) for p in PARTS}
             shutil.rmtree(out)
@@ -95,6 +96,12 @@ class Search:
         self.evaluated[key] = row
         return row
 
+    def quantize(self, out: Path, recipe, n_quality: int = 16) -> dict:
+        """One candidate export, calibrated on the DATA DIR (or --calib-text's texts)."""
+        return quantize_export(self.model_dir, out, recipe, calib_dir=self.data_dir,
+                               n_quality=n_quality, seed=self.seed, overwrite=True,
+                               calib_text=self.calib_text)
+
     def lowers_layers(self, levels: tuple[int, ...], scheme: str) -> bool:
         """Whether putting decoder layers on ``scheme`` makes some in-layer part smaller."""
         return any(self.ladders[p].index(scheme) < levels[PARTS_INDEX[p]] for p in LAYER_PARTS)
@@ -116,8 +123,7 @@ class Search:
             q = {"bytes": self.fp32_bytes, "quality": None}
             res = {"checks": [], "passed": True, "reference_itself": True}
         else:
-            q = quantize_export(self.model_dir, out, make_recipe("fp32", assign, layers),
-                                calib_dir=self.data_dir, seed=self.seed, overwrite=True)
+            q = self.quantize(out, make_recipe("fp32", assign, layers))
             res = compare(self.ref, profile(out, self.data_dir, limit=self.limit), self.budget)
         row = {"candidate": name, "dir": str(out), "why": why, "assignment": assign,
                "reference_itself": bool(res.get("reference_itself")),
@@ -138,14 +144,18 @@ def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: s
                budget: Budget = Budget(), ladder: tuple[str, ...] = LADDER,
                limit: int | None = None, seed: int = 0, overwrite: bool = False,
                keep_candidates: bool = False, ref_profile: dict | None = None,
-               layer_groups: int = 4) -> dict:
+               layer_groups: int = 4, calib_text: str | os.PathLike | None = None) -> dict:
     """Search, then write OUT/variant (the chosen EXPORT DIR) and OUT/search.json.
     ``ref_profile``: the fp32 export's drift.profile on the same images, if already measured.
     ``layer_groups``: also gate each of this many groups of consecutive decoder layers alone
-    on the ladder's first scheme (0: not)."""
+    on the ladder's first scheme (0: not). ``calib_text``: a UTF-8 file, one text per line,
+    that every candidate's decoder calibrates on instead of the DATA DIR's prompts."""
     model_dir, data_dir, out = Path(model_dir), Path(data_dir), Path(out)
     if not (data_dir / "dataset.json").is_file():
         raise BadInput(f"--data {data_dir} is not a DATA DIR (no dataset.json)")
+    if calib_text is not None:
+        calib_text = Path(calib_text)
+        read_texts(calib_text)                       # a bad file fails before any work
     for spec in ladder:
         if not part_scheme_ok(parse_scheme(spec)):
             raise BadInput(f"--ladder: {spec} converts whole graphs and cannot be tried part by "
@@ -155,7 +165,8 @@ def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: s
     check_out(out, [("EXPORT DIR", model_dir), ("DATA DIR", data_dir)], overwrite)
     top = len(ladder) - 1
     with staged_dir(out, overwrite=overwrite) as tmp:
-        s = Search(model_dir, data_dir, budget, tmp / "candidates", ladder, limit, seed, ref_profile)
+        s = Search(model_dir, data_dir, budget, tmp / "candidates", ladder, limit, seed, ref_profile,
+                   calib_text)
         sens = {}
         for k, part in enumerate(PARTS):
             levels = tuple(0 if j == k else top for j in range(len(PARTS)))
@@ -192,6 +203,7 @@ def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: s
         best = min(passing, key=lambda r: (r["bytes"], r["candidate"]))
         result = {"reference": str(model_dir), "data": str(data_dir), "budget": budget.__dict__,
                   "ladder": list(ladder), "part_ladders": s.ladders, "seed": seed, "limit": limit,
+                  "calib_text": str(calib_text) if calib_text is not None else None,
                   "fp32_bytes": s.fp32_bytes, "sensitivity": [sens[p] for p in PARTS],
                   "layer_sensitivity": layer_sens,
                   "path": path, "chosen": best,

@@ -354,6 +354,10 @@ def test_quantize_bad_inputs_one_line_exit_2(fp32, tmp_path, small_world):
                                   tmp_path / "s", "--ladder", "fp16;fp32"), "whole graphs")
     assert_one_line_error(run_cli("search", "--model", fp32, "--data", small_world, "--out",
                                   fp32.parent, "--overwrite"), "would replace")
+    assert_one_line_error(run_cli("search", "--model", fp32, "--data", small_world, "--out",
+                                  tmp_path / "s", "--calib-text", tmp_path / "none.txt"),
+                          "no such file")
+    assert not (tmp_path / "s").exists()
     assert_one_line_error(run_cli("report", str(fp32), "--data", small_world, "--out", out),
                           "--overwrite")
 
@@ -423,13 +427,16 @@ def test_drift_compare_arithmetic_and_budget_loading(tmp_path):
 # ----------------------------------------------------------------------- search and report
 def test_search_finds_a_small_variant_inside_the_budget_and_the_report_plots_it(fp32, tmp_path,
                                                                                small_world):
+    from agevlm_edge.fsutil import sha256_file
     from agevlm_edge.quant.search import format_search, run_search
     from agevlm_edge.quant.drift import Budget
     from agevlm_edge.report import build_report
 
+    texts = tmp_path / "prose.txt"
+    texts.write_text("The weather was mild, and the ferry left on time.\nShe read it twice.\n")
     res = run_search(fp32, small_world, tmp_path / "search", Budget(pope_f1_drop=5, chair_i_rise=5,
                                                                      yes_ratio_shift=5),
-                     ladder=("int4", "fp32"), limit=12)
+                     ladder=("int4", "fp32"), limit=12, calib_text=texts)
     assert [r["assignment"] for r in res["sensitivity"]][0]["vision"] == "int4"
     assert len(res["sensitivity"]) == 5 and res["path"][0]["why"].startswith("every part")
     # the 2 decoder layers, each alone on int4 (with its cross-attention), the rest fp32
@@ -442,6 +449,10 @@ def test_search_finds_a_small_variant_inside_the_budget_and_the_report_plots_it(
         r["size_ratio"] for r in res["sensitivity"] + res["path"] if r["passed"])
     assert (tmp_path / "search" / "search.json").is_file()
     assert res["explanation"] and chosen["dir"] == str(tmp_path / "search" / "variant")
+    # every candidate calibrated (and checked top-1 / KL) on --calib-text's texts
+    cal = json.loads((tmp_path / "search" / "variant" / "manifest.json").read_text())["calibration"]
+    assert cal["texts"]["n"] == 2 and cal["texts"]["sha256"] == sha256_file(texts)
+    assert res["calib_text"] == str(texts)
     assert not (tmp_path / "search" / "candidates").exists()
     text = format_search(res)
     assert "sensitivity" in text and "chosen" in text
