@@ -507,6 +507,46 @@ def test_search_splits_a_raised_part_by_layer_group(fp32, tmp_path, monkeypatch)
     assert "layers 0=int4" in format_search(res) and (tmp_path / "s" / "variant").is_dir()
 
 
+def test_search_down_repeats_until_nothing_lowers(fp32, tmp_path, monkeypatch):
+    """A synthetic gate shaped like the smol VLM's (README): embeddings, MLP and self-attention
+    fail on int4, and self-attention on int8 fails beside an fp32 MLP or embedding only. Greedy
+    up raises embed and mlp to fp32 first, so the first down pass cannot lower self_attn; the
+    second pass, after mlp and embed came down to int8, must."""
+    from agevlm_edge.quant.drift import Budget
+    from agevlm_edge.quant.schemes import PARTS
+    from agevlm_edge.quant.search import Search, run_search
+
+    ladder = ("int4", "int8-dynamic", "fp32")
+    unit = {"int4": 1, "int8-dynamic": 2, "fp32": 4}
+
+    def gate(self, name, why, assign, layers, reference):
+        (self.work / name).mkdir(parents=True, exist_ok=True)
+        sev = max([{"embed": 6.0, "mlp": 2.6, "self_attn": 1.7}.get(p, 0.4)
+                   for p in PARTS if assign[p] == "int4"] + [0.1])
+        if assign["self_attn"] == "int8-dynamic" and "fp32" in (assign["mlp"], assign["embed"]):
+            sev = max(sev, 1.04)
+        units = sum(unit[assign[p]] for p in PARTS)
+        return {"candidate": name, "dir": str(self.work / name), "why": why, "assignment": assign,
+                "reference_itself": reference, "bytes": units, "size_ratio": units / 20,
+                "quality": None, "passed": sev <= 1, "severity": sev, "checks": [], "drift": {}}
+
+    monkeypatch.setattr(Search, "_gate", gate)
+    monkeypatch.setattr(Search, "part_ladders", lambda self: {p: ladder for p in PARTS})
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "dataset.json").write_text("{}")
+    res = run_search(fp32, data, tmp_path / "s", Budget(), ladder=ladder, ref_profile={"stub": True},
+                     layer_groups=0)
+    assert res["chosen"]["assignment"] == {"vision": "int4", "xattn": "int4", "self_attn": "int8-dynamic",
+                                           "mlp": "int8-dynamic", "embed": "int8-dynamic"}
+    # pass 1 meets self_attn's failed int8 from greedy up again (cached: listed once more);
+    # pass 2 lowers it to int8 and tries int4; pass 3 lowers nothing and adds nothing
+    steps = [(r["why"], r["assignment"]["self_attn"], r["passed"]) for r in res["path"]]
+    assert [x for x in steps if x[0] == "down: self_attn"] == [("down: self_attn", "int8-dynamic", True),
+                                                              ("down: self_attn", "int4", False)]
+    assert len(res["path"]) == len({r["candidate"] for r in res["path"]}) + 1
+
+
 def test_report_rows_from_drift_profiles_equal_a_fresh_evaluation(fp32, tmp_path, small_world):
     """The pipeline hands the report the drift stage's profiles instead of evaluating again."""
     from agevlm_edge.quant.drift import profile
