@@ -437,8 +437,8 @@ def search_cmd(model_dir, data_dir, out, budget_file, pope_f1_drop, chair_i_rise
     cross-attention alone on the ladder's first scheme: where in depth the damage is), then
     greedy up by part sensitivity until the gate passes, then greedy down (repeated until a
     pass lowers nothing), then, where an in-layer part stayed above the ladder's first
-    scheme, layer groups down to it one at a time (least sensitive first). Every candidate is quantized and gated for real;
-    search.json keeps the path.
+    scheme, layer groups down to it one at a time (least sensitive first). Every candidate is
+    quantized and gated for real; search.json keeps the path.
     """
     from .quant.drift import load_budget
     from .quant.search import format_search, run_search

@@ -190,9 +190,9 @@ def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: s
                 while levels[i] > 0:
                     trial = list(levels)
                     trial[i] -= 1
-                    known = (tuple(trial), ()) in s.evaluated
+                    n = len(s.evaluated)
                     row = s.evaluate(tuple(trial), f"down: {part}")
-                    if first or not known:       # later passes add only new candidates
+                    if first or len(s.evaluated) > n:    # later passes add only new candidates
                         path.append(row)
                     if not row["passed"]:
                         break
