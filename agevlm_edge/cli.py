@@ -435,10 +435,11 @@ def search_cmd(model_dir, data_dir, out, budget_file, pope_f1_drop, chair_i_rise
     Parts: vision, xattn, self_attn, mlp, embed. First each part's sensitivity (that part alone
     on its smallest rung), and each decoder layer group's (its self-attention, MLP and
     cross-attention alone on the ladder's first scheme: where in depth the damage is), then
-    greedy up by part sensitivity until the gate passes, then greedy down (repeated until a
-    pass lowers nothing), then, where an in-layer part stayed above the ladder's first
-    scheme, layer groups down to it one at a time (least sensitive first). Every candidate is
-    quantized and gated for real; search.json keeps the path.
+    greedy up until the gate passes (one rung at a time, round-robin: the most sensitive part
+    on the lowest rung goes up next), then greedy down (repeated until a pass lowers
+    nothing), then, where an in-layer part stayed above the ladder's first scheme, layer
+    groups down to it one at a time (least sensitive first). Every candidate is quantized and
+    gated for real; search.json keeps the path.
     """
     from .quant.drift import load_budget
     from .quant.search import format_search, run_search

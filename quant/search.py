@@ -6,8 +6,11 @@
     2. sensitivity: one part at a time on its smallest rung, the rest fp32 -> drift checks;
        severity = max over the checks of value / limit (> 1: that part alone breaks the budget);
        and one group of consecutive decoder layers at a time on the ladder's first scheme
-    3. all parts on their smallest rung; while over budget, raise the most sensitive part that
-       can still go up by one rung (greedy up)
+    3. all parts on their smallest rung; while over budget, raise one part by one rung: the
+       most sensitive of the parts on the lowest rung left (greedy up, round-robin: every part
+       goes up one rung before any goes up two, so one sensitive part is not sent to fp32
+       while a rung on the others would have done; on the second smol VLM raising embeddings
+       and MLP to fp32 first hid the 0.328x assignment)
     4. greedy down: try each raised part one rung lower again, least sensitive first; keep
        every lowering that stays inside the budget; repeat until a pass lowers nothing (the
        gate is not additive: on a smol VLM self-attention at A16W8 failed by 4% beside an fp32
@@ -179,9 +182,10 @@ def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: s
         levels = [0] * len(PARTS)
         path = [s.evaluate(tuple(levels), "every part on its smallest rung")]
         while not path[-1]["passed"]:
-            part = next(p for p in order if levels[PARTS_INDEX[p]] < top)
-            levels[PARTS_INDEX[part]] += 1
-            path.append(s.evaluate(tuple(levels), f"up: {part} (most sensitive left)"))
+            part = min((p for p in order if levels[PARTS_INDEX[p]] < top),
+                       key=lambda p: levels[PARTS_INDEX[p]])      # the first (most sensitive) on
+            levels[PARTS_INDEX[part]] += 1                        # the lowest rung left
+            path.append(s.evaluate(tuple(levels), f"up: {part} (most sensitive on the lowest rung)"))
         lowered, first = True, True
         while lowered:                  # passes until one lowers nothing: a part that failed to
             lowered = False             # go down may pass once the others have come down
@@ -215,8 +219,8 @@ def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: s
                   "fp32_bytes": s.fp32_bytes, "sensitivity": [sens[p] for p in PARTS],
                   "layer_sensitivity": layer_sens,
                   "path": path, "chosen": best,
-                  "method": "greedy up by sensitivity, then greedy down (until a pass lowers nothing), "
-                            "then layer groups down; "
+                  "method": "greedy up (round-robin by sensitivity), then greedy down (until a "
+                            "pass lowers nothing), then layer groups down; "
                             f"a local minimum over {len(s.evaluated)} evaluated assignments of "
                             f"{len(ladder) ** len(PARTS)} whole-part ones"}
         if best["reference_itself"]:

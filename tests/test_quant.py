@@ -497,7 +497,7 @@ def test_search_splits_a_raised_part_by_layer_group(fp32, tmp_path, monkeypatch)
     res = run_search(fp32, data, tmp_path / "s", Budget(), ladder=("int4", "fp32"),
                      ref_profile={"stub": True}, layer_groups=2)
     whys = [r["why"] for r in res["path"]]
-    assert whys[:2] == ["every part on its smallest rung", "up: self_attn (most sensitive left)"]
+    assert whys[:2] == ["every part on its smallest rung", "up: self_attn (most sensitive on the lowest rung)"]
     assert whys[-2:] == ["down: layers 0-0 to int4", "down: layers 1-1 to int4"]
     assert [r["passed"] for r in res["path"][-2:]] == [True, False]
     chosen = res["chosen"]
@@ -507,11 +507,9 @@ def test_search_splits_a_raised_part_by_layer_group(fp32, tmp_path, monkeypatch)
     assert "layers 0=int4" in format_search(res) and (tmp_path / "s" / "variant").is_dir()
 
 
-def test_search_down_repeats_until_nothing_lowers(fp32, tmp_path, monkeypatch):
-    """A synthetic gate shaped like the smol VLM's (README): embeddings, MLP and self-attention
-    fail on int4, and self-attention on int8 fails beside an fp32 MLP or embedding only. Greedy
-    up raises embed and mlp to fp32 first, so the first down pass cannot lower self_attn; the
-    second pass, after mlp and embed came down to int8, must."""
+def _synthetic_search(fp32, tmp_path, monkeypatch, severity):
+    """run_search on a synthetic gate (no quantization): ``severity(assign)`` decides; bytes
+    are 1 / 2 / 4 units per part on int4 / int8-dynamic / fp32."""
     from agevlm_edge.quant.drift import Budget
     from agevlm_edge.quant.schemes import PARTS
     from agevlm_edge.quant.search import Search, run_search
@@ -521,10 +519,7 @@ def test_search_down_repeats_until_nothing_lowers(fp32, tmp_path, monkeypatch):
 
     def gate(self, name, why, assign, layers, reference):
         (self.work / name).mkdir(parents=True, exist_ok=True)
-        sev = max([{"embed": 6.0, "mlp": 2.6, "self_attn": 1.7}.get(p, 0.4)
-                   for p in PARTS if assign[p] == "int4"] + [0.1])
-        if assign["self_attn"] == "int8-dynamic" and "fp32" in (assign["mlp"], assign["embed"]):
-            sev = max(sev, 1.04)
+        sev = severity(assign)
         units = sum(unit[assign[p]] for p in PARTS)
         return {"candidate": name, "dir": str(self.work / name), "why": why, "assignment": assign,
                 "reference_itself": reference, "bytes": units, "size_ratio": units / 20,
@@ -535,16 +530,60 @@ def test_search_down_repeats_until_nothing_lowers(fp32, tmp_path, monkeypatch):
     data = tmp_path / "d"
     data.mkdir()
     (data / "dataset.json").write_text("{}")
-    res = run_search(fp32, data, tmp_path / "s", Budget(), ladder=ladder, ref_profile={"stub": True},
-                     layer_groups=0)
+    return run_search(fp32, data, tmp_path / "s", Budget(), ladder=ladder,
+                      ref_profile={"stub": True}, layer_groups=0)
+
+
+def _int4_severity(assign: dict) -> float:
+    """Each part alone on int4 as measured on the second smol VLM (README): embeddings 6.0,
+    MLP 2.6, self-attention 1.7, the rest inside."""
+    return max([{"embed": 6.0, "mlp": 2.6, "self_attn": 1.7}.get(p, 0.4)
+                for p, s in assign.items() if s == "int4"] + [0.1])
+
+
+def test_search_up_is_round_robin(fp32, tmp_path, monkeypatch):
+    """The smol VLM's shape (README): self-attention on int8 fails (by 4%) beside an fp32 MLP
+    or embedding. Raising one part all the way first sent embed and mlp to fp32, self_attn
+    could then not pass on int8, and the search chose 0.389x while 0.328x passes. Round-robin
+    raises embed, mlp and self_attn one rung each and passes there, with nothing to lower."""
+    def sev(a):
+        s = _int4_severity(a)
+        if a["self_attn"] == "int8-dynamic" and "fp32" in (a["mlp"], a["embed"]):
+            s = max(s, 1.04)
+        return s
+
+    res = _synthetic_search(fp32, tmp_path, monkeypatch, sev)
+    path = res["path"]
+    assert [r["why"].split(" (")[0] for r in path[:4]] == [
+        "every part on its smallest rung", "up: embed", "up: mlp", "up: self_attn"]
+    assert path[3]["passed"] and not any(r["passed"] for r in path[4:])   # down lowers nothing
     assert res["chosen"]["assignment"] == {"vision": "int4", "xattn": "int4", "self_attn": "int8-dynamic",
                                            "mlp": "int8-dynamic", "embed": "int8-dynamic"}
-    # pass 1 meets self_attn's failed int8 from greedy up again (cached: listed once more);
-    # pass 2 lowers it to int8 and tries int4; pass 3 lowers nothing and adds nothing
-    steps = [(r["why"], r["assignment"]["self_attn"], r["passed"]) for r in res["path"]]
-    assert [x for x in steps if x[0] == "down: self_attn"] == [("down: self_attn", "int8-dynamic", True),
-                                                              ("down: self_attn", "int4", False)]
-    assert len(res["path"]) == len({r["candidate"] for r in res["path"]}) + 1
+
+
+def test_search_down_repeats_until_nothing_lowers(fp32, tmp_path, monkeypatch):
+    """A gate that is not additive: cross-attention on int4 fails beside an fp32 embedding,
+    and self-attention and MLP on int8 together fail. Greedy up ends with the embedding at
+    fp32, so the first down pass cannot lower xattn; it lowers the embedding to int8 later in
+    that pass, and the second pass must then lower xattn."""
+    def sev(a):
+        s = _int4_severity(a)
+        if a["xattn"] == "int4" and a["embed"] == "fp32":
+            s = max(s, 1.2)
+        if a["self_attn"] == a["mlp"] == "int8-dynamic":
+            s = max(s, 1.1)
+        return s
+
+    res = _synthetic_search(fp32, tmp_path, monkeypatch, sev)
+    assert [r["why"].split(" (")[0] for r in res["path"] if r["why"].startswith("up")] == \
+        ["up: embed", "up: mlp", "up: self_attn", "up: xattn", "up: vision", "up: embed", "up: mlp"]
+    assert res["chosen"]["assignment"] == {"vision": "int4", "xattn": "int4", "self_attn": "int8-dynamic",
+                                           "mlp": "fp32", "embed": "int8-dynamic"}
+    # xattn: fails beside the fp32 embedding (pass 1), passes after it came down (pass 2);
+    # pass 3 lowers nothing and adds nothing (every candidate in the path once)
+    steps = [(r["assignment"]["xattn"], r["passed"]) for r in res["path"] if r["why"] == "down: xattn"]
+    assert steps == [("int4", False), ("int4", True)]
+    assert len(res["path"]) == len({r["candidate"] for r in res["path"]})
 
 
 def test_report_rows_from_drift_profiles_equal_a_fresh_evaluation(fp32, tmp_path, small_world):
