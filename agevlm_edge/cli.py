@@ -319,8 +319,9 @@ def export_cmd(model_dir, out, target, fuse, xattn_probs, data_dir, pairs, overw
                    "accuracy_level=0|4,calib_samples=N] | w4a8 | w4a32 | int2 (deliberately bad). "
                    "smooth=ALPHA (e.g. 0.5): SmoothQuant before int8, calibrated on --calib.")
 @click.option("--part", "parts", multiple=True, metavar="PART=SCHEME",
-              help="Another scheme for one part: vision, xattn, self_attn, mlp, embed; "
-                   "fp32 keeps it (repeatable, e.g. --part vision=int8-dynamic --part embed=fp32).")
+              help="Another scheme for one part: vision, xattn, self_attn, mlp, embed (the "
+                   "token lookup table), lm_head; fp32 keeps it (repeatable, e.g. --part "
+                   "vision=int8-dynamic --part lm_head=fp32).")
 @click.option("--layer", "layers", multiple=True, metavar="LAYERS=SCHEME",
               help="Another scheme for decoder layers (their self-attention, MLP and the "
                    "cross-attention block before them), overriding --scheme/--part there: "
@@ -432,14 +433,14 @@ def search_cmd(model_dir, data_dir, out, budget_file, pope_f1_drop, chair_i_rise
                overwrite) -> None:
     """Find the smallest per-part precision assignment inside the drift budget.
 
-    Parts: vision, xattn, self_attn, mlp, embed. First each part's sensitivity (that part alone
-    on its smallest rung), and each decoder layer group's (its self-attention, MLP and
-    cross-attention alone on the ladder's first scheme: where in depth the damage is), then
-    greedy up until the gate passes (one rung at a time, round-robin: the most sensitive part
-    on the lowest rung goes up next), then greedy down (repeated until a pass lowers
-    nothing), then, where an in-layer part stayed above the ladder's first scheme, layer
-    groups down to it one at a time (least sensitive first). Every candidate is quantized and
-    gated for real; search.json keeps the path.
+    Parts: vision, xattn, self_attn, mlp, embed, lm_head. First each part's sensitivity
+    (that part alone on its smallest rung), and each decoder layer group's (its
+    self-attention, MLP and cross-attention alone on the ladder's first scheme: where in
+    depth the damage is), then greedy up until the gate passes (one rung at a time,
+    round-robin: the most sensitive part on the lowest rung goes up next), then greedy down
+    (repeated until a pass lowers nothing), then, where an in-layer part stayed above the
+    ladder's first scheme, layer groups down to it one at a time (least sensitive first).
+    Every candidate is quantized and gated for real; search.json keeps the path.
     """
     from .quant.drift import load_budget
     from .quant.search import format_search, run_search

@@ -60,7 +60,9 @@ def fold_tied_lm_head(model: onnx.ModelProto) -> bool:
         embed W [V, D] --Transpose--> [D, V] --> lm_head/MatMul    becomes
         lm_head.weight_t [D, V] (initializer) --> lm_head/MatMul
 
-    The fp32 copy exists only until the MatMul is quantized (a fp32 recipe never folds).
+    Done whenever the embedding or lm_head is quantized, so each quantizer sees a weight
+    only its own part uses (the embedding and lm_head take their schemes separately); with
+    both fp32 nothing folds.
     """
     g = model.graph
     inits = {i.name: i for i in g.initializer}
@@ -182,7 +184,7 @@ def quantize_graph(src: Path, graph: str, recipe: Recipe, calib, tmp: Path) -> t
         with contextlib.redirect_stdout(io.StringIO()):   # it prints a shape-inference note
             om.convert_float_to_float16(keep_io_types=True)
         return om.model, {"fp16": "whole graph"}
-    if graph == "decoder" and not isinstance(recipe.scheme("embed"), Fp32):
+    if graph == "decoder" and not all(isinstance(recipe.scheme(p), Fp32) for p in ("embed", "lm_head")):
         fold_tied_lm_head(model)
     assigned: dict = {}                           # scheme -> node names (part, then layer)
     for p, names in weight_nodes(model, graph).items():

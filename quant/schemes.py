@@ -24,7 +24,8 @@ PARTS = {
     "xattn": "cross-attention blocks: q/k/v/o projections and their gated MLP",
     "self_attn": "self-attention q/k/v/o projections",
     "mlp": "the decoder layers' MLPs",
-    "embed": "token embedding and lm_head",
+    "embed": "token embedding lookup (Gather)",
+    "lm_head": "output projection (a tied embedding gets its own copy once quantized)",
 }
 
 
@@ -37,8 +38,10 @@ def part_of(node_name: str, graph: str) -> str | None:
         return "vision" if path.startswith(("vision", "projector")) else None
     if path.startswith("decoder.layers."):
         return "self_attn" if ".self_attn" in path else "mlp" if ".mlp" in path else None
-    if path in ("decoder.embed_tokens", "lm_head"):
+    if path == "decoder.embed_tokens":
         return "embed"
+    if path == "lm_head":
+        return "lm_head"
     return None
 
 

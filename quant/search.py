@@ -20,8 +20,8 @@
        sensitive group first, by step 2); keep every group that stays inside the budget
     6. the chosen variant: the smallest (bytes) evaluated assignment inside the budget
 Every candidate is really quantized and really evaluated; the path records each one with
-its bytes and checks. The result is a local minimum along that path (5 parts x 3 rungs is
-243 assignments before any layer split; each evaluation costs a full POPE/CHAIR pass), which
+its bytes and checks. The result is a local minimum along that path (6 parts x 3 rungs is
+729 assignments before any layer split; each evaluation costs a full POPE/CHAIR pass), which
 search.json says.
 Deterministic for a seed: the seed picks the calibration samples, decoding is greedy.
 """

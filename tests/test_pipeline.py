@@ -29,7 +29,7 @@ def test_short_pipeline_runs_every_stage(tmp_path):
     assert int4["scheme"]["recipe"]["parts"]["mlp"]["algo"] == "gptq" and int4["quality"]["positions"] > 0
     assert {"passed", "checks", "pope"} <= set(json.loads((out / "drift-int8-qdq.json").read_text()))
     search = json.loads((out / "search" / "search.json").read_text())
-    assert search["chosen"]["passed"] and len(search["sensitivity"]) == 5
+    assert search["chosen"]["passed"] and len(search["sensitivity"]) == 6
     report = json.loads((out / "report" / "report.json").read_text())
     assert len(report["rows"]) >= 7 and "size_vs_pope_adversarial.png" in report["plots"]
     assert "speed.png" in report["plots"] and (out / "report" / "report.html").stat().st_size > 10000
