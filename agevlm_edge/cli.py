@@ -426,11 +426,16 @@ def drift_cmd(reference, candidate, data_dir, budget_file, pope_f1_drop, chair_i
                    "texts instead of --data's captions and questions (as `agevlm quantize "
                    "--calib-text`; for GPTQ rungs on a pretrained LM, text like its users' "
                    "prompts). The gate still runs on --data.")
+@click.option("--confirm-limit", type=click.IntRange(min=2), default=None, metavar="N",
+              help="Then gate the candidates that passed again on the first N test images "
+                   "(N > --limit), smallest first, and choose the first that passes there too "
+                   "(a pick at the budget's edge can pass on 100 images and fail on 300; each "
+                   "confirmation costs about N/--limit gates).")
 @click.option("--keep-candidates", is_flag=True, help="Keep every evaluated candidate export.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 def search_cmd(model_dir, data_dir, out, budget_file, pope_f1_drop, chair_i_rise,
-               yes_ratio_shift, ladder, limit, seed, layer_groups, calib_text, keep_candidates,
-               overwrite) -> None:
+               yes_ratio_shift, ladder, limit, seed, layer_groups, calib_text, confirm_limit,
+               keep_candidates, overwrite) -> None:
     """Find the smallest per-part precision assignment inside the drift budget.
 
     Parts: vision, xattn, self_attn, mlp, embed, lm_head. First each part's sensitivity
@@ -440,7 +445,8 @@ def search_cmd(model_dir, data_dir, out, budget_file, pope_f1_drop, chair_i_rise
     round-robin: the most sensitive part on the lowest rung goes up next), then greedy down
     (repeated until a pass lowers nothing), then, where an in-layer part stayed above the
     ladder's first scheme, layer groups down to it one at a time (least sensitive first).
-    Every candidate is quantized and gated for real; search.json keeps the path.
+    With --confirm-limit, the passing candidates are gated again on more images before one
+    is chosen. Every candidate is quantized and gated for real; search.json keeps the path.
     """
     from .quant.drift import load_budget
     from .quant.search import format_search, run_search
@@ -449,7 +455,8 @@ def search_cmd(model_dir, data_dir, out, budget_file, pope_f1_drop, chair_i_rise
                          yes_ratio_shift=yes_ratio_shift)
     res = run_search(model_dir, data_dir, out, budget, tuple(s.strip() for s in ladder.split(";")),
                      limit=limit, seed=seed, overwrite=overwrite, keep_candidates=keep_candidates,
-                     layer_groups=layer_groups, calib_text=calib_text)
+                     layer_groups=layer_groups, calib_text=calib_text,
+                     confirm_limit=confirm_limit)
     click.echo(format_search(res))
 
 

@@ -226,6 +226,12 @@ def markdown(rep: dict) -> str:
                    if "layers" in r else assignment_text(r))
                 + f" | {r['size_ratio']:.3f} | {r['severity']:.2f} | {'yes' if r['passed'] else 'no'} |"
                 for r in s["sensitivity"] + s.get("layer_sensitivity", []) + s["path"]]
+        if s.get("confirmations"):
+            out += ["", f"Confirmation on {s['confirm_limit']} images (candidates that passed on "
+                    f"{s['limit']}, smallest first, until one passes):", "",
+                    "| candidate | x fp32 | severity | inside budget |", "|---|---:|---:|---|"]
+            out += [f"| {r['candidate']} | {r['size_ratio']:.3f} | {r['severity']:.2f} | "
+                    f"{'yes' if r['passed'] else 'no'} |" for r in s["confirmations"]]
         out += ["", f"Chosen: {s['chosen']['candidate']} at {s['chosen']['size_ratio']:.3f} x fp32.", ""]
     out += [f"![{p}]({p})" for p in rep["plots"]]
     return "\n".join(out) + "\n"

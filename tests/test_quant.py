@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -393,6 +394,8 @@ def test_quantize_bad_inputs_one_line_exit_2(fp32, tmp_path, small_world):
     assert_one_line_error(run_cli("search", "--model", fp32, "--data", small_world, "--out",
                                   tmp_path / "s", "--calib-text", tmp_path / "none.txt"),
                           "no such file")
+    assert_one_line_error(run_cli("search", "--model", fp32, "--data", small_world, "--out",
+                                  tmp_path / "s", "--confirm-limit", "50"), "--confirm-limit 50")
     assert not (tmp_path / "s").exists()
     assert_one_line_error(run_cli("report", str(fp32), "--data", small_world, "--out", out),
                           "--overwrite")
@@ -472,7 +475,7 @@ def test_search_finds_a_small_variant_inside_the_budget_and_the_report_plots_it(
     texts.write_text("The weather was mild, and the ferry left on time.\nShe read it twice.\n")
     res = run_search(fp32, small_world, tmp_path / "search", Budget(pope_f1_drop=5, chair_i_rise=5,
                                                                      yes_ratio_shift=5),
-                     ladder=("int4", "fp32"), limit=12, calib_text=texts)
+                     ladder=("int4", "fp32"), limit=12, calib_text=texts, confirm_limit=16)
     assert [r["assignment"] for r in res["sensitivity"]][0]["vision"] == "int4"
     assert len(res["sensitivity"]) == 6 and res["path"][0]["why"].startswith("every part")
     # the 2 decoder layers, each alone on int4 (with its cross-attention), the rest fp32
@@ -481,7 +484,12 @@ def test_search_finds_a_small_variant_inside_the_budget_and_the_report_plots_it(
                for r in res["layer_sensitivity"])
     assert res["layer_sensitivity"][1]["size_ratio"] < res["layer_sensitivity"][0]["size_ratio"]
     chosen = res["chosen"]
-    assert chosen["passed"] and chosen["size_ratio"] == min(
+    # the smallest candidate that passed on 12 images and again on 16
+    conf = res["confirmations"]
+    assert conf and conf[-1]["candidate"] == chosen["candidate"] and chosen["confirmed"]
+    assert conf[-1]["passed"] and not any(c["passed"] for c in conf[:-1])
+    assert conf[-1]["checks"] and all(c["limit"] == 16 for c in conf)
+    assert chosen["passed"] and conf[0]["size_ratio"] == min(
         r["size_ratio"] for r in res["sensitivity"] + res["path"] if r["passed"])
     assert (tmp_path / "search" / "search.json").is_file()
     assert res["explanation"] and chosen["dir"] == str(tmp_path / "search" / "variant")
@@ -503,6 +511,7 @@ def test_search_finds_a_small_variant_inside_the_budget_and_the_report_plots_it(
     assert html.count("data:image/png;base64,") == len(rep["plots"]) and "<img" in html
     md = (tmp_path / "report" / "report.md").read_text()
     assert "Precision search" in md and "POPE F1" in md and "layers 1-1=int4, the rest fp32" in md
+    assert "Confirmation on 16 images" in md and "confirmation on 16 images" in text
     assert "layer sensitivity" in text
 
 
@@ -543,9 +552,11 @@ def test_search_splits_a_raised_part_by_layer_group(fp32, tmp_path, monkeypatch)
     assert "layers 0=int4" in format_search(res) and (tmp_path / "s" / "variant").is_dir()
 
 
-def _synthetic_search(fp32, tmp_path, monkeypatch, severity):
+def _synthetic_search(fp32, tmp_path, monkeypatch, severity, confirm_severity=None, **kwargs):
     """run_search on a synthetic gate (no quantization): ``severity(assign)`` decides; bytes
-    are 1 / 2 / 4 units per part on int4 / int8-dynamic / fp32."""
+    are 1 / 2 / 4 units per part on int4 / int8-dynamic / fp32. ``confirm_severity(assign)``:
+    the gate on --confirm-limit's images (a test split of 300)."""
+    from agevlm_edge.data.datadir import SCHEMA_VERSION
     from agevlm_edge.quant.drift import Budget
     from agevlm_edge.quant.schemes import PARTS
     from agevlm_edge.quant.search import Search, run_search
@@ -561,13 +572,21 @@ def _synthetic_search(fp32, tmp_path, monkeypatch, severity):
                 "reference_itself": reference, "bytes": units, "size_ratio": units / (4 * len(PARTS)),
                 "quality": None, "passed": sev <= 1, "severity": sev, "checks": [], "drift": {}}
 
+    def confirm(self, row, limit):
+        assert Path(row["dir"]).is_dir() and not row["reference_itself"]
+        sev = confirm_severity(row["assignment"])
+        return {"candidate": row["candidate"], "size_ratio": row["size_ratio"], "limit": limit,
+                "passed": sev <= 1, "severity": sev, "checks": []}
+
     monkeypatch.setattr(Search, "_gate", gate)
+    monkeypatch.setattr(Search, "confirm", confirm)
     monkeypatch.setattr(Search, "part_ladders", lambda self: {p: ladder for p in PARTS})
     data = tmp_path / "d"
-    data.mkdir()
-    (data / "dataset.json").write_text("{}")
+    data.mkdir(parents=True)
+    (data / "dataset.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "splits": {
+        "test": {"file": "test.jsonl", "images": 300}}}))
     return run_search(fp32, data, tmp_path / "s", Budget(), ladder=ladder,
-                      ref_profile={"stub": True}, layer_groups=0)
+                      ref_profile={"stub": True}, layer_groups=0, **kwargs)
 
 
 def _int4_severity(assign: dict) -> float:
@@ -622,6 +641,59 @@ def test_search_down_repeats_until_nothing_lowers(fp32, tmp_path, monkeypatch):
     steps = [(r["assignment"]["xattn"], r["passed"]) for r in res["path"] if r["why"] == "down: xattn"]
     assert steps == [("int4", False), ("int4", True)]
     assert len(res["path"]) == len({r["candidate"] for r in res["path"]})
+
+
+def test_search_confirms_its_pick_on_more_images(fp32, tmp_path, monkeypatch):
+    """--confirm-limit: the passing candidates, smallest first, are gated again on more
+    images; the first that holds there is chosen. Here everything with the MLP below fp32
+    passes on --limit's images and fails on more (as the smol search's 0.260x pick did on
+    300): the choice moves to the smallest passing candidate with an fp32 MLP."""
+    from agevlm_edge.quant.search import format_search
+
+    def sev(a):
+        return _int4_severity(a) if a["mlp"] != "int8-dynamic" else max(_int4_severity(a), 0.9)
+
+    def on_more(a):
+        return 1.3 if a["mlp"] != "fp32" else 0.8
+
+    plain = _synthetic_search(fp32, tmp_path / "a", monkeypatch, sev)
+    res = _synthetic_search(fp32, tmp_path / "b", monkeypatch, sev, on_more, limit=100,
+                            confirm_limit=300)
+    assert plain["chosen"]["assignment"]["mlp"] == "int8-dynamic" and "confirmations" in plain
+    assert plain["confirmations"] == [] and plain["confirm_limit"] is None
+    conf = res["confirmations"]
+    assert [c["passed"] for c in conf] == [False] * (len(conf) - 1) + [True]
+    assert conf[0]["candidate"] == plain["chosen"]["candidate"] and len(conf) >= 2
+    ratios = [c["size_ratio"] for c in conf]
+    assert ratios == sorted(ratios) and all(c["limit"] == 300 for c in conf)
+    chosen = res["chosen"]
+    assert chosen["assignment"]["mlp"] == "fp32" and chosen["confirmed"] and chosen["passed"]
+    # every candidate that passed and is smaller than the choice failed the confirmation
+    smaller = {r["candidate"] for r in res["sensitivity"] + res["path"]
+               if r["passed"] and r["bytes"] < chosen["bytes"]}
+    assert smaller == {c["candidate"] for c in conf[:-1]}
+    text = format_search(res)
+    assert "confirmation on 300 images" in text and "holds on 100 images and on 300" in res["explanation"]
+    saved = json.loads((tmp_path / "b" / "s" / "search.json").read_text())
+    assert saved["confirmations"] == conf and saved["chosen"]["candidate"] == chosen["candidate"]
+
+    # nothing holds on more images: fp32 itself, said so (500 asked, the split has 300)
+    res = _synthetic_search(fp32, tmp_path / "c", monkeypatch, sev, lambda a: 2.0, limit=100,
+                            confirm_limit=500)
+    assert res["confirm_limit"] == 300 and res["chosen"]["reference_itself"] and res["variant"] == str(fp32)
+    assert not any(c["passed"] for c in res["confirmations"]) and "none of them on 300" in res["explanation"]
+    assert not (tmp_path / "c" / "s" / "variant").exists()
+
+
+@pytest.mark.parametrize("limit,confirm", [(None, 300), (100, 100), (300, 400)])
+def test_search_confirm_limit_needs_more_images_than_the_gate(fp32, tmp_path, monkeypatch,
+                                                             limit, confirm):
+    from agevlm_edge.errors import BadInput
+
+    with pytest.raises(BadInput, match="--confirm-limit"):
+        _synthetic_search(fp32, tmp_path, monkeypatch, _int4_severity, lambda a: 0.0,
+                          limit=limit, confirm_limit=confirm)
+    assert not (tmp_path / "s").exists()
 
 
 def test_report_rows_from_drift_profiles_equal_a_fresh_evaluation(fp32, tmp_path, small_world):
