@@ -59,7 +59,12 @@ def severity(res: dict) -> float:
         v = float("inf") if isinstance(c["value"], str) else max(c["value"], 0.0)
         return v / c["limit"] if c["limit"] > 0 else (float("inf") if v > 1e-9 else 0.0)
 
-    return max(share(c) for c in res["checks"])
+    return max(share(c) for c in res["checks"]) if res["checks"] else 0.0
+
+
+def rounded_severity(res: dict) -> float:
+    """severity() as search.json records it (capped, 3 decimals)."""
+    return round(min(severity(res), 999.0), 3)
 
 
 class Search:
@@ -82,7 +87,7 @@ class Search:
             self.confirm_ref = profile(self.model_dir, self.data_dir, limit=limit)
         res = compare(self.confirm_ref, profile(Path(row["dir"]), self.data_dir, limit=limit),
                       self.budget)
-        sev = round(min(severity(res), 999.0), 3) if res["checks"] else 0.0
+        sev = rounded_severity(res)
         click.echo(f"[search]   {'inside' if res['passed'] else 'OVER'} the budget on {limit} "
                    f"images (severity {sev:.2f})", err=True)
         return {"candidate": row["candidate"], "size_ratio": row["size_ratio"], "limit": limit,
@@ -155,7 +160,7 @@ class Search:
                "reference_itself": bool(res.get("reference_itself")),
                "bytes": q["bytes"], "size_ratio": round(q["bytes"] / self.fp32_bytes, 4),
                "quality": q["quality"], "passed": res["passed"],
-               "severity": round(min(severity(res), 999.0), 3) if res["checks"] else 0.0,
+               "severity": rounded_severity(res),
                "checks": res["checks"], "drift": {k: res.get(k) for k in ("pope", "chair",
                                                                            "grounding", "first_token")}}
         for split in (row["drift"]["pope"] or {}).values():
