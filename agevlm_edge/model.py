@@ -12,7 +12,8 @@ blocks live beside the layers (`decoder.xattn.<i>`), so they never disturb those
 Image inputs are explicit forward arguments (pixels, or precomputed cross K/V), never state.
 Every attention has two paths behind one function: "eager" (returns probabilities, needed by
 the dice loss and heatmaps) and "fused" (SDPA), tested to agree; the self-attention has a third,
-"gqa" (gqa_rotary: onnxruntime's GroupQueryAttention, which the mobile-gpu export emits).
+"gqa" (gqa_rotary: onnxruntime's GroupQueryAttention, which the mobile-gpu export emits), with
+the cross-attention then as cross_mha (onnxruntime's MultiHeadAttention).
 """
 
 from __future__ import annotations
@@ -250,6 +251,30 @@ def _(q, k, v, past_k, past_v, bias, cos_cache, sin_cache, num_heads, kv_heads):
     return q.new_empty(q.shape), past_k.new_empty(shape), past_k.new_empty(shape)
 
 
+# Zeros added to each head's query and key for cross_mha: they leave q.k unchanged, and a
+# query/key head size unlike the value's keeps onnxruntime off its flash-attention kernel,
+# which on the WebGPU adapter we can test (Mesa's software Vulkan) gives wrong results for
+# more than one query (scripts/probe_webgpu_mha.py); 4 keeps the head size vec4-aligned.
+XATTN_QK_PAD = 4
+
+
+@torch.library.custom_op("agevlm::cross_mha", mutates_args=())
+def cross_mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, scale: float
+              ) -> torch.Tensor:
+    """Non-causal attention as onnxruntime's com.microsoft MultiHeadAttention computes it; the
+    mobile-gpu export maps this op onto that one. q [B,T,Hq*dq], k [B,N,Hq*dq], v [B,N,Hq*dv]
+    (one K/V head per query head; dq may exceed dv: zero padding) -> [B,T,Hq*dv]."""
+    B, T, _ = q.shape
+    heads = lambda x: x.view(B, x.shape[1], num_heads, -1).transpose(1, 2)
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=scale)
+    return out.transpose(1, 2).reshape(B, T, -1)
+
+
+@cross_mha.register_fake
+def _(q, k, v, num_heads, scale):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+
+
 class SelfAttention(nn.Module):
     def __init__(self, d: int, n_heads: int, n_kv: int, head_dim: int):
         super().__init__()
@@ -330,9 +355,19 @@ class CrossAttention(nn.Module):
         return k, v
 
     def forward(self, x, kv, impl, need_probs):
+        """impl "mha" (without probabilities): one cross_mha op over K/V expanded to the query
+        heads, query and key zero-padded per head (XATTN_QK_PAD); else attention()."""
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.hd)).transpose(1, 2)
-        out, probs = attention(q, kv[0], kv[1], None, impl, need_probs)
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.hd))
+        if impl == "mha" and not need_probs:
+            rep, pad = self.n_heads // self.n_kv, XATTN_QK_PAD
+            flat = lambda t: t.transpose(1, 2).reshape(B, t.shape[2], -1)   # BNSH -> [B,S,N*h]
+            k, v = (t.repeat_interleave(rep, dim=1) for t in kv)
+            out = torch.ops.agevlm.cross_mha(F.pad(q, (0, pad)).reshape(B, T, -1),
+                                             flat(F.pad(k, (0, pad))), flat(v), self.n_heads,
+                                             self.hd ** -0.5)
+            return self.o_proj(out), None
+        out, probs = attention(q.transpose(1, 2), kv[0], kv[1], None, impl, need_probs)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), probs
 
 
@@ -495,7 +530,7 @@ class Decoder(nn.Module):
 
     def forward(self, h, positions, mask, cross_kv, past, impl, need_probs, need_hidden):
         """impl "fused" | "eager" | "gqa" (self-attention in GroupQueryAttention's form,
-        gqa_rotary; cross-attention then runs "fused")."""
+        gqa_rotary; cross-attention then runs "mha", MultiHeadAttention's form)."""
         xattn_impl = impl
         if impl == "gqa":
             if self.cfg.arch == "concat":
@@ -505,7 +540,7 @@ class Decoder(nn.Module):
             cos, sin = rope_cache(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta)
             mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill(
                 ~mask, torch.finfo(h.dtype).min)
-            xattn_impl = "fused"
+            xattn_impl = "mha"
         else:
             cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         presents, probs, hidden = [], {}, []

@@ -10,13 +10,20 @@ dynamo exporter's custom translation table:
       -> output [B,T,Hq*hd], present_key/value [B,Hkv,P+T,hd]
 
 Every row counts all P+T cache slots as its own; the padding mask lives in attention_bias.
+Its cross-attention (`agevlm::cross_mha`) becomes one `MultiHeadAttention` (scale given:
+query and key carry zero padding per head, model.XATTN_QK_PAD, which keeps the kernel off the
+flash-attention path that gave wrong results for multi-token queries on WebGPU here):
+
+    query [B,T,Hq*(hd+4)], key [B,N,Hq*(hd+4)], value [B,N,Hq*hd] -> output [B,T,Hq*hd]
+
 Models it does not fit (`gqa_unfit`: concat, head sizes not divisible by 16) keep SDPA, which
 export.fusion rewrites into MultiHeadAttention.
 onnxruntime's CPU kernel refuses a multi-token step over a non-empty past at batch > 1; the
 runtime never makes one (prefill starts from an empty past, decode steps are one token).
 onnxscript builds ops from their ONNX schemas, and the onnx package knows no contrib schemas:
-`translation_table` registers the one this op needs (inputs up to attention_bias, the subset
-the translation fills) before the export.
+`translation_table` registers the ones these ops need (GroupQueryAttention's inputs up to
+attention_bias, MultiHeadAttention's first three: the subsets the translations fill) before
+the export.
 """
 
 from __future__ import annotations
@@ -26,24 +33,30 @@ _GQA_INPUTS = [("query", "T"), ("key", "T"), ("value", "T"), ("past_key", "T"), 
                ("sin_cache", "T"), ("position_ids", "P"), ("attention_bias", "T")]
 
 
-def _register_gqa_schema() -> None:
+def _register_schemas() -> None:
     import onnx
     from onnx.defs import OpSchema
 
-    if onnx.defs.has("GroupQueryAttention", "com.microsoft"):
-        return
     opt, single = OpSchema.FormalParameterOption.Optional, OpSchema.FormalParameterOption.Single
-    required = {"query", "key", "value", "seqlens_k", "total_sequence_length"}
-    schema = OpSchema(
-        "GroupQueryAttention", "com.microsoft", 1,
-        inputs=[OpSchema.FormalParameter(n, t, "", param_option=single if n in required else opt)
-                for n, t in _GQA_INPUTS],
-        outputs=[OpSchema.FormalParameter(n, "T", "") for n in ("output", "present_key", "present_value")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""),
-                          ("M", ["tensor(int32)"], ""), ("P", ["tensor(int64)"], "")],
-        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "")
-                    for a in ("num_heads", "kv_num_heads", "do_rotary")])
-    onnx.defs.register_schema(schema)
+    types = [("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], ""),
+             ("P", ["tensor(int64)"], "")]
+    if not onnx.defs.has("GroupQueryAttention", "com.microsoft"):
+        required = {"query", "key", "value", "seqlens_k", "total_sequence_length"}
+        onnx.defs.register_schema(OpSchema(
+            "GroupQueryAttention", "com.microsoft", 1,
+            inputs=[OpSchema.FormalParameter(n, t, "", param_option=single if n in required else opt)
+                    for n, t in _GQA_INPUTS],
+            outputs=[OpSchema.FormalParameter(n, "T", "") for n in ("output", "present_key", "present_value")],
+            type_constraints=types,
+            attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "")
+                        for a in ("num_heads", "kv_num_heads", "do_rotary")]))
+    if not onnx.defs.has("MultiHeadAttention", "com.microsoft"):
+        onnx.defs.register_schema(OpSchema(
+            "MultiHeadAttention", "com.microsoft", 1,
+            inputs=[OpSchema.FormalParameter(n, "T", "") for n in ("query", "key", "value")],
+            outputs=[OpSchema.FormalParameter("output", "T", "")], type_constraints=types[:1],
+            attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
+                        OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "")]))
 
 
 def _gqa_rotary(q, k, v, past_k, past_v, bias, cos_cache, sin_cache, num_heads: int, kv_heads: int):
@@ -62,6 +75,13 @@ def _gqa_rotary(q, k, v, past_k, past_v, bias, cos_cache, sin_cache, num_heads: 
                                     _outputs=3)
 
 
+def _cross_mha(q, k, v, num_heads: int, scale: float):
+    import onnxscript
+
+    msft = onnxscript.values.Opset("com.microsoft", 1)
+    return msft.MultiHeadAttention(q, k, v, num_heads=num_heads, scale=scale)
+
+
 def gqa_unfit(cfg) -> str | None:
     """Why this model's self-attention cannot be GroupQueryAttention, or None when it can."""
     if cfg.arch != "xattn":
@@ -75,7 +95,8 @@ def translation_table() -> dict:
     """custom_translation_table for torch.onnx.export(dynamo=True)."""
     import torch
 
-    import agevlm_edge.model  # noqa: F401  (registers torch.ops.agevlm.gqa_rotary)
+    import agevlm_edge.model  # noqa: F401  (registers torch.ops.agevlm.gqa_rotary, cross_mha)
 
-    _register_gqa_schema()
-    return {torch.ops.agevlm.gqa_rotary.default: _gqa_rotary}
+    _register_schemas()
+    return {torch.ops.agevlm.gqa_rotary.default: _gqa_rotary,
+            torch.ops.agevlm.cross_mha.default: _cross_mha}

@@ -95,7 +95,10 @@ def export_graphs(model, out_dir: Path, fused: bool = True, xattn_probs: bool = 
     _export(decoder, (ids, mask, *past, *vis), out_dir / "decoder.onnx", opset,
             ["input_ids", "attention_mask"] + names["past"] + vis_names, out_names, dyn,
             translation_table() if gqa else None)
-    return {"opset": opset, "self_attention": "GroupQueryAttention" if gqa else impl}
+    return {"opset": opset, "self_attention": "GroupQueryAttention" if gqa else impl,
+            "cross_attention": "none (concat)" if cfg.arch == "concat" else
+            "MatMul/Softmax (probabilities exported)" if xattn_probs else
+            "MultiHeadAttention (query and key zero-padded per head)" if gqa else impl}
 
 
 def module_path(node) -> str:
@@ -197,7 +200,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str =
             shutil.copyfile(run_dir / name, tmp / name)
         man = {"format": FORMAT, "format_version": FORMAT_VERSION,
                "created_by": f"agevlm-edge {__version__}", "target": target, "fused": fused,
-               "opset": info["opset"], "self_attention": info["self_attention"], "precision": "fp32", "scheme": {"name": "fp32"},
+               "opset": info["opset"], "self_attention": info["self_attention"],
+               "cross_attention": info["cross_attention"], "precision": "fp32", "scheme": {"name": "fp32"},
                "model": model.cfg.to_dict(), "xattn_probs": xattn_probs,
                "naive_kv": naive_kv and model.cfg.arch == "xattn",
                "object_words": object_words(data), "rewrites": rewrites,

@@ -121,12 +121,14 @@ def test_mobile_gpu_export_uses_contrib_attention_and_ships_ort_files(exported):
     man = _manifest(exported["mobile"])
     ops = man["graphs"]["decoder"]["ops"]
     assert man["opset"] == 18 and "Attention" not in ops
-    # Each self-attention one GroupQueryAttention (rotary inside, K/V not expanded); the
-    # cross-attention stays a MatMul/Softmax chain (export/fusion.py says why).
+    # Each self-attention one GroupQueryAttention (rotary inside, K/V not expanded), each
+    # cross-attention one MultiHeadAttention (query and key padded: model.XATTN_QK_PAD)
     n_layers = man["model"]["n_layers"]
+    n_cross = sum(i["name"].startswith("cross_key_") for i in man["graphs"]["decoder"]["inputs"])
     assert man["self_attention"] == "GroupQueryAttention"
+    assert man["cross_attention"].startswith("MultiHeadAttention") and n_cross
     assert ops["com.microsoft.GroupQueryAttention"] == n_layers
-    assert "com.microsoft.MultiHeadAttention" not in ops and "Softmax" in ops
+    assert ops["com.microsoft.MultiHeadAttention"] == n_cross and "Softmax" not in ops
     # A head size GroupQueryAttention refuses: SDPA rewritten into MultiHeadAttention, and why
     man8 = _manifest(exported["mobile8"])
     assert man8["parity"]["passed"] and "divisible by 16, not 8" in man8["self_attention"]
