@@ -348,8 +348,8 @@ def explain(res: dict) -> str:
                     f"{res['confirm_limit']}: the chosen variant is fp32 itself")
         if not c["reference_itself"]:
             held = (f"; it holds on {res['limit']} images and on {res['confirm_limit']}"
-                    + (f" ({len(failed)} smaller candidates passed on {res['limit']} and failed "
-                       f"on {res['confirm_limit']})" if failed else ""))
+                    + (f" ({len(failed)} smaller candidate{'s' * (len(failed) > 1)} passed on "
+                       f"{res['limit']} and failed on {res['confirm_limit']})" if failed else ""))
     if c["size_ratio"] <= 0.3:
         return f"the chosen variant is {c['size_ratio']:.3f} x fp32, inside the budget{held}"
     if smallest["passed"]:
