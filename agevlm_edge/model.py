@@ -354,18 +354,25 @@ class CrossAttention(nn.Module):
         v = self.v_proj(img).view(B, N, self.n_kv, self.hd).transpose(1, 2)
         return k, v
 
+    def mha_kv(self, kv: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [B,Hkv,N,hd] -> cross_mha's key [B,N,Hq*(hd+XATTN_QK_PAD)] and value
+        [B,N,Hq*hd]: expanded to the query heads, the key zero-padded per head. The mobile-gpu
+        vision graph outputs this layout, so the decoder does not redo it every step."""
+        rep = self.n_heads // self.n_kv
+        B, _, N, _ = kv[0].shape
+        flat = lambda t: t.repeat_interleave(rep, dim=1).transpose(1, 2).reshape(B, N, -1)
+        return flat(F.pad(kv[0], (0, XATTN_QK_PAD))), flat(kv[1])
+
     def forward(self, x, kv, impl, need_probs):
-        """impl "mha" (without probabilities): one cross_mha op over K/V expanded to the query
-        heads, query and key zero-padded per head (XATTN_QK_PAD); else attention()."""
+        """impl "mha" (without probabilities): one cross_mha op, query zero-padded per head,
+        over kv in mha_kv's layout (3-D; 4-D [B,Hkv,N,hd] is converted here); else
+        attention()."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.hd))
         if impl == "mha" and not need_probs:
-            rep, pad = self.n_heads // self.n_kv, XATTN_QK_PAD
-            flat = lambda t: t.transpose(1, 2).reshape(B, t.shape[2], -1)   # BNSH -> [B,S,N*h]
-            k, v = (t.repeat_interleave(rep, dim=1) for t in kv)
-            out = torch.ops.agevlm.cross_mha(F.pad(q, (0, pad)).reshape(B, T, -1),
-                                             flat(F.pad(k, (0, pad))), flat(v), self.n_heads,
-                                             self.hd ** -0.5)
+            k, v = kv if kv[0].dim() == 3 else self.mha_kv(kv)
+            out = torch.ops.agevlm.cross_mha(F.pad(q, (0, XATTN_QK_PAD)).reshape(B, T, -1), k, v,
+                                             self.n_heads, self.hd ** -0.5)
             return self.o_proj(out), None
         out, probs = attention(q.transpose(1, 2), kv[0], kv[1], None, impl, need_probs)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), probs
@@ -607,9 +614,16 @@ class AgeVLM(nn.Module):
         """pixels [B,3,H,W] -> projected image tokens [B,N,D]."""
         return self.projector(self.vision(pixel_values))
 
-    def cross_kv(self, image_tokens: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per cross-attention layer K/V [B,Hkv,N,hd]; the decoder reuses them every step."""
-        return {k: blk.attn.kv(image_tokens) for k, blk in self.decoder.xattn.items()}
+    def cross_kv(self, image_tokens: torch.Tensor, layout: str = "bhnd"
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per cross-attention layer K/V; the decoder reuses them every step. layout "bhnd":
+        [B,Hkv,N,hd]; "mha": CrossAttention.mha_kv's (what attn_impl "gqa" runs on)."""
+        kv = {k: blk.attn.kv(image_tokens) for k, blk in self.decoder.xattn.items()}
+        if layout == "mha":
+            kv = {k: self.decoder.xattn[k].attn.mha_kv(t) for k, t in kv.items()}
+        elif layout != "bhnd":
+            raise ValueError(f'cross K/V layout {layout!r}: "bhnd" or "mha"')
+        return kv
 
     # -- one forward for training, prefill and decode ---------------------------------
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,

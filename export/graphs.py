@@ -2,6 +2,8 @@
 
     vision.onnx   pixel_values [B,3,H,W]
                     xattn:  -> cross_key_<i>, cross_value_<i> [B,Hkv,N,hd] per cross-attention layer i
+                            (kv_layout "mha", the mobile-gpu decoder's MultiHeadAttention:
+                            key [B,N,Hq*(hd+pad)], value [B,N,Hq*hd]; model.CrossAttention.mha_kv)
                     concat: -> image_embeds [B,N,D]
                     naive_kv (benchmark baseline): -> image_tokens [B,N,D]
     decoder.onnx  input_ids [B,T], attention_mask [B,S], past_key_<l>, past_value_<l> [B,Hkv,P,hd]
@@ -38,18 +40,19 @@ class VisionGraph(nn.Module):
     the image side is computed once per image, never per generated token.
 
     ``naive_kv``: output the projected image tokens and leave the K/V projections to the
-    decoder, which then redoes them every step (the benchmark's baseline).
+    decoder, which then redoes them every step (the benchmark's baseline). ``kv_layout``:
+    AgeVLM.cross_kv's ("mha" for a decoder exported with impl "gqa" and no probabilities).
     """
 
-    def __init__(self, model: AgeVLM, naive_kv: bool = False):
+    def __init__(self, model: AgeVLM, naive_kv: bool = False, kv_layout: str = "bhnd"):
         super().__init__()
-        self.model, self.naive_kv = model, naive_kv
+        self.model, self.naive_kv, self.kv_layout = model, naive_kv, kv_layout
 
     def forward(self, pixel_values: torch.Tensor):
         img = self.model.image_tokens(pixel_values)
         if self.model.cfg.arch == "concat" or self.naive_kv:
             return img
-        kv = self.model.cross_kv(img)
+        kv = self.model.cross_kv(img, self.kv_layout)
         return tuple(t for i in self.model.cfg.cross_layers for t in kv[str(i)])
 
 

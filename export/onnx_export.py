@@ -72,7 +72,10 @@ def export_graphs(model, out_dir: Path, fused: bool = True, xattn_probs: bool = 
     torch.manual_seed(0)
     pixels = torch.randn(B, 3, cfg.image_size, cfg.image_size)
     naive_kv = naive_kv and cfg.arch == "xattn"
-    vision = VisionGraph(model, naive_kv).eval()
+    # MultiHeadAttention's K/V layout straight from vision.onnx: expanded and padded once per
+    # image instead of in every decode step.
+    kv_layout = "mha" if gqa and not xattn_probs and cfg.arch == "xattn" and not naive_kv else "bhnd"
+    vision = VisionGraph(model, naive_kv, kv_layout).eval()
     with torch.no_grad():
         vis = vision(pixels)
     vis = vis if isinstance(vis, tuple) else (vis,)
@@ -96,6 +99,7 @@ def export_graphs(model, out_dir: Path, fused: bool = True, xattn_probs: bool = 
             ["input_ids", "attention_mask"] + names["past"] + vis_names, out_names, dyn,
             translation_table() if gqa else None)
     return {"opset": opset, "self_attention": "GroupQueryAttention" if gqa else impl,
+            "cross_kv_layout": kv_layout if cfg.arch == "xattn" and not naive_kv else None,
             "cross_attention": "none (concat)" if cfg.arch == "concat" else
             "MatMul/Softmax (probabilities exported)" if xattn_probs else
             "MultiHeadAttention (query and key zero-padded per head)" if gqa else impl}
@@ -201,7 +205,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str =
         man = {"format": FORMAT, "format_version": FORMAT_VERSION,
                "created_by": f"agevlm-edge {__version__}", "target": target, "fused": fused,
                "opset": info["opset"], "self_attention": info["self_attention"],
-               "cross_attention": info["cross_attention"], "precision": "fp32", "scheme": {"name": "fp32"},
+               "cross_attention": info["cross_attention"],
+               "cross_kv_layout": info["cross_kv_layout"], "precision": "fp32", "scheme": {"name": "fp32"},
                "model": model.cfg.to_dict(), "xattn_probs": xattn_probs,
                "naive_kv": naive_kv and model.cfg.arch == "xattn",
                "object_words": object_words(data), "rewrites": rewrites,

@@ -52,7 +52,9 @@ def check_parity(model, export_dir: Path, data_dir: Path | None, n_pairs: int = 
         if cfg.arch == "concat" or rt.manifest.get("naive_kv"):
             ref_vis = {"image_embeds" if cfg.arch == "concat" else "image_tokens": img.numpy()}
         else:
-            ref_vis = {f"cross_{n}_{i}": kv[str(i)][j].numpy()
+            layout = rt.manifest.get("cross_kv_layout") or "bhnd"
+            kv_out = kv if layout == "bhnd" else model.cross_kv(img, layout)
+            ref_vis = {f"cross_{n}_{i}": kv_out[str(i)][j].numpy()
                        for i in cfg.cross_layers for j, n in enumerate(("key", "value"))}
         ref = model(torch.from_numpy(ids), image_tokens=img, attention_mask=torch.from_numpy(mask),
                     attn_impl="eager", output_xattn=rt.has_probs)

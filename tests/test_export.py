@@ -116,6 +116,9 @@ def test_unfused_and_concat_exports_pass_parity(exported):
 
 
 def test_mobile_gpu_export_uses_contrib_attention_and_ships_ort_files(exported):
+    import onnx
+
+    from agevlm_edge.model import XATTN_QK_PAD
     from agevlm_edge.runtime import Runtime
 
     man = _manifest(exported["mobile"])
@@ -129,9 +132,21 @@ def test_mobile_gpu_export_uses_contrib_attention_and_ships_ort_files(exported):
     assert man["cross_attention"].startswith("MultiHeadAttention") and n_cross
     assert ops["com.microsoft.GroupQueryAttention"] == n_layers
     assert ops["com.microsoft.MultiHeadAttention"] == n_cross and "Softmax" not in ops
+    # ... whose K/V come from vision.onnx already expanded and padded (once per image): each
+    # MultiHeadAttention reads its key and value straight from the decoder's inputs.
+    cfg = man["model"]
+    key = next(o for o in man["graphs"]["vision"]["outputs"] if o["name"].startswith("cross_key_"))
+    assert man["cross_kv_layout"] == "mha"
+    assert key["shape"][1:] == [(cfg["image_size"] // cfg["patch_size"]) ** 2,
+                                cfg["xattn_heads"] * (cfg["head_dim"] + XATTN_QK_PAD)]
+    dec = onnx.load(str(exported["mobile"] / "decoder.onnx"))
+    inputs = {i.name for i in dec.graph.input}
+    assert all(n.input[1] in inputs and n.input[2] in inputs
+               for n in dec.graph.node if n.op_type == "MultiHeadAttention")
     # A head size GroupQueryAttention refuses: SDPA rewritten into MultiHeadAttention, and why
     man8 = _manifest(exported["mobile8"])
     assert man8["parity"]["passed"] and "divisible by 16, not 8" in man8["self_attention"]
+    assert man8["cross_kv_layout"] == "bhnd"
     assert man8["graphs"]["decoder"]["ops"]["com.microsoft.MultiHeadAttention"] == n_layers
     assert ops["com.microsoft.SkipSimplifiedLayerNormalization"] >= 2
     assert man["parity"]["passed"] and {"vision.ort", "decoder.ort"} <= set(man["files"])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agevlm_edge.model import (AgeVLM, AgeVLMConfig, attention, build_config, from_pretrained_lm)
+from agevlm_edge.model import (XATTN_QK_PAD, AgeVLM, AgeVLMConfig, attention, build_config,
+                               from_pretrained_lm)
 
 TINY = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
             vocab_size=97, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=64)
@@ -168,6 +169,18 @@ def test_gqa_form_matches_eager_on_a_left_padded_batch_and_its_own_cache():
                     attn_impl=impl) for o, impl in ((a, "eager"), (g, "gqa")))
     assert (a.logits[real] - g.logits[real]).abs().max().item() < 1e-5
     assert (a2.logits - g2.logits).abs().max().item() < 1e-5
+    # The cross K/V in MultiHeadAttention's layout (what the mobile-gpu vision graph emits):
+    # expanded to the query heads, key padded per head; the same logits as from [B,Hkv,N,hd].
+    cfg, layer = m.cfg, str(m.cfg.cross_layers[0])
+    mha = m.cross_kv(img, "mha")
+    n_img = img.shape[1]
+    assert mha[layer][0].shape == (2, n_img, cfg.xattn_heads * (cfg.head_dim + XATTN_QK_PAD))
+    assert mha[layer][1].shape == (2, n_img, cfg.xattn_heads * cfg.head_dim)
+    with torch.no_grad():
+        g3 = m(ids, cross_kv=mha, attention_mask=mask, attn_impl="gqa")
+    assert (g3.logits - g.logits).abs().max().item() < 1e-6
+    with pytest.raises(ValueError, match="layout"):
+        m.cross_kv(img, "bnhd")
     k_eager, k_gqa = a.past_key_values[0][0], g.past_key_values[0][0]
     assert torch.allclose(k_eager[1], k_gqa[1], atol=1e-6)          # no padding: same phases
     assert not torch.allclose(k_eager[0, :, -4:], k_gqa[0, :, -4:], atol=1e-3)   # shifted by 3
