@@ -9,20 +9,19 @@ count them, so a model change that silently breaks a fusion shows up in the mani
 tests.
 
 mobile-gpu: exported at opset 18 (phone and web runtimes take the contrib ops, not opset-23
-Attention) with the self-attention already com.microsoft `GroupQueryAttention` (rotary fused;
-export.contrib), then onnxscript's ORT transformer fusions rewrite the norms into
-`SimplifiedLayerNormalization` / `SkipSimplifiedLayerNormalization` (and SDPA into
-`MultiHeadAttention` for models GroupQueryAttention does not fit), ops the WebGPU execution
-provider runs. The cross-attention stays a MatMul/Softmax chain (also on WebGPU): its grouped
-K/V are not matched by the rewriter, and with the K/V expanded to one head per query head in
-the vision graph (which the rewriter does fuse) WebGPU's MultiHeadAttention disagreed with the
-CPU provider by 3% of the logits' scale on a tiny test model (0.16% on a 4-layer one), against
-~1e-6 for the chain, so that variant was dropped; the vision graph gets the norm and gelu
-fusions only, for the same reason (ort_fuse). Isolated (scripts/probe_webgpu_mha.py, one
-MultiHeadAttention node against numpy): on this machine's software Vulkan adapter it is exact
-(~1e-6) for single-token queries and 5e-2 to 8e-1 off on O(1) outputs for every multi-token
-query, whatever the heads, head size, K/V layout or scale; decode alone could use it, prefill
-cannot, and one graph serves both. fp16 is `agevlm quantize --scheme fp16` of this
+Attention) with the self-attention already com.microsoft `GroupQueryAttention` (rotary fused)
+and the cross-attention one `MultiHeadAttention` whose query and key are zero-padded per head
+(export.contrib; its K/V come from vision.onnx in that layout), then onnxscript's ORT
+transformer fusions rewrite the norms into `SimplifiedLayerNormalization` /
+`SkipSimplifiedLayerNormalization` (and SDPA into `MultiHeadAttention` for models
+GroupQueryAttention does not fit), ops the WebGPU execution provider runs. The vision graph
+gets the norm and gelu fusions only (ort_fuse). On this machine's WebGPU adapter (Mesa's
+software Vulkan) onnxruntime's flash-attention prefill kernel, which GroupQueryAttention and
+MultiHeadAttention with equal query/value head sizes take for every multi-token query, is
+wrong beyond 8 keys (scripts/probe_webgpu_mha.py; single-token steps are right): the padded
+cross-attention avoids it in the graph, and the device runtime checks each GPU session once
+and prefills one token per call where it finds the fault (Runtime.multi_token_fault).
+fp16 is `agevlm quantize --scheme fp16` of this
 export (tests/test_webgpu.py runs it on WebGPU). The ORT-format files (`*.ort`, Fixed
 optimisation: CPU-EP rewrites baked in; export.parity.check_ort_parity runs them against the
 .onnx graphs, and `agevlm infer --graph-format ort` runs them) and onnxruntime's mobile

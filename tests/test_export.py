@@ -381,6 +381,33 @@ def test_generation_options(exported, small_world):
         concat.generate(concat.encode_images([img]), seq, with_maps=True)
 
 
+@pytest.mark.parametrize("export", ["xattn", "mobile"])
+def test_prefill_one_token_per_call_matches_one_call(exported, small_world, export):
+    """The prefill a runtime falls back to where a provider's multi-token attention is faulty
+    (Runtime.multi_token_fault): one decoder call per token, left padding included, gives the
+    logits, probabilities, cache and generations of one call. On CPU the check itself passes."""
+    from agevlm_edge.runtime import GenerationConfig, Runtime
+
+    rt = Runtime(exported[export])
+    assert rt.prefill_fault is None and rt.multi_token_fault() is None
+    imgs = [rt.load_image(p) for p in sorted((small_world / "images" / "test").iterdir())[:2]]
+    state = rt.encode_images(imgs)
+    seqs = [rt.prompt_ids("Caption:"), rt.prompt_ids("Is there a red cube left of a blue ball?")]
+    ids, keys, logits, past, probs = rt.prefill(state, seqs)
+    gen = rt.generate(state, seqs, GenerationConfig(max_new_tokens=8)).ids
+    rt.prefill_fault = "forced by the test"
+    ids2, keys2, logits2, past2, probs2 = rt.prefill(state, seqs)
+    assert (ids == ids2).all() and (keys == keys2).all()
+    real = keys.astype(bool)                           # xattn: the keys are the text tokens
+    assert np.abs(logits2 - logits)[real].max() <= 1e-4 * max(1.0, np.abs(logits[real]).max())
+    assert sorted(probs2) == sorted(probs) and all(probs2[k].shape == probs[k].shape for k in probs)
+    assert all(np.abs(probs2[k] - probs[k]).transpose(0, 2, 1, 3)[real].max() <= 1e-5 for k in probs)
+    for name in past:     # padded slots hold different values; real ones the same keys
+        a, b = past[name].numpy(), past2[name].numpy()
+        assert np.abs(a - b).transpose(0, 2, 1, 3)[real].max() <= 1e-4 * max(1.0, np.abs(a).max())
+    assert rt.generate(state, seqs, GenerationConfig(max_new_tokens=8)).ids == gen
+
+
 def test_eval_on_the_export_matches_torch(exported, runs, small_world):
     from agevlm_edge.eval import evaluate
 

@@ -80,6 +80,12 @@ def test_mobile_gpu_graphs_run_on_webgpu_and_match_cpu(request, mobile_export, v
         assert heavy and all(ep == "WebGpuExecutionProvider" for ep in heavy.values()), \
             {n: ep for n, ep in heavy.items() if ep != "WebGpuExecutionProvider"}
     assert res["graphs"]["decoder"]["top1_agreement"] == 1.0
+    # A multi-token step beyond 8 keys: where the graph is off on this adapter (onnxruntime's
+    # flash prefill kernel, see agevlm_edge.runtime.session.Runtime.multi_token_fault), the
+    # runtime must have noticed it and prefilled one token per call.
+    prefill = res["graphs"]["decoder"]["prefill"]["outputs"]["logits"]
+    if prefill["max_abs_diff"] > tol * max(1.0, prefill["ref_abs_max"]):
+        assert res["prefill_fault"], prefill
     # The runtime on WebGPU: the KV cache kept in device memory between steps decodes exactly
     # as the host-memory round trip does, and (fp32) as the CPU provider does.
     gens = res["generations"]
@@ -90,3 +96,31 @@ def test_mobile_gpu_graphs_run_on_webgpu_and_match_cpu(request, mobile_export, v
     # every attention one fused op: the cross-attention's MultiHeadAttention too (its query
     # and key padded: onnxruntime's flash path was wrong for multi-token queries here)
     assert {"GroupQueryAttention", "MultiHeadAttention"} <= ops and "Softmax" not in ops
+
+
+def test_concat_mobile_gpu_export_runs_on_webgpu_and_matches_cpu(tmp_path, small_world):
+    """The LLaVA-style baseline's mobile-gpu export: its self-attention (image rows, left
+    padding, text in one cache) as MultiHeadAttention, placed on WebGPU, a decode step as on
+    CPU. Its prefill feeds the image rows in one multi-token step: where this adapter gets
+    those wrong, the runtime refuses the provider with a clear error instead of answering."""
+    from agevlm_edge.data.tokenizer import corpus, train_bpe
+    from agevlm_edge.export.onnx_export import export_run
+
+    if not VENV_PY.is_file():
+        pytest.skip("no .venv-webgpu: run scripts/setup_webgpu.sh (make test does)")
+    run = _run_dir(tmp_path / "run", train_bpe(corpus(small_world), 400), "concat", head_dim=16)
+    export_run(run, tmp_path / "export", target="mobile-gpu", n_pairs=2)
+    res = _probe(tmp_path / "export")
+    for name, g in res["graphs"].items():
+        for out, d in g["outputs"].items():
+            assert d["max_abs_diff"] <= 1e-4 * max(1.0, d["ref_abs_max"]), (name, out, d)
+    placed = res["graphs"]["decoder"]["placement"].values()
+    assert {ep for op, ep in placed if op in ("MatMul", "MultiHeadAttention")} == {"WebGpuExecutionProvider"}
+    assert "MultiHeadAttention" in {op for op, _ in placed}
+    assert res["graphs"]["decoder"]["top1_agreement"] == 1.0
+    prefill = res["graphs"]["decoder"]["prefill"]["outputs"]["logits"]
+    if prefill["max_abs_diff"] > 1e-4 * max(1.0, prefill["ref_abs_max"]):
+        assert "use --provider cpu" in res["runtime_error"], res.get("runtime_error")
+    else:
+        gens = res["generations"]
+        assert gens["webgpu_kv_device"] == gens["webgpu_kv_host"] == gens["cpu"]

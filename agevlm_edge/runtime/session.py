@@ -181,6 +181,13 @@ class Runtime:
         self.present_names = [n for n in outs if n.startswith("present_")]
         self.prob_names = [n for n in outs if n.startswith("xattn_probs_")]
         self.has_probs = bool(self.prob_names)
+        # On a GPU provider, check once that a multi-token step agrees with one-token steps;
+        # where it does not, prefill goes one token per call (see multi_token_fault).
+        self.prefill_fault = None if provider in ("cpu", "xnnpack") else self.multi_token_fault()
+        if self.prefill_fault and self.arch == "concat":
+            raise BadInput(f"{provider} computes multi-token attention wrongly on this adapter "
+                           f"({self.prefill_fault}); a concat export feeds its image rows in "
+                           "one multi-token step and cannot avoid that: use --provider cpu")
 
     # -- images ------------------------------------------------------------------------
     def load_image(self, path: str | os.PathLike) -> np.ndarray:
@@ -203,12 +210,52 @@ class Runtime:
         """B prompts (token ids, left-padded here) after their images, from an empty cache.
 
         Returns (ids [B,T], key mask [B, image rows + T] with 1 = real (what decode steps
-        extend), logits, presents, probs).
+        extend), logits, presents, probs). One decoder call, or one per token where this
+        provider's multi-token attention was found faulty (``prefill_fault``).
         """
         ids, keys = self.prefill_inputs(image, prompts)
-        logits, past, probs = self.step(ids, keys, self._empty_past(len(prompts)), image,
-                                        prefill=True, want_probs=want_probs)
+        past = self._empty_past(len(prompts))
+        if not self.prefill_fault:
+            logits, past, probs = self.step(ids, keys, past, image, prefill=True, want_probs=want_probs)
+            return ids, keys, logits, past, probs
+        steps = []
+        for t in range(ids.shape[1]):            # xattn only: no image rows in the keys
+            logits, past, probs = self.step(ids[:, t:t + 1], keys[:, :t + 1], past, image,
+                                            prefill=t == 0, want_probs=want_probs)
+            steps.append((logits, probs))
+        logits = np.concatenate([lg for lg, _ in steps], 1)
+        probs = {k: np.concatenate([p[k] for _, p in steps], 2) for k in steps[0][1]}
         return ids, keys, logits, past, probs
+
+    def multi_token_fault(self, n_tokens: int = 24) -> str | None:
+        """None when one decoder call over ``n_tokens`` tokens gives the last token the logits
+        that ``n_tokens`` one-token calls give it (within 1e-3 of the logits' scale; 1e-2 for
+        fp16 exports), else what was measured.
+
+        Why: on the WebGPU adapter we can test (Mesa's software Vulkan, subgroup size 8)
+        onnxruntime's flash-attention prefill kernel, which GroupQueryAttention and
+        MultiHeadAttention with equal head sizes run for every multi-token query, is wrong
+        beyond 8 keys (scripts/probe_webgpu_mha.py), while one-token steps take its decode
+        kernels and are right. 24 tokens reach past the key tiles of subgroup sizes 8 and 16.
+        """
+        n = min(n_tokens, self.max_seq_len - (self.grid ** 2 if self.arch == "concat" else 0))
+        image = self.encode_images([np.full((3, self.image_size, self.image_size), 128, np.uint8)])
+        ids = 3 + np.arange(n, dtype=np.int64)[None] % (int(self.cfg["vocab_size"]) - 3)
+        keys = self.prefill_inputs(image, [ids[0].tolist()])[1]
+        once = self.step(ids, keys, self._empty_past(1), image, prefill=True, want_probs=False)[0]
+        past = self._empty_past(1)
+        n_img = keys.shape[1] - n
+        for t in range(n):
+            step = self.step(ids[:, t:t + 1], keys[:, :n_img + t + 1], past, image,
+                             prefill=t == 0, want_probs=False)
+            logits, past = step[0], step[1]
+        ref = logits[0, -1]
+        diff, scale = float(np.abs(once[0, -1] - ref).max()), float(np.abs(ref).max())
+        tol = (1e-2 if self.manifest.get("precision") == "fp16" else 1e-3) * scale
+        if diff <= tol:
+            return None
+        return (f"the last logits of one {n}-token step are {diff:.2g} from those of {n} "
+                f"one-token steps, at logits up to {scale:.2g}")
 
     def prefill_inputs(self, image: ImageState, prompts: Sequence[Sequence[int]]
                        ) -> tuple[np.ndarray, np.ndarray]:
