@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Callable, Sequence
 
 from ..errors import BadInput
@@ -24,6 +25,9 @@ def run_infer(export_dir: str | os.PathLike, image: str | os.PathLike, prompts: 
     if heatmap is not None and os.path.isdir(heatmap):
         raise BadInput(f"--heatmap {heatmap} is a directory; give a .png file path")
     rt = Runtime(export_dir, provider=provider, threads=threads, graph_format=graph_format)
+    if rt.prefill_fault:
+        print(f"note: {provider}'s multi-token attention is off on this adapter "
+              f"({rt.prefill_fault}); prompts are prefilled one token per call", file=sys.stderr)
     if heatmap is not None and not rt.has_probs:
         raise BadInput(f"{export_dir} has no cross-attention probabilities (a concat model, or "
                        "exported with --no-xattn-probs); re-export without it for --heatmap")

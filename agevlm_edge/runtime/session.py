@@ -229,8 +229,8 @@ class Runtime:
 
     def multi_token_fault(self, n_tokens: int = 24) -> str | None:
         """None when one decoder call over ``n_tokens`` tokens gives the last token the logits
-        that ``n_tokens`` one-token calls give it (within 1e-3 of the logits' scale; 1e-2 for
-        fp16 exports), else what was measured.
+        that ``n_tokens`` one-token calls give it (within 1e-3 of the logits' scale for fp32
+        exports, 1e-2 for fp16 and quantized ones), else what was measured.
 
         Why: on the WebGPU adapter we can test (Mesa's software Vulkan, subgroup size 8)
         onnxruntime's flash-attention prefill kernel, which GroupQueryAttention and
@@ -251,7 +251,9 @@ class Runtime:
             logits, past = step[0], step[1]
         ref = logits[0, -1]
         diff, scale = float(np.abs(once[0, -1] - ref).max()), float(np.abs(ref).max())
-        tol = (1e-2 if self.manifest.get("precision") == "fp16" else 1e-3) * scale
+        # quantized and fp16 exports round differently for different step lengths (dynamic
+        # activation scales, accumulation order): a coarser bound there
+        tol = (1e-3 if self.manifest.get("precision") == "fp32" else 1e-2) * scale
         if diff <= tol:
             return None
         return (f"the last logits of one {n}-token step are {diff:.2g} from those of {n} "
