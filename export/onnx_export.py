@@ -42,7 +42,10 @@ TARGETS = ("cpu", "mobile-gpu")
 def _export(module: torch.nn.Module, args: tuple, path: Path, opset: int, input_names: list[str],
             output_names: list[str], dynamic_shapes, translations: dict | None = None) -> None:
     """One graph through the dynamo exporter, quietly (it logs every pass at INFO)."""
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    # onnxscript / onnx_ir log every pass at INFO once something (onnxruntime's quantization
+    # tools) has configured the root logger
+    for name in ("torch.onnx", "onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
