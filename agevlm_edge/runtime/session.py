@@ -214,18 +214,25 @@ class Runtime:
         provider's multi-token attention was found faulty (``prefill_fault``).
         """
         ids, keys = self.prefill_inputs(image, prompts)
-        past = self._empty_past(len(prompts))
-        if not self.prefill_fault:
-            logits, past, probs = self.step(ids, keys, past, image, prefill=True, want_probs=want_probs)
-            return ids, keys, logits, past, probs
-        steps = []
-        for t in range(ids.shape[1]):            # xattn only: no image rows in the keys
-            logits, past, probs = self.step(ids[:, t:t + 1], keys[:, :t + 1], past, image,
+        if self.prefill_fault:
+            return (ids, keys) + self._one_token_steps(ids, keys, image, want_probs)
+        logits, past, probs = self.step(ids, keys, self._empty_past(len(prompts)), image,
+                                        prefill=True, want_probs=want_probs)
+        return ids, keys, logits, past, probs
+
+    def _one_token_steps(self, ids: np.ndarray, keys: np.ndarray, image: ImageState,
+                         want_probs: bool) -> tuple[np.ndarray, dict, dict]:
+        """A prefill as one decoder call per token (a concat export's image rows go with the
+        first): (logits [B,T,V], presents, probs with T concatenated), as one call gives them."""
+        n_img = keys.shape[1] - ids.shape[1]
+        past, steps = self._empty_past(len(ids)), []
+        for t in range(ids.shape[1]):
+            logits, past, probs = self.step(ids[:, t:t + 1], keys[:, :n_img + t + 1], past, image,
                                             prefill=t == 0, want_probs=want_probs)
             steps.append((logits, probs))
         logits = np.concatenate([lg for lg, _ in steps], 1)
         probs = {k: np.concatenate([p[k] for _, p in steps], 2) for k in steps[0][1]}
-        return ids, keys, logits, past, probs
+        return logits, past, probs
 
     def multi_token_fault(self, n_tokens: int = 24) -> str | None:
         """None when one decoder call over ``n_tokens`` tokens gives the last token the logits
@@ -245,13 +252,7 @@ class Runtime:
         ids = 3 + np.arange(n, dtype=np.int64)[None] % (int(self.cfg["vocab_size"]) - 3)
         keys = self.prefill_inputs(image, [ids[0].tolist()])[1]
         once = self.step(ids, keys, self._empty_past(1), image, prefill=True, want_probs=False)[0]
-        past = self._empty_past(1)
-        n_img = keys.shape[1] - n
-        for t in range(n):
-            step = self.step(ids[:, t:t + 1], keys[:, :n_img + t + 1], past, image,
-                             prefill=t == 0, want_probs=False)
-            logits, past = step[0], step[1]
-        ref = logits[0, -1]
+        ref = self._one_token_steps(ids, keys, image, want_probs=False)[0][0, -1]
         diff, scale = float(np.abs(once[0, -1] - ref).max()), float(np.abs(ref).max())
         # quantized and fp16 exports round differently for different step lengths (dynamic
         # activation scales, accumulation order): a coarser bound there
