@@ -4,8 +4,8 @@
 
 Runs the device runtime (CPU provider) with its decoder session profiled: one gray image, a
 32-token prompt, greedy steps. Prints each op type's share of kernel time, each model part's
-(self_attn, mlp, xattn, lm_head, other: from the node names, which follow module paths), and
-the share of each call spent outside any kernel. Shares, not absolute times: the profiler
+(quant.schemes.part_of, from the node names, which follow module paths; "other" for nodes
+of no part), and the share of each call spent outside any kernel. Shares, not absolute times: the profiler
 slows every call alike.
 """
 
@@ -25,12 +25,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PARTS = ("lm_head", "xattn", "self_attn", ".mlp")
-
-
 def main() -> None:
     import onnxruntime as ort
 
+    from agevlm_edge.quant.schemes import part_of
     from agevlm_edge.runtime.session import GenerationConfig, Runtime
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -55,8 +53,7 @@ def main() -> None:
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
             by_op[e["args"]["op_name"]] += e["dur"]
-            part = next((p.strip(".") for p in PARTS if p in e["name"]), "other")
-            by_part[part] += e["dur"]
+            by_part[part_of(e["name"][: -len("_kernel_time")], "decoder") or "other"] += e["dur"]
     kernels = sum(by_op.values())
     print(f"{len(runs)} decoder calls, median {statistics.median(runs) / 1e3:.2f} ms (profiled); "
           f"outside kernels {1 - kernels / sum(runs):.1%} of call time")
