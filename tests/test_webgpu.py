@@ -15,14 +15,23 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_PY = ROOT / ".venv-webgpu" / "bin" / "python"
 
 
+def _need_venv() -> None:
+    if not VENV_PY.is_file():
+        pytest.skip("no .venv-webgpu: run scripts/setup_webgpu.sh (make test does) to install "
+                    "onnxruntime-webgpu and Mesa's software Vulkan")
+
+
+def _close(d: dict, tol: float) -> bool:
+    """A probe comparison {max_abs_diff, ref_abs_max} within tol of the outputs' scale."""
+    return d["max_abs_diff"] <= tol * max(1.0, d["ref_abs_max"])
+
+
 @pytest.fixture(scope="module")
 def mobile_export(tmp_path_factory, small_world):
     from agevlm_edge.data.tokenizer import corpus, train_bpe
     from agevlm_edge.export.onnx_export import export_run
 
-    if not VENV_PY.is_file():
-        pytest.skip("no .venv-webgpu: run scripts/setup_webgpu.sh (make test does) to install "
-                    "onnxruntime-webgpu and Mesa's software Vulkan")
+    _need_venv()
     root = tmp_path_factory.mktemp("webgpu")
     run = _run_dir(root / "run", train_bpe(corpus(small_world), 400), "xattn", head_dim=16)
     export_run(run, root / "export", target="mobile-gpu", xattn_probs=False, n_pairs=2)
@@ -35,13 +44,12 @@ def test_a_hf_vit_tower_runs_on_webgpu_as_on_cpu(tmp_path, small_world):
     from agevlm_edge.export.onnx_export import export_run
     from test_hf_vision import hf_run_dir
 
-    if not VENV_PY.is_file():
-        pytest.skip("no .venv-webgpu: run scripts/setup_webgpu.sh (make test does)")
+    _need_venv()
     export_run(hf_run_dir(tmp_path, "siglip", small_world), tmp_path / "export",
                target="mobile-gpu", xattn_probs=False, n_pairs=2)
     g = _probe(tmp_path / "export")["graphs"]["vision"]
     for out, d in g["outputs"].items():
-        assert d["max_abs_diff"] <= 1e-4 * max(1.0, d["ref_abs_max"]), (out, d)
+        assert _close(d, 1e-4), (out, d)
     placed = list(g["placement"].values())
     assert {ep for op, ep in placed if op in ("Softmax", "MatMul")} == {"WebGpuExecutionProvider"}
     assert {"Softmax", "MatMul"} <= {op for op, _ in placed} and "Attention" not in {op for op, _ in placed}
@@ -74,7 +82,7 @@ def test_mobile_gpu_graphs_run_on_webgpu_and_match_cpu(request, mobile_export, v
     res = _probe(mobile_export if variant == "fp32" else request.getfixturevalue("mobile_fp16"))
     for name, g in res["graphs"].items():
         for out, d in g["outputs"].items():
-            assert d["max_abs_diff"] <= tol * max(1.0, d["ref_abs_max"]), (name, out, d)
+            assert _close(d, tol), (name, out, d)
         heavy = {node: ep for node, (op, ep) in g["placement"].items()
                  if op in ("MatMul", "GroupQueryAttention", "MultiHeadAttention", "Conv")}
         assert heavy and all(ep == "WebGpuExecutionProvider" for ep in heavy.values()), \
@@ -84,7 +92,7 @@ def test_mobile_gpu_graphs_run_on_webgpu_and_match_cpu(request, mobile_export, v
     # flash prefill kernel, see agevlm_edge.runtime.session.Runtime.multi_token_fault), the
     # runtime must have noticed it and prefilled one token per call.
     prefill = res["graphs"]["decoder"]["prefill"]["outputs"]["logits"]
-    if prefill["max_abs_diff"] > tol * max(1.0, prefill["ref_abs_max"]):
+    if not _close(prefill, tol):
         assert res["prefill_fault"], prefill
     # The runtime on WebGPU: the KV cache kept in device memory between steps decodes exactly
     # as the host-memory round trip does, and (fp32) as the CPU provider does.
@@ -106,20 +114,19 @@ def test_concat_mobile_gpu_export_runs_on_webgpu_and_matches_cpu(tmp_path, small
     from agevlm_edge.data.tokenizer import corpus, train_bpe
     from agevlm_edge.export.onnx_export import export_run
 
-    if not VENV_PY.is_file():
-        pytest.skip("no .venv-webgpu: run scripts/setup_webgpu.sh (make test does)")
+    _need_venv()
     run = _run_dir(tmp_path / "run", train_bpe(corpus(small_world), 400), "concat", head_dim=16)
     export_run(run, tmp_path / "export", target="mobile-gpu", n_pairs=2)
     res = _probe(tmp_path / "export")
     for name, g in res["graphs"].items():
         for out, d in g["outputs"].items():
-            assert d["max_abs_diff"] <= 1e-4 * max(1.0, d["ref_abs_max"]), (name, out, d)
+            assert _close(d, 1e-4), (name, out, d)
     placed = res["graphs"]["decoder"]["placement"].values()
     assert {ep for op, ep in placed if op in ("MatMul", "MultiHeadAttention")} == {"WebGpuExecutionProvider"}
     assert "MultiHeadAttention" in {op for op, _ in placed}
     assert res["graphs"]["decoder"]["top1_agreement"] == 1.0
     prefill = res["graphs"]["decoder"]["prefill"]["outputs"]["logits"]
-    if prefill["max_abs_diff"] > 1e-4 * max(1.0, prefill["ref_abs_max"]):
+    if not _close(prefill, 1e-4):
         assert "use --provider cpu" in res["runtime_error"], res.get("runtime_error")
     else:
         gens = res["generations"]
