@@ -290,8 +290,15 @@ def eval_cmd(model_dir, data_dir, suite, split, limit, out_json, bnb) -> None:
               help="DATA DIR for parity pairs and object words (default: the run's own data).")
 @click.option("--pairs", default=20, show_default=True, help="Image/prompt pairs whose greedy "
               "generations must match PyTorch token for token.")
+@click.option("--kv-cache", type=click.Choice(["inplace", "concat"]), default="inplace",
+              show_default=True,
+              help="inplace: self-attention as com.microsoft GroupQueryAttention, whose cache "
+                   "the runtime preallocates and the op appends to in place (needs a fused "
+                   "xattn model with a head size divisible by 16; otherwise the export falls "
+                   "back to concat and its manifest says why); concat: --target cpu's opset-23 "
+                   "Attention, the cache copied into a grown tensor every step.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
-def export_cmd(model_dir, out, target, fuse, xattn_probs, data_dir, pairs, overwrite) -> None:
+def export_cmd(model_dir, out, target, fuse, xattn_probs, data_dir, pairs, kv_cache, overwrite) -> None:
     """Export a RUN DIR to ONNX (vision -> cross K/V; decoder with KV cache) and check parity.
 
     Parity runs right after export: fp32 logits within 1e-4 x max(1, max |logit|) of PyTorch
@@ -301,9 +308,10 @@ def export_cmd(model_dir, out, target, fuse, xattn_probs, data_dir, pairs, overw
     from .export.onnx_export import export_run
 
     r = export_run(model_dir, out, target=target, fused=fuse, xattn_probs=xattn_probs,
-                   data_dir=data_dir, n_pairs=pairs, overwrite=overwrite)
+                   data_dir=data_dir, n_pairs=pairs, overwrite=overwrite, kv_cache=kv_cache)
     p = r["parity"]
     click.echo(f"exported {r['out']} ({r['target']}, {'fused' if r['fused'] else 'unfused'}, "
+               f"{r['kv_cache']} KV cache, "
                f"{r['bytes'] / 1e6:.1f} MB): parity logits max abs diff "
                f"{p['logits_max_abs_diff']:.2e}, greedy generations identical "
                f"{p['generations_identical']}/{p['pairs']}")

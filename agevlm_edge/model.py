@@ -537,7 +537,8 @@ class Decoder(nn.Module):
 
     def forward(self, h, positions, mask, cross_kv, past, impl, need_probs, need_hidden):
         """impl "fused" | "eager" | "gqa" (self-attention in GroupQueryAttention's form,
-        gqa_rotary; cross-attention then runs "mha", MultiHeadAttention's form)."""
+        gqa_rotary; cross-attention then runs "mha", MultiHeadAttention's form, over K/V in
+        its 3-D layout, and "fused" (SDPA, native GQA) over [B,Hkv,N,hd] K/V)."""
         xattn_impl = impl
         if impl == "gqa":
             if self.cfg.arch == "concat":
@@ -547,7 +548,8 @@ class Decoder(nn.Module):
             cos, sin = rope_cache(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta)
             mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill(
                 ~mask, torch.finfo(h.dtype).min)
-            xattn_impl = "mha"
+            mha_layout = any(kv[0].dim() == 3 for kv in (cross_kv or {}).values())
+            xattn_impl = "mha" if mha_layout else "fused"
         else:
             cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         presents, probs, hidden = [], {}, []

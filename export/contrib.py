@@ -1,23 +1,27 @@
-"""com.microsoft contrib ops emitted at export, for the mobile-gpu target.
+"""com.microsoft contrib ops emitted at export (mobile-gpu; the cpu target's in-place cache).
 
 The model's self-attention in its "gqa" form is one custom op (`agevlm::gqa_rotary`,
 agevlm_edge/model.py); here it is translated into onnxruntime's `GroupQueryAttention` (rotary
 fused, grouped K/V read without expansion, the KV cache appended inside the op), through the
-dynamo exporter's custom translation table:
+dynamo exporter's custom translation table. Both targets emit it (cpu with `--kv-cache
+inplace`, the default): when the runtime binds one buffer [B,Hkv,capacity,hd] as past and
+present, onnxruntime's CPU kernel writes the step's K/V into it at slot P (seqlens_k + 1 - T)
+instead of copying the cache, which is what the cpu target uses it for:
 
     query, key, value [B,T,H*hd]  past_key/value [B,Hkv,P,hd]  attention_bias [B,1,T,P+T]
     seqlens_k = P+T-1 per row (int32), total_sequence_length = P+T, cos/sin_cache
       -> output [B,T,Hq*hd], present_key/value [B,Hkv,P+T,hd]
 
+(In place: past and present are one buffer [B,Hkv,C,hd], C >= P+T, its slots past P+T unread.)
 Every row counts all P+T cache slots as its own; the padding mask lives in attention_bias.
-Its cross-attention (`agevlm::cross_mha`) becomes one `MultiHeadAttention` (scale given:
+On mobile-gpu its cross-attention (`agevlm::cross_mha`) becomes one `MultiHeadAttention` (scale given:
 query and key carry zero padding per head, model.XATTN_QK_PAD, which keeps the kernel off the
 flash-attention path that gave wrong results for multi-token queries on WebGPU here):
 
     query [B,T,Hq*(hd+4)], key [B,N,Hq*(hd+4)], value [B,N,Hq*hd] -> output [B,T,Hq*hd]
 
-Models it does not fit (`gqa_unfit`: concat, head sizes not divisible by 16) keep SDPA, which
-export.fusion rewrites into MultiHeadAttention.
+Models it does not fit (`gqa_unfit`: concat, head sizes not divisible by 16) keep SDPA: opset-23
+Attention on cpu, rewritten into MultiHeadAttention by export.fusion on mobile-gpu.
 onnxruntime's CPU kernel refuses a multi-token step over a non-empty past at batch > 1; the
 runtime never makes one (prefill starts from an empty past, decode steps are one token).
 onnxscript builds ops from their ONNX schemas, and the onnx package knows no contrib schemas:

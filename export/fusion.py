@@ -1,8 +1,10 @@
 """Attention and normalisation fusion per target, and the mobile artifacts.
 
 cpu: the dynamo exporter at opset 23 already emits the fused forms this target wants:
-SDPA becomes the standard `Attention` op (GQA natively; self-attention always, cross-attention
-when exported without its probabilities, which need the unfused chain) and
+SDPA becomes the standard `Attention` op (GQA natively; cross-attention when exported without
+its probabilities, which need the unfused chain; self-attention with `--kv-cache concat` or
+where GroupQueryAttention does not fit, else com.microsoft `GroupQueryAttention` from
+export.contrib, for the runtime's in-place cache) and
 its onnxscript optimizer fuses our RMSNorm and HF-style rotary into `RMSNormalization` and
 `RotaryEmbedding` (model.apply_rope is written in the form that rule matches). Here we only
 count them, so a model change that silently breaks a fusion shows up in the manifest and in
@@ -127,8 +129,8 @@ def apply_target(out_dir: Path, target: str, fused: bool) -> dict:
     """Rewrite the graphs in ``out_dir`` for ``target``; returns what was done, for the manifest."""
     if target == "cpu":
         ops = op_counts(out_dir / "decoder.onnx")
-        return {"decoder": {k: ops.get(k, 0) for k in ("Attention", "RMSNormalization",
-                                                       "RotaryEmbedding")}}
+        return {"decoder": {k: ops.get(k, 0) for k in ("Attention", "com.microsoft.GroupQueryAttention",
+                                                       "RMSNormalization", "RotaryEmbedding")}}
     done: dict = {"fusions": {}, "usability": {}}
     for name in GRAPHS:
         done["fusions"][name] = ort_fuse(out_dir / f"{name}.onnx", attention=name == "decoder")

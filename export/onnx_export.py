@@ -4,7 +4,8 @@
       1. torch.onnx.export(dynamo=True) of export.graphs.VisionGraph and DecoderGraph
          (fused: opset 23, SDPA -> Attention and the exporter's RMSNormalization /
          RotaryEmbedding fusions; unfused: opset 18, the MatMul/Softmax chain);
-      2. per-target rewrites (export.fusion: cpu keeps opset-23 Attention; mobile-gpu is
+      2. per-target rewrites (export.fusion: cpu keeps opset-23 Attention, self-attention
+         GroupQueryAttention for the in-place cache (--kv-cache inplace); mobile-gpu is
          exported at opset 18 with com.microsoft GroupQueryAttention (export.contrib) and
          rewritten to the contrib norms etc., plus ORT-format files and the mobile usability
          verdicts);
@@ -37,6 +38,10 @@ from .fusion import apply_target, op_counts, target_opset
 from .graphs import DecoderGraph, VisionGraph, layer_names
 
 TARGETS = ("cpu", "mobile-gpu")
+# "inplace": self-attention as GroupQueryAttention, whose cache the runtime preallocates and
+# the op appends to in place (past and present bound to one buffer); "concat": the cpu
+# target's opset-23 Attention, the cache growing by a copy every step.
+KV_CACHES = ("inplace", "concat")
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, opset: int, input_names: list[str],
@@ -58,12 +63,16 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, opset: int, input_
 
 
 def export_graphs(model, out_dir: Path, fused: bool = True, xattn_probs: bool = False,
-                  naive_kv: bool = False, opset: int | None = None, gqa: bool = False) -> dict:
+                  naive_kv: bool = False, opset: int | None = None, gqa: bool = False,
+                  mha_cross: bool = False) -> dict:
     """Write vision.onnx and decoder.onnx for ``model`` (eval mode, fp32) into ``out_dir``.
 
     ``fused`` picks the attention path (SDPA or the eager chain); the opset defaults to 23
     for fused (SDPA -> Attention) and 18 otherwise. ``gqa``: the self-attention becomes
-    com.microsoft GroupQueryAttention with fused rotary (export.contrib; mobile-gpu).
+    com.microsoft GroupQueryAttention with fused rotary (export.contrib), whose cache the
+    runtime can update in place. ``mha_cross`` (with ``gqa``; mobile-gpu): the cross-attention
+    becomes com.microsoft MultiHeadAttention over K/V that vision.onnx emits in its layout;
+    otherwise it stays SDPA (opset-23 Attention, native GQA, on the cpu target).
     """
     from torch.export import Dim
 
@@ -77,7 +86,8 @@ def export_graphs(model, out_dir: Path, fused: bool = True, xattn_probs: bool = 
     naive_kv = naive_kv and cfg.arch == "xattn"
     # MultiHeadAttention's K/V layout straight from vision.onnx: expanded and padded once per
     # image instead of in every decode step.
-    kv_layout = "mha" if gqa and not xattn_probs and cfg.arch == "xattn" and not naive_kv else "bhnd"
+    mha_cross = mha_cross and gqa and not xattn_probs and cfg.arch == "xattn" and not naive_kv
+    kv_layout = "mha" if mha_cross else "bhnd"
     vision = VisionGraph(model, naive_kv, kv_layout).eval()
     with torch.no_grad():
         vis = vision(pixels)
@@ -105,7 +115,8 @@ def export_graphs(model, out_dir: Path, fused: bool = True, xattn_probs: bool = 
             "cross_kv_layout": kv_layout if cfg.arch == "xattn" and not naive_kv else None,
             "cross_attention": "none (concat)" if cfg.arch == "concat" else
             "MatMul/Softmax (probabilities exported)" if xattn_probs else
-            "MultiHeadAttention (query and key zero-padded per head)" if gqa else impl}
+            "MultiHeadAttention (query and key zero-padded per head)" if mha_cross else
+            "fused" if gqa else impl}
 
 
 def module_path(node) -> str:
@@ -176,8 +187,13 @@ def write_manifest(out_dir: Path, man: dict) -> dict:
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str = "cpu",
                fused: bool = True, xattn_probs: bool = True, data_dir: str | os.PathLike | None = None,
-               n_pairs: int = 20, overwrite: bool = False, naive_kv: bool = False) -> dict:
-    """Export a RUN DIR for ``target``, check parity, and write the EXPORT DIR atomically."""
+               n_pairs: int = 20, overwrite: bool = False, naive_kv: bool = False,
+               kv_cache: str = "inplace") -> dict:
+    """Export a RUN DIR for ``target``, check parity, and write the EXPORT DIR atomically.
+
+    ``kv_cache`` (KV_CACHES): "inplace" where the model fits GroupQueryAttention (fused, arch
+    xattn, head size divisible by 16; else the export falls back to "concat" and says why in
+    the manifest's self_attention); mobile-gpu is always "inplace" where it fits."""
     from agevlm_edge.checkpoint import load_model_files
 
     from .parity import check_ort_parity, check_parity
@@ -188,6 +204,11 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str =
     check_out(out, [("RUN DIR", run_dir)], overwrite)
     if data_dir is not None and not (Path(data_dir) / "dataset.json").is_file():
         raise BadInput(f"--data {data_dir} is not a DATA DIR (no dataset.json)")
+    if kv_cache not in KV_CACHES:
+        raise BadInput(f"unknown --kv-cache {kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
+    if target == "mobile-gpu" and kv_cache == "concat":
+        raise BadInput("--target mobile-gpu always runs self-attention as GroupQueryAttention "
+                       "(what its runtimes take); drop --kv-cache concat or use --target cpu")
     if target == "mobile-gpu" and not fused:
         raise BadInput("--target mobile-gpu always fuses attention (its runtimes need the "
                        "contrib ops); drop --no-fuse or use --target cpu")
@@ -197,11 +218,14 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str =
     data = data if data is not None and (data / "dataset.json").is_file() else None
     t0 = time.perf_counter()
     with staged_dir(out, overwrite=overwrite) as tmp:
-        no_gqa = gqa_unfit(model.cfg) if target == "mobile-gpu" else "cpu target"
+        no_gqa = ("--kv-cache concat" if kv_cache == "concat" else
+                  "unfused export" if not fused else gqa_unfit(model.cfg))
         info = export_graphs(model, tmp, fused=fused, xattn_probs=xattn_probs, naive_kv=naive_kv,
-                             opset=target_opset(target, fused), gqa=no_gqa is None)
-        if target == "mobile-gpu" and no_gqa:
-            info["self_attention"] = f"MultiHeadAttention (not GroupQueryAttention: {no_gqa})"
+                             opset=target_opset(target, fused), gqa=no_gqa is None,
+                             mha_cross=target == "mobile-gpu")
+        if no_gqa and kv_cache == "inplace" and fused:
+            info["self_attention"] = (f"{'MultiHeadAttention' if target == 'mobile-gpu' else 'Attention'}"
+                                      f" (not GroupQueryAttention: {no_gqa}; cache by concat)")
         rewrites = apply_target(tmp, target, fused)
         for name in ("tokenizer.json", "preprocessor.json"):
             shutil.copyfile(run_dir / name, tmp / name)
@@ -209,7 +233,9 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str =
                "created_by": f"agevlm-edge {__version__}", "target": target, "fused": fused,
                "opset": info["opset"], "self_attention": info["self_attention"],
                "cross_attention": info["cross_attention"],
-               "cross_kv_layout": info["cross_kv_layout"], "precision": "fp32", "scheme": {"name": "fp32"},
+               "cross_kv_layout": info["cross_kv_layout"],
+               "kv_cache": "concat" if no_gqa else "inplace",
+               "precision": "fp32", "scheme": {"name": "fp32"},
                "model": model.cfg.to_dict(), "xattn_probs": xattn_probs,
                "naive_kv": naive_kv and model.cfg.arch == "xattn",
                "object_words": object_words(data), "rewrites": rewrites,
@@ -228,6 +254,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str =
                               "no export was written")
     size = sum(p.stat().st_size for p in Path(out).iterdir())
     return {"out": str(out), "target": target, "fused": fused, "bytes": size,
+            "kv_cache": man["kv_cache"],
             "parity": {k: parity[k] for k in ("logits_max_abs_diff", "generations_identical",
                                               "pairs")},
             "ops": man["graphs"]["decoder"]["ops"]}

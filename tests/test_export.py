@@ -61,6 +61,7 @@ def exported(tmp_path_factory, runs, small_world):
     out = {}
     for name, run, kw in (("xattn", runs["xattn"], {}), ("concat", runs["concat"], {}),
                           ("unfused", runs["xattn"], {"fused": False, "xattn_probs": False}),
+                          ("inplace", runs["xattn16"], {"xattn_probs": False}),
                           ("mobile", runs["xattn16"], {"target": "mobile-gpu", "xattn_probs": False}),
                           ("mobile8", runs["xattn"], {"target": "mobile-gpu", "xattn_probs": False})):
         export_run(run, root / name, data_dir=small_world, **kw)
@@ -245,6 +246,8 @@ def test_export_refuses_to_replace_its_run_dir_and_bad_flags(runs, tmp_path):
         export_run(runs["xattn"], tmp_path / "e", data_dir=tmp_path)
     with pytest.raises(BadInput, match="mobile-gpu always fuses"):
         export_run(runs["xattn"], tmp_path / "e", target="mobile-gpu", fused=False)
+    with pytest.raises(BadInput, match="unknown --kv-cache"):
+        export_run(runs["xattn"], tmp_path / "e", kv_cache="ring")
     assert (runs["xattn"] / "model.safetensors").is_file()
 
 
@@ -255,6 +258,10 @@ def test_export_cli_bad_inputs(tmp_path, runs):
     (tmp_path / "busy" / "f").write_text("x")
     assert_one_line_error(run_cli("export", "--model", runs["xattn"], "--out", tmp_path / "busy"),
                           "already exists")
+    assert_one_line_error(run_cli("export", "--model", runs["xattn16"], "--out", tmp_path / "m",
+                                  "--target", "mobile-gpu", "--kv-cache", "concat"),
+                          "always runs self-attention as GroupQueryAttention")
+    assert not (tmp_path / "m").exists()
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -406,6 +413,56 @@ def test_prefill_one_token_per_call_matches_one_call(exported, small_world, expo
         a, b = past[name].numpy(), past2[name].numpy()
         assert np.abs(a - b).transpose(0, 2, 1, 3)[real].max() <= 1e-4 * max(1.0, np.abs(a).max())
     assert rt.generate(state, seqs, GenerationConfig(max_new_tokens=8)).ids == gen
+
+
+def test_inplace_cache_export_and_its_ops(exported):
+    """cpu, head size 16: self-attention as GroupQueryAttention (rotary inside) over a cache the
+    runtime updates in place, cross-attention opset-23 Attention (native GQA, K/V [B,Hkv,N,hd]);
+    head size 8 falls back to Attention with a grown cache, and the manifest says why."""
+    man = _manifest(exported["inplace"])
+    ops, n_layers = man["graphs"]["decoder"]["ops"], man["model"]["n_layers"]
+    n_cross = sum(i["name"].startswith("cross_key_") for i in man["graphs"]["decoder"]["inputs"])
+    assert man["kv_cache"] == "inplace" and man["self_attention"] == "GroupQueryAttention"
+    assert man["opset"] == 23 and man["cross_kv_layout"] == "bhnd" and man["parity"]["passed"]
+    assert ops["com.microsoft.GroupQueryAttention"] == n_layers and ops["Attention"] == n_cross
+    assert "RotaryEmbedding" not in ops and "Softmax" not in ops
+    assert _manifest(exported["mobile"])["kv_cache"] == "inplace"
+    fallback = _manifest(exported["xattn"])
+    assert fallback["kv_cache"] == "concat" and "divisible by 16, not 8" in fallback["self_attention"]
+    assert _manifest(exported["unfused"])["kv_cache"] == "concat"
+
+
+@pytest.mark.parametrize("export", ["inplace", "mobile"])
+def test_inplace_cache_matches_the_grown_copy(exported, small_world, export):
+    """The preallocated cache the decoder appends to in place gives the logits and generations
+    of the cache copied into a grown tensor every step, on a left-padded batch, when it has to
+    grow mid-decode too; where it has room, a step returns the very buffers it was given."""
+    from agevlm_edge.runtime import GenerationConfig, Runtime
+
+    rt, ref = Runtime(exported[export]), Runtime(exported[export], kv_inplace=False)
+    assert rt.kv_inplace and not ref.kv_inplace
+    imgs = [rt.load_image(p) for p in sorted((small_world / "images" / "test").iterdir())[:2]]
+    state = rt.encode_images(imgs)
+    seqs = [rt.prompt_ids("Caption:"), rt.prompt_ids("Is there a red cube left of a blue ball?")]
+    T = max(map(len, seqs))
+    outs = []
+    for r, reserve in ((rt, T + 3), (ref, 0)):
+        ids, keys, logits, past, _ = r.prefill(state, seqs, want_probs=False, reserve=reserve)
+        steps = [logits[:, -1]]
+        for t in range(6):                 # the in-place cache grows at the 4th step
+            keys = np.concatenate([keys, np.ones((2, 1), np.int64)], 1)
+            before = dict(past)
+            logits, past, _ = r.step(logits[:, -1].argmax(-1)[:, None], keys, past, state,
+                                     prefill=False, want_probs=False)
+            steps.append(logits[:, -1])
+            if r is rt:
+                cap = past["past_key_0"].shape()[2]
+                assert cap == (T + 3 if t < 3 else 2 * (T + 3))
+                assert all(past[n] is before[n] for n in past) == (t != 3)   # grown once
+        outs.append(np.stack(steps))
+    assert np.abs(outs[0] - outs[1]).max() <= 1e-4 * max(1.0, np.abs(outs[1]).max())
+    cfg = GenerationConfig(max_new_tokens=10)
+    assert rt.generate(state, seqs, cfg).ids == ref.generate(state, seqs, cfg).ids
 
 
 def test_eval_on_the_export_matches_torch(exported, runs, small_world):

@@ -64,7 +64,7 @@ def measure_runtime(rt, prompt_len: int = 32, new_tokens: int = 64, repeats: int
     for _ in range(repeats + 1):                       # the first run warms up, not counted
         t0 = time.perf_counter()
         state = rt.encode_images([image])
-        _, mask, logits, past, _ = rt.prefill(state, prompt)
+        _, mask, logits, past, _ = rt.prefill(state, prompt, reserve=prompt_len + new_tokens + 1)
         ttft.append(time.perf_counter() - t0)
         box = {"past": past, "mask": mask}
 

@@ -2,9 +2,11 @@
 
 An image goes through vision.onnx once: its cross-attention K/V (or, for concat, its image
 embeddings) are kept as an ``ImageState`` and fed to every decoder step of every question
-asked about it. The decoder graph returns the grown self-attention cache, which is fed back
-as OrtValues bound to the next step (on the CPU provider, no copy back to numpy between
-steps).
+asked about it. The self-attention cache lives in OrtValues bound from step to step (no copy
+back to numpy). Exports whose self-attention is GroupQueryAttention (manifest "kv_cache":
+"inplace") get, on the CPU provider, a preallocated cache that each step's op appends to in
+place: past and present are bound to one buffer [B, Hkv, capacity, hd], where other exports
+copy the whole cache into a grown tensor every step.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
 # Providers with device memory that onnxruntime's python binding can bind outputs to: the KV
 # cache stays there between decode steps instead of a round trip through host memory.
 DEVICE_MEMORY = {"cuda": "cuda", "webgpu": "webgpu"}
+# Providers whose GroupQueryAttention runs on onnxruntime's CPU kernel, which appends in place
+# when past and present share a buffer (checked against the growing cache in tests).
+INPLACE_KV = ("cpu", "xnnpack")
 
 
 @dataclass(frozen=True)
@@ -115,11 +120,14 @@ class Runtime:
 
     def __init__(self, export_dir: str | os.PathLike, provider: str = "cpu",
                  threads: int | None = None, verify: bool = True, graph_format: str = "onnx",
-                 kv_on_device: bool = True):
+                 kv_on_device: bool = True, kv_inplace: bool = True):
         """``graph_format``: "onnx" (vision.onnx, decoder.onnx) or "ort" (the ORT-format
         copies a mobile-gpu export ships for onnxruntime's mobile builds). ``kv_on_device``:
         on cuda / webgpu, keep the KV cache in device memory between steps (False: bind it
-        to host memory, the baseline benchmarks/bench_kv_binding.py compares with)."""
+        to host memory, the baseline benchmarks/bench_kv_binding.py compares with).
+        ``kv_inplace``: on cpu / xnnpack, for an export with "kv_cache": "inplace", keep the
+        cache in a preallocated buffer the decoder appends to (False: a grown copy per step,
+        the baseline benchmarks/bench_decode.py compares with)."""
         import onnxruntime as ort
 
         self.dir = Path(export_dir)
@@ -163,6 +171,8 @@ class Runtime:
         providers = [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
         self.provider = provider
         self.kv_device = DEVICE_MEMORY.get(provider) if kv_on_device else None
+        self.kv_inplace = (kv_inplace and provider in INPLACE_KV
+                           and self.manifest.get("kv_cache") == "inplace")
         self.graph_format = graph_format
         try:
             self.vision = ort.InferenceSession(str(files[0]), opts, providers=providers)
@@ -205,19 +215,46 @@ class Runtime:
         z = np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
         return {f"past_{kv}_{l}": z for l in range(self.n_layers) for kv in ("key", "value")}
 
-    def prefill(self, image: ImageState, prompts: Sequence[Sequence[int]], want_probs: bool = True
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict, dict]:
+    def _reserve(self, past: dict, keys: int) -> dict:
+        """In-place cache buffers that hold at least ``keys`` positions: ``past`` itself
+        when they do, else new ones (twice the old capacity, at least ``keys``; the max
+        context at most) holding past's positions."""
+        import onnxruntime as ort
+
+        first = next(iter(past.values()))
+        cap = first.shape()[2] if isinstance(first, ort.OrtValue) else first.shape[2]
+        if keys <= cap and isinstance(first, ort.OrtValue):
+            return past
+        new_cap = max(keys, min(2 * cap, self.max_seq_len))
+        out = {}
+        for name, v in past.items():
+            old = v.numpy() if isinstance(v, ort.OrtValue) else v
+            buf = np.zeros(old.shape[:2] + (new_cap,) + old.shape[3:], np.float32)
+            buf[:, :, :cap] = old
+            # memory onnxruntime owns: an OrtValue made from a numpy array only borrows it,
+            # and the OrtValues io_binding.get_outputs() returns for it do not keep it alive
+            # (measured: logits 36 off once the array was freed and reused)
+            out[name] = ort.OrtValue.ortvalue_from_shape_and_type(buf.shape, np.float32, "cpu")
+            out[name].update_inplace(buf)
+        return out
+
+    def prefill(self, image: ImageState, prompts: Sequence[Sequence[int]], want_probs: bool = True,
+                reserve: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict, dict]:
         """B prompts (token ids, left-padded here) after their images, from an empty cache.
 
         Returns (ids [B,T], key mask [B, image rows + T] with 1 = real (what decode steps
         extend), logits, presents, probs). One decoder call, or one per token where this
-        provider's multi-token attention was found faulty (``prefill_fault``).
+        provider's multi-token attention was found faulty (``prefill_fault``). ``reserve``:
+        positions an in-place cache is allocated for (the prompt's and the tokens to come),
+        so that decode steps do not have to grow it.
         """
         ids, keys = self.prefill_inputs(image, prompts)
         if self.prefill_fault:
             return (ids, keys) + self._one_token_steps(ids, keys, image, want_probs)
-        logits, past, probs = self.step(ids, keys, self._empty_past(len(prompts)), image,
-                                        prefill=True, want_probs=want_probs)
+        past = self._empty_past(len(prompts))
+        if self.kv_inplace:
+            past = self._reserve(past, max(reserve, keys.shape[1]))
+        logits, past, probs = self.step(ids, keys, past, image, prefill=True, want_probs=want_probs)
         return ids, keys, logits, past, probs
 
     def _one_token_steps(self, ids: np.ndarray, keys: np.ndarray, image: ImageState,
@@ -226,6 +263,8 @@ class Runtime:
         first): (logits [B,T,V], presents, probs with T concatenated), as one call gives them."""
         n_img = keys.shape[1] - ids.shape[1]
         past, steps = self._empty_past(len(ids)), []
+        if self.kv_inplace:                  # the capacity one call would have allocated
+            past = self._reserve(past, keys.shape[1])
         for t in range(ids.shape[1]):
             logits, past, probs = self.step(ids[:, t:t + 1], keys[:, :n_img + t + 1], past, image,
                                             prefill=t == 0, want_probs=want_probs)
@@ -286,9 +325,14 @@ class Runtime:
         """(logits [B,T,V], presents as OrtValues by past name, probs by layer) for one call.
 
         The presents stay onnxruntime values bound to the next call: no copy through numpy,
-        and on cuda / webgpu they stay in device memory (``kv_on_device``). Logits and
-        probabilities come back to host memory; probabilities only when ``want_probs``.
+        and on cuda / webgpu they stay in device memory (``kv_on_device``). With an in-place
+        cache (``kv_inplace``) the presents are past's buffers, written in place (grown
+        first if ``mask`` outgrows them): a past is used up by the step that extends it.
+        Logits and probabilities come back to host memory; probabilities only when
+        ``want_probs``.
         """
+        if self.kv_inplace:
+            past = self._reserve(past, mask.shape[1])
         feeds = self.decoder_feeds(ids, mask, past, image, prefill)
         binding = self.decoder.io_binding()
         for k, v in feeds.items():
@@ -297,14 +341,17 @@ class Runtime:
             else:
                 binding.bind_ortvalue_input(k, v)
         for o in self.decoder.get_outputs():
-            if self.kv_device and o.name.startswith("present_"):
+            if self.kv_inplace and o.name.startswith("present_"):
+                binding.bind_ortvalue_output(o.name, past[o.name.replace("present_", "past_")])
+            elif self.kv_device and o.name.startswith("present_"):
                 binding.bind_output(o.name, self.kv_device)
             else:
                 binding.bind_output(o.name)
         self.decoder.run_with_iobinding(binding)
         outs = dict(zip([o.name for o in self.decoder.get_outputs()], binding.get_outputs()))
         logits = outs["logits"].numpy()
-        presents = {n.replace("present_", "past_"): outs[n] for n in self.present_names}
+        presents = past if self.kv_inplace else \
+            {n.replace("present_", "past_"): outs[n] for n in self.present_names}
         probs = {int(n.rsplit("_", 1)[1]): outs[n].numpy() for n in self.prob_names} if want_probs else {}
         return logits, presents, probs
 
@@ -364,7 +411,10 @@ class Runtime:
         self._check_length(max(len(p) for p in prompts), cfg.max_new_tokens)
         rng = np.random.default_rng(cfg.seed)
         stops = {self.eos_id, *cfg.stop_ids}
-        _, full_mask, logits, past, probs = self.prefill(image, prompts, want_probs=False)
+        # room for the prompt, the new tokens and the extra step that maps may take
+        reserve = max(len(p) for p in prompts) + cfg.max_new_tokens + 1
+        _, full_mask, logits, past, probs = self.prefill(image, prompts, want_probs=False,
+                                                         reserve=min(reserve, self.max_seq_len))
         done = np.zeros(B, bool)
         out: list[list[int]] = [[] for _ in range(B)]
         maps: list[list] = [[] for _ in range(B)]
