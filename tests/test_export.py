@@ -508,3 +508,26 @@ def test_infer_cli_streams_answers_and_writes_a_heatmap(exported, small_world, t
                    "--heatmap", heat)
     assert_one_line_error(proc, "no cross-attention probabilities")
     assert proc.stdout == ""                                     # refused before any output
+
+
+def test_infer_says_on_stderr_when_it_prefills_token_by_token(exported, small_world, monkeypatch,
+                                                               capsys):
+    """Where a GPU provider's multi-token attention was found faulty, infer notes on stderr
+    (once) that prompts go one token per call, and answers as without the fallback. The
+    provider is a CPU session under the name "webgpu" with a fault forced by the test."""
+    from agevlm_edge.runtime import GenerationConfig, session
+    from agevlm_edge.runtime.infer import run_infer
+
+    img = next((small_world / "images" / "test").iterdir())
+    prompts = ["Caption:", "Question: Is there a circle in the image? Answer:"]
+    gen = GenerationConfig(max_new_tokens=6)
+    plain = run_infer(exported["xattn"], img, prompts, gen, write=lambda s: None)
+    assert "note:" not in capsys.readouterr().err
+    monkeypatch.setitem(session.PROVIDERS, "webgpu", "CPUExecutionProvider")
+    monkeypatch.setitem(session.DEVICE_MEMORY, "webgpu", None)
+    monkeypatch.setattr(session.Runtime, "multi_token_fault", lambda self: "forced by the test")
+    assert run_infer(exported["xattn"], img, prompts, gen, provider="webgpu",
+                     write=lambda s: None) == plain
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("note: webgpu's multi-token attention is off")
+    assert "forced by the test" in err[0] and "one token per call" in err[0]
