@@ -5,8 +5,9 @@
 Builds the smol VLM (SmolLM2-135M + 8 cross-attention blocks, gates opened to 0.1 so the
 image path is live) at 64 and 576 image tokens, exports it (agevlm export, parity checked),
 and measures with one protocol (one image, a 32-token prompt, median per-token latency of
-greedy steps, median of --repeats runs after a warm-up; the ONNX exports one process each,
-round-robin over --rounds rounds, median across rounds):
+greedy steps, median of --repeats runs after a warm-up; every row, the peers included, in a
+process of its own, round-robin over --rounds rounds, median across rounds, so that a shared
+machine's drifting load hits every row alike):
 
     PyTorch eager fp32 | ONNX fp32 unfused (opset 18) | ONNX fused (GroupQueryAttention
     self-attention over an in-place cache, opset-23 Attention cross-attention ...)
@@ -80,18 +81,25 @@ def torch_eager(run: Path, prompt_len: int, new_tokens: int, repeats: int) -> di
     return torch_decode_speed(model, tok, pre, prompt_len, new_tokens, repeats, attn_impl="eager")
 
 
-def optimum_peer(lm_dir: Path, work: Path, prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    """optimum-onnx's export of the same SmolLM2 weights (text only), same protocol."""
-    import onnxruntime as ort
+def optimum_export(lm_dir: Path, work: Path) -> Path:
+    """optimum-onnx's export of the SmolLM2 weights as a plain LlamaForCausalLM (once)."""
     from optimum.exporters.onnx import main_export
-
-    from agevlm_edge.data.tokenizer import load_tokenizer
-    from agevlm_edge.runtime.bench import decode_loop, prompt_of
 
     out = work / "optimum-smollm2"
     if not (out / "model.onnx").is_file():
         main_export(str(lm_dir), str(out), task="text-generation-with-past", device="cpu",
                     no_post_process=False)
+    return out
+
+
+def optimum_peer(lm_dir: Path, work: Path, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    """optimum-onnx's export of the same SmolLM2 weights (text only), same protocol."""
+    import onnxruntime as ort
+
+    from agevlm_edge.data.tokenizer import load_tokenizer
+    from agevlm_edge.runtime.bench import decode_loop, prompt_of
+
+    out = optimum_export(lm_dir, work)
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     cfg = json.loads((lm_dir / "config.json").read_text())
@@ -228,7 +236,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="round-robin rounds over the exports")
     ap.add_argument("--skip-optimum", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--peer", choices=sorted(PEERS), default=None,
+                    help="(internal: one round-robin turn) measure this peer only, print JSON")
     a = ap.parse_args()
+    kw = dict(prompt_len=a.prompt_len, new_tokens=a.new_tokens, repeats=a.repeats)
+    if a.peer:
+        print(json.dumps(PEERS[a.peer](a.lm_dir, a.work, **kw)))
+        return
     work = a.work or Path(tempfile.mkdtemp(prefix="bench-decode-"))
     work.mkdir(parents=True, exist_ok=True)
     lm = a.lm_dir
@@ -238,7 +252,7 @@ def main() -> None:
         lm = work / "smolhf"
         if not (lm / "config.json").is_file():
             print(import_gguf(lm), flush=True)
-    from agevlm_edge.runtime.bench import bench_dirs, format_table
+    from agevlm_edge.runtime.bench import format_table, measure_command, round_robin
 
     print(f"[bench] building and exporting under {work}", flush=True)
     run64, run576 = smol_run_dir(lm, work / "run-64", 64), smol_run_dir(lm, work / "run-576", 192)
@@ -259,23 +273,28 @@ def main() -> None:
     exports["w4a8-concat-64"] = quantized(
         export(smol_run_dir(lm, work / "run-64-concat", 64, arch="concat"), work / "concat-64"),
         work / "w4a8-concat-64", "int4")
-    kw = dict(prompt_len=a.prompt_len, new_tokens=a.new_tokens, repeats=a.repeats)
-    print("[bench] measuring the ONNX exports (one process each)", flush=True)
-    rows = bench_dirs(list(exports.values()), rounds=a.rounds, **kw)
-    by = {name: r for name, r in zip(exports, rows)}
-    print("[bench] measuring PyTorch eager", flush=True)
-    eager = torch_eager(run576, **kw)
-    peers = {}
+    peer_names = {"eager": None}
     if not a.skip_optimum:
-        print("[bench] measuring optimum-onnx's export of the same LM", flush=True)
-        peers["optimum-onnx (text only)"] = optimum_peer(lm, work, **kw)
+        optimum_export(lm, work)
+        peer_names["optimum"] = "optimum-onnx (text only)"
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         print("[bench] llama-cpp-python is not installed: no llama.cpp peer", flush=True)
     else:
-        print("[bench] measuring llama.cpp on the SmolLM2 Q4_1 GGUF", flush=True)
-        peers["llama.cpp Q4_1 (text only)"] = llama_cpp_peer(lm, **kw)
+        peer_names["llama.cpp"] = "llama.cpp Q4_1 (text only)"
+    flags = [f for k, v in kw.items() for f in (f"--{k.replace('_', '-')}", str(v))]
+    commands = {name: measure_command(d, **kw) for name, d in exports.items()}
+    commands.update({f"peer:{p}": [sys.executable, __file__, "--peer", p, "--lm-dir", str(lm),
+                                   "--work", str(work)] + flags for p in peer_names})
+    print(f"[bench] measuring {len(exports)} exports and {len(peer_names)} peers (PyTorch eager, "
+          f"{', '.join(p for p in peer_names if p != 'eager') or 'no others'}), one process "
+          f"each, {a.rounds} round-robin rounds", flush=True)
+    measured = round_robin(commands, a.rounds)
+    by = {name: measured[name] for name in exports}
+    rows = list(by.values())
+    eager = measured["peer:eager"]
+    peers = {label: measured[f"peer:{p}"] for p, label in peer_names.items() if label}
     import os
 
     bw1 = read_bandwidth_gbs(1)
@@ -336,6 +355,11 @@ def main() -> None:
                                       "bytes_per_token": bpt,
                                       "targets": [{"name": n, "value": v, "target": t}
                                                   for n, v, t in targets]}, indent=2))
+
+
+PEERS = {"eager": lambda lm, work, **kw: torch_eager(work / "run-576", **kw),
+         "optimum": optimum_peer,
+         "llama.cpp": lambda lm, work, **kw: llama_cpp_peer(lm, **kw)}
 
 
 if __name__ == "__main__":

@@ -105,27 +105,39 @@ def bench_dirs(dirs: list[str | os.PathLike], rounds: int = 3, **kw) -> list[dic
     for d in dirs:
         if not (Path(d) / "manifest.json").is_file():
             raise BadInput(f"{d} is not an EXPORT DIR (no manifest.json); make one with `agevlm export`")
-    runs: dict[str, list[dict]] = {str(d): [] for d in dirs}
+    return list(round_robin({str(d): measure_command(d, **kw) for d in dirs}, rounds).values())
+
+
+def measure_command(export_dir: str | os.PathLike, **kw) -> list[str]:
+    """The command line that runs ``measure`` on one EXPORT DIR in a fresh process (its
+    keyword arguments as flags) and prints the figures as one JSON line."""
+    flags = [a for k, v in kw.items() if v is not None for a in (f"--{k.replace('_', '-')}", str(v))]
+    return [sys.executable, "-m", "agevlm_edge.runtime.bench", str(export_dir)] + flags
+
+
+def round_robin(commands: dict[str, list[str]], rounds: int = 3) -> dict[str, dict]:
+    """Run every command (each prints its figures as one JSON line, last) once per round, in
+    turn, for ``rounds`` rounds; per name, the first round's row with the medians of
+    ttft_ms and decode_ms_per_token across rounds (decode_tokens_per_s from that median) and
+    the largest peak_rss_mb."""
+    runs: dict[str, list[dict]] = {name: [] for name in commands}
     for _ in range(max(1, rounds)):
-        for d in dirs:
-            args = [sys.executable, "-m", "agevlm_edge.runtime.bench", str(d)]
-            for k, v in kw.items():
-                if v is not None:
-                    args += [f"--{k.replace('_', '-')}", str(v)]
+        for name, args in commands.items():
             proc = subprocess.run(args, capture_output=True, text=True)
             if proc.returncode:
                 last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                raise BadInput(f"benchmarking {d} failed: {last}")
-            runs[str(d)].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    out = []
-    for d, rs in runs.items():
+                raise BadInput(f"benchmarking {name} failed: {last}")
+            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    out = {}
+    for name, rs in runs.items():
         row = dict(rs[0])
         for k in ("ttft_ms", "decode_ms_per_token"):
             row[k] = statistics.median(r[k] for r in rs)
         row["decode_tokens_per_s"] = 1e3 / row["decode_ms_per_token"]
-        row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rs)
+        if "peak_rss_mb" in row:
+            row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rs)
         row["rounds"] = len(rs)
-        out.append(row)
+        out[name] = row
     return out
 
 
