@@ -233,7 +233,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per process")
-    ap.add_argument("--rounds", type=int, default=3, help="round-robin rounds over the exports")
+    ap.add_argument("--rounds", type=int, default=3, help="round-robin rounds over the exports and peers")
     ap.add_argument("--skip-optimum", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--peer", choices=sorted(PEERS), default=None,
@@ -252,7 +252,7 @@ def main() -> None:
         lm = work / "smolhf"
         if not (lm / "config.json").is_file():
             print(import_gguf(lm), flush=True)
-    from agevlm_edge.runtime.bench import format_table, measure_command, round_robin
+    from agevlm_edge.runtime.bench import cli_flags, format_table, measure_command, round_robin
 
     print(f"[bench] building and exporting under {work}", flush=True)
     run64, run576 = smol_run_dir(lm, work / "run-64", 64), smol_run_dir(lm, work / "run-576", 192)
@@ -283,10 +283,9 @@ def main() -> None:
         print("[bench] llama-cpp-python is not installed: no llama.cpp peer", flush=True)
     else:
         peer_names["llama.cpp"] = "llama.cpp Q4_1 (text only)"
-    flags = [f for k, v in kw.items() for f in (f"--{k.replace('_', '-')}", str(v))]
     commands = {name: measure_command(d, **kw) for name, d in exports.items()}
     commands.update({f"peer:{p}": [sys.executable, __file__, "--peer", p, "--lm-dir", str(lm),
-                                   "--work", str(work)] + flags for p in peer_names})
+                                   "--work", str(work)] + cli_flags(**kw) for p in peer_names})
     print(f"[bench] measuring {len(exports)} exports and {len(peer_names)} peers (PyTorch eager, "
           f"{', '.join(p for p in peer_names if p != 'eager') or 'no others'}), one process "
           f"each, {a.rounds} round-robin rounds", flush=True)

@@ -111,8 +111,12 @@ def bench_dirs(dirs: list[str | os.PathLike], rounds: int = 3, **kw) -> list[dic
 def measure_command(export_dir: str | os.PathLike, **kw) -> list[str]:
     """The command line that runs ``measure`` on one EXPORT DIR in a fresh process (its
     keyword arguments as flags) and prints the figures as one JSON line."""
-    flags = [a for k, v in kw.items() if v is not None for a in (f"--{k.replace('_', '-')}", str(v))]
-    return [sys.executable, "-m", "agevlm_edge.runtime.bench", str(export_dir)] + flags
+    return [sys.executable, "-m", "agevlm_edge.runtime.bench", str(export_dir)] + cli_flags(**kw)
+
+
+def cli_flags(**kw) -> list[str]:
+    """Keyword arguments as command-line flags (prompt_len=32 -> --prompt-len 32; None: left out)."""
+    return [a for k, v in kw.items() if v is not None for a in (f"--{k.replace('_', '-')}", str(v))]
 
 
 def round_robin(commands: dict[str, list[str]], rounds: int = 3) -> dict[str, dict]:

@@ -31,9 +31,11 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
 # Providers with device memory that onnxruntime's python binding can bind outputs to: the KV
 # cache stays there between decode steps instead of a round trip through host memory.
 DEVICE_MEMORY = {"cuda": "cuda", "webgpu": "webgpu"}
-# Providers whose GroupQueryAttention runs on onnxruntime's CPU kernel, which appends in place
-# when past and present share a buffer (checked against the growing cache in tests).
-INPLACE_KV = ("cpu", "xnnpack")
+# Providers with an in-place cache: onnxruntime's CPU GroupQueryAttention appends in place when
+# past and present share a buffer (checked against the grown cache in tests). Not tried on the
+# others (this machine's onnxruntime has no XNNPACK; the WebGPU kernel was not checked), which
+# keep the grown cache.
+INPLACE_KV = ("cpu",)
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ class Runtime:
         copies a mobile-gpu export ships for onnxruntime's mobile builds). ``kv_on_device``:
         on cuda / webgpu, keep the KV cache in device memory between steps (False: bind it
         to host memory, the baseline benchmarks/bench_kv_binding.py compares with).
-        ``kv_inplace``: on cpu / xnnpack, for an export with "kv_cache": "inplace", keep the
+        ``kv_inplace``: on cpu, for an export with "kv_cache": "inplace", keep the
         cache in a preallocated buffer the decoder appends to (False: a grown copy per step,
         the baseline benchmarks/bench_decode.py compares with)."""
         import onnxruntime as ort
@@ -217,8 +219,8 @@ class Runtime:
 
     def _reserve(self, past: dict, keys: int) -> dict:
         """In-place cache buffers that hold at least ``keys`` positions: ``past`` itself
-        when they do, else new ones (twice the old capacity, at least ``keys``; the max
-        context at most) holding past's positions."""
+        when they do, else new ones holding past's positions, of twice the old capacity
+        (no more than the max context) or ``keys`` if that is more."""
         import onnxruntime as ort
 
         first = next(iter(past.values()))
