@@ -213,9 +213,12 @@ class Runtime:
         return ImageState(dict(zip(names, outs)), len(images))
 
     # -- one decoder call --------------------------------------------------------------
-    def _empty_past(self, batch: int) -> dict:
+    def _empty_past(self, batch: int, capacity: int = 0) -> dict:
+        """An empty cache: zero-length arrays, or with an in-place cache and ``capacity``,
+        buffers with room for that many positions."""
         z = np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
-        return {f"past_{kv}_{l}": z for l in range(self.n_layers) for kv in ("key", "value")}
+        past = {f"past_{kv}_{l}": z for l in range(self.n_layers) for kv in ("key", "value")}
+        return self._reserve(past, capacity) if self.kv_inplace and capacity else past
 
     def _reserve(self, past: dict, keys: int) -> dict:
         """In-place cache buffers that hold at least ``keys`` positions: ``past`` itself
@@ -253,9 +256,7 @@ class Runtime:
         ids, keys = self.prefill_inputs(image, prompts)
         if self.prefill_fault:
             return (ids, keys) + self._one_token_steps(ids, keys, image, want_probs)
-        past = self._empty_past(len(prompts))
-        if self.kv_inplace:
-            past = self._reserve(past, max(reserve, keys.shape[1]))
+        past = self._empty_past(len(prompts), max(reserve, keys.shape[1]))
         logits, past, probs = self.step(ids, keys, past, image, prefill=True, want_probs=want_probs)
         return ids, keys, logits, past, probs
 
@@ -264,9 +265,8 @@ class Runtime:
         """A prefill as one decoder call per token (a concat export's image rows go with the
         first): (logits [B,T,V], presents, probs with T concatenated), as one call gives them."""
         n_img = keys.shape[1] - ids.shape[1]
-        past, steps = self._empty_past(len(ids)), []
-        if self.kv_inplace:                  # the capacity one call would have allocated
-            past = self._reserve(past, keys.shape[1])
+        # an in-place cache gets the capacity one call would have allocated
+        past, steps = self._empty_past(len(ids), keys.shape[1]), []
         for t in range(ids.shape[1]):
             logits, past, probs = self.step(ids[:, t:t + 1], keys[:, :n_img + t + 1], past, image,
                                             prefill=t == 0, want_probs=want_probs)
