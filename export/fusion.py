@@ -70,6 +70,8 @@ def ort_fuse(path: Path, attention: bool = True) -> dict[str, int]:
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import _core as fusions
 
+    from .graphio import save_graph
+
     model = ir.load(str(path))
     if attention:
         model, counts = fusions.fuse_xformers(model)
@@ -81,7 +83,7 @@ def ort_fuse(path: Path, attention: bool = True) -> dict[str, int]:
             ("skip_rms_normalization", fusions.fuse_skip_rms_normalization),
             ("gelu", fusions.fuse_gelu), ("bias_gelu", fusions.fuse_bias_gelu))}
         fusions.optimize(model)
-    ir.save(model, str(path))
+    save_graph(model, path)
     return {k: v for k, v in sorted(counts.items()) if v}
 
 

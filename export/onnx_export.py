@@ -12,6 +12,8 @@
       3. parity against PyTorch (export.parity) through the device runtime itself, and of
          the .ort copies against the .onnx graphs (mobile-gpu);
       4. manifest.json (hashes, graph signatures, op histograms, parity), written last.
+    Every graph file is written by export.graphio.save_graph: the weights go to
+    <graph>.onnx.data beside it (a lower load peak; no 2 GB protobuf cap).
     The directory is built aside and swapped in only when parity passes: a failed parity
     raises CheckFailed (exit 1) and leaves nothing behind.
 """
@@ -35,6 +37,7 @@ from agevlm_edge.runtime.manifest import FORMAT, FORMAT_VERSION
 
 from .contrib import gqa_unfit, translation_table
 from .fusion import apply_target, op_counts, target_opset
+from .graphio import save_graph
 from .graphs import DecoderGraph, VisionGraph, layer_names
 
 TARGETS = ("cpu", "mobile-gpu")
@@ -58,8 +61,8 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, opset: int, input_
                                     dynamic_shapes=dynamic_shapes, verbose=False,
                                     external_data=False,
                                     custom_translation_table=translations)
-    program.save(str(path))
-    name_nodes(path)
+    name_nodes(program.model)
+    save_graph(program.model, path)
 
 
 def export_graphs(model, out_dir: Path, fused: bool = True, xattn_probs: bool = False,
@@ -122,7 +125,7 @@ def export_graphs(model, out_dir: Path, fused: bool = True, xattn_probs: bool = 
 def module_path(node) -> str:
     """The module path a node came from ("decoder.layers.1.self_attn"), from the exporter's
     namespace metadata; "graph" for nodes outside any submodule."""
-    ns = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
+    ns = node.metadata_props.get("namespace", "")
     scopes = [seg.split(":")[0].strip() for seg in ns.split("/")[:-1]]
     scopes = [s for s in scopes if s and not s.startswith("_empty_nn_module_stack")]
     path = scopes[-1] if scopes else ""
@@ -130,19 +133,15 @@ def module_path(node) -> str:
     return path or "graph"
 
 
-def name_nodes(path: Path) -> None:
-    """Rename every node "<module path>/<Op>_<k>" (k counts per path and op in graph order):
-    stable across exports of the same model, readable in profiles, and what per-part
-    quantization selects on."""
-    import onnx
-
-    m = onnx.load(str(path))
+def name_nodes(model) -> None:
+    """Rename every node of ``model`` (onnx_ir) "<module path>/<Op>_<k>" (k counts per path
+    and op in graph order): stable across exports of the same model, readable in profiles, and
+    what per-part quantization selects on."""
     seen: collections.Counter = collections.Counter()
-    for node in m.graph.node:
+    for node in model.graph:
         key = f"{module_path(node)}/{node.op_type}"
         node.name = f"{key}_{seen[key]}"
         seen[key] += 1
-    onnx.save(m, str(path))
 
 
 def graph_info(path: Path) -> dict:

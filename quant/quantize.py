@@ -298,6 +298,7 @@ def quantize_export(model_dir: str | os.PathLike, out: str | os.PathLike, recipe
 
 def _quantize(model_dir: Path, out: Path, recipe: Recipe, man: dict, calib: CalibSet,
               n_quality: int, overwrite: bool) -> dict:
+    from agevlm_edge.export.graphio import save_graph
     from agevlm_edge.export.onnx_export import write_manifest
 
     from .quality import next_token_quality
@@ -311,7 +312,7 @@ def _quantize(model_dir: Path, out: Path, recipe: Recipe, man: dict, calib: Cali
         for graph in GRAPHS:
             model, done[graph] = quantize_graph(model_dir / f"{graph}.onnx", graph, recipe, calib,
                                                 Path(scratch))
-            onnx.save(model, str(tmp / f"{graph}.onnx"))
+            save_graph(model, tmp / f"{graph}.onnx")
             sizes[graph] = part_bytes(model, graph)
         for name in ("tokenizer.json", "preprocessor.json"):
             shutil.copyfile(model_dir / name, tmp / name)

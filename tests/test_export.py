@@ -107,6 +107,39 @@ def test_node_names_follow_module_paths(exported):
     assert any(n.startswith("decoder.xattn.1.attn.k_proj/") for n in vision)   # K/V in the vision graph
 
 
+def test_graph_weights_sit_in_data_files_the_manifest_hashes(exported, tmp_path):
+    """export.graphio: each graph's weights in <graph>.onnx.data (a lower load peak, no 2 GB
+    protobuf cap), on both targets; a changed or missing data file is refused on load."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    from agevlm_edge.runtime import Runtime
+
+    for name in ("xattn", "mobile"):
+        d = exported[name]
+        files = _manifest(d)["files"]
+        for g in ("vision", "decoder"):
+            assert f"{g}.onnx.data" in files
+            m = onnx.load(str(d / f"{g}.onnx"), load_external_data=False)
+            outside = [t.name for t in m.graph.initializer if uses_external_data(t)]
+            inline = [t.name for t in m.graph.initializer
+                      if not uses_external_data(t) and len(t.raw_data) >= 1024]
+            assert outside and not inline, (name, g, inline)
+            assert {e.value for t in m.graph.initializer if uses_external_data(t)
+                    for e in t.external_data if e.key == "location"} == {f"{g}.onnx.data"}
+    bad = tmp_path / "bad"
+    shutil.copytree(exported["xattn"], bad)
+    with open(bad / "decoder.onnx.data", "r+b") as f:
+        byte = f.read(1)
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 1]))                 # one weight bit flipped
+    with pytest.raises(BadInput, match="decoder.onnx.data does not match its sha256"):
+        Runtime(bad)
+    (bad / "decoder.onnx.data").unlink()
+    with pytest.raises(BadInput, match="decoder.onnx.data is missing"):
+        Runtime(bad)
+
+
 def test_unfused_and_concat_exports_pass_parity(exported):
     unfused = _manifest(exported["unfused"])
     assert unfused["opset"] == 18 and "Attention" not in unfused["graphs"]["decoder"]["ops"]

@@ -42,6 +42,13 @@ def fp32(tmp_path_factory, small_world):
     return root / "fp32"
 
 
+def _graph_sha(export_dir) -> tuple[str, str]:
+    """decoder.onnx's sha256 and its weights file's: the graph and the numbers in it."""
+    from agevlm_edge.fsutil import sha256_file
+
+    return tuple(sha256_file(export_dir / f) for f in ("decoder.onnx", "decoder.onnx.data"))
+
+
 def _ops(path) -> Counter:
     import onnx
 
@@ -100,6 +107,8 @@ def test_int4_rtn_rewrites_every_weight_matmul_and_records_the_recipe(fp32, tmp_
     man = load_manifest(tmp_path / "int4")                        # hashes verified
     assert man["scheme"]["recipe"]["parts"]["mlp"]["block_size"] == 32
     assert man["precision"] == "int4 b32 rtn a4" and "parity" not in man
+    # the weights beside each graph, as export writes them (export.graphio), and hashed
+    assert {"vision.onnx.data", "decoder.onnx.data"} <= set(man["files"])
     q = man["quality"]
     assert q["positions"] > 50 and 0.5 < q["top1_agreement"] <= 1 and q["kl_mean"] > 0
     assert r["size_ratio"] < 0.6 and r["bytes"] < r["fp32_bytes"]
@@ -277,7 +286,6 @@ def test_int8_qdq_with_16_bit_activations_is_closer_to_fp32_and_takes_other_cali
         fp32, tmp_path, small_world):
     import onnx
 
-    from agevlm_edge.fsutil import sha256_file
     from agevlm_edge.quant.quantize import quantize_export
     from agevlm_edge.quant.schemes import make_recipe
 
@@ -297,7 +305,7 @@ def test_int8_qdq_with_16_bit_activations_is_closer_to_fp32_and_takes_other_cali
     assert json.loads((tmp_path / "a16" / "manifest.json").read_text())["precision"] == "int8-qdq a16"
     assert json.loads((tmp_path / "pct" / "manifest.json").read_text())["precision"] == \
         "int8-qdq percentile"
-    assert sha256_file(tmp_path / "pct" / "decoder.onnx") != sha256_file(tmp_path / "a8" / "decoder.onnx")
+    assert _graph_sha(tmp_path / "pct") != _graph_sha(tmp_path / "a8")
 
 
 def test_hqq_runs_with_a_warning(fp32, tmp_path):
@@ -308,7 +316,6 @@ def test_hqq_runs_with_a_warning(fp32, tmp_path):
 
 
 def test_gptq_is_calibrated_deterministic_and_closer_to_fp32_than_rtn(fp32, tmp_path, small_world):
-    from agevlm_edge.fsutil import sha256_file
     from agevlm_edge.quant.quantize import quantize_export
     from agevlm_edge.quant.schemes import make_recipe
 
@@ -317,7 +324,7 @@ def test_gptq_is_calibrated_deterministic_and_closer_to_fp32_than_rtn(fp32, tmp_
                        ("rtn", "int4:accuracy_level=0")):
         kl[name] = quantize_export(fp32, tmp_path / name, make_recipe(spec), calib_dir=small_world,
                                    n_quality=16)["quality"]["kl_mean"]
-    assert sha256_file(tmp_path / "g1" / "decoder.onnx") == sha256_file(tmp_path / "g2" / "decoder.onnx")
+    assert _graph_sha(tmp_path / "g1") == _graph_sha(tmp_path / "g2")
     man = json.loads((tmp_path / "g1" / "manifest.json").read_text())
     assert man["calibration"]["split"] == "val" and man["calibration"]["samples_used"] == 32
     assert kl["g1"] < kl["rtn"], kl
@@ -340,7 +347,7 @@ def test_calibration_texts_replace_the_data_dir_prompts(fp32, tmp_path, small_wo
     for name, text in (("text", texts), ("data", None)):
         quantize_export(fp32, tmp_path / name, make_recipe("int8-qdq:calib_samples=4"),
                         calib_dir=small_world, calib_text=text, n_quality=2)
-        shas[name] = sha256_file(tmp_path / name / "decoder.onnx")
+        shas[name] = _graph_sha(tmp_path / name)
     assert shas["text"] != shas["data"]                    # other activations, other ranges
     cal = json.loads((tmp_path / "text" / "manifest.json").read_text())["calibration"]
     assert cal["texts"]["n"] == 2 and cal["texts"]["sha256"] == sha256_file(texts)
