@@ -31,6 +31,7 @@ from onnx import numpy_helper
 
 from agevlm_edge import __version__
 from agevlm_edge.errors import BadInput
+from agevlm_edge.export.graphio import save_graph
 from agevlm_edge.fsutil import check_out, staged_dir
 from agevlm_edge.runtime.manifest import export_bytes, load_manifest
 
@@ -126,12 +127,13 @@ def _int8_dynamic(model: onnx.ModelProto, names: list[str], s: Int8Dynamic, tmp:
 
     src = tmp / "dyn_in"
     src.mkdir(exist_ok=True)
-    onnx.save(model, str(src / "model.onnx"))
+    save_graph(model, src / "model.onnx")       # past 2 GB as well: weights beside the graph
     qcfg = getattr(AutoQuantizationConfig, s.preset)(
         is_static=False, per_channel=s.per_channel, nodes_to_quantize=names,
         operators_to_quantize=list(WEIGHT_OPS))
     out = ORTQuantizer.from_pretrained(src, file_name="model.onnx").quantize(
-        quantization_config=qcfg, save_dir=tmp / "dyn_out", file_suffix="")
+        quantization_config=qcfg, save_dir=tmp / "dyn_out", file_suffix="",
+        use_external_data_format=True)
     return onnx.load(str(Path(out) / "model.onnx"))
 
 
@@ -155,7 +157,7 @@ def _int8_qdq(model: onnx.ModelProto, names: list[str], s: Int8QDQ, calib, graph
             self.it = iter(self.feeds[start_index:end_index])
 
     src, dst = tmp / f"qdq_{graph}_in.onnx", tmp / f"qdq_{graph}_out.onnx"
-    onnx.save(model, str(src))
+    save_graph(model, src)
     every_op = s.ops == "all"
     quantize_static(str(src), str(dst), Reader(calib.feeds(graph, s.calib_samples)),
                     quant_format=QuantFormat.QDQ, per_channel=s.per_channel,
@@ -165,7 +167,7 @@ def _int8_qdq(model: onnx.ModelProto, names: list[str], s: Int8QDQ, calib, graph
                                       "percentile": CalibrationMethod.Percentile,
                                       "entropy": CalibrationMethod.Entropy}[s.calibration],
                     op_types_to_quantize=None if every_op else ["MatMul", "Gather"],
-                    nodes_to_quantize=None if every_op else names,
+                    nodes_to_quantize=None if every_op else names, use_external_data_format=True,
                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
                                    # the histogram estimators stack a batch's activations into
                                    # one array, which fails on prompts of different lengths:
@@ -298,7 +300,6 @@ def quantize_export(model_dir: str | os.PathLike, out: str | os.PathLike, recipe
 
 def _quantize(model_dir: Path, out: Path, recipe: Recipe, man: dict, calib: CalibSet,
               n_quality: int, overwrite: bool) -> dict:
-    from agevlm_edge.export.graphio import save_graph
     from agevlm_edge.export.onnx_export import write_manifest
 
     from .quality import next_token_quality
