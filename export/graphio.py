@@ -6,8 +6,8 @@ file next to the graph; the manifest hashes both).
 Why not the weights inside the protobuf: onnxruntime then holds the file's bytes and the
 tensors made from them at once while it loads. Measured on the smol VLM (SmolLM2-135M with the
 576-token image path; `python benchmarks/bench_rss.py`): peak RSS of the device runtime fp32
-944 -> 785 MB, int4 w4a8 331 -> 287 MB, for the same bytes on disk. And protobuf caps a
-file at 2 GB, which a 1B-parameter LM in fp32 passes.
+949 -> 784 MB, int4 w4a8 331 -> 287 MB, for the same bytes on disk. And protobuf caps a
+file at 2 GB, which a 1B-parameter LM in fp32 passes (scripts/check_large_export.py).
 """
 
 from __future__ import annotations

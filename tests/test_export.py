@@ -138,6 +138,24 @@ def test_graph_weights_sit_in_data_files_the_manifest_hashes(exported, tmp_path)
     (bad / "decoder.onnx.data").unlink()
     with pytest.raises(BadInput, match="decoder.onnx.data is missing"):
         Runtime(bad)
+    # an export written before (weights inside the graphs, no .data files) still loads, and
+    # answers alike
+    from agevlm_edge.export.onnx_export import write_manifest
+    from agevlm_edge.runtime.session import GenerationConfig
+
+    old = tmp_path / "old"
+    shutil.copytree(exported["xattn"], old, ignore=shutil.ignore_patterns("*.onnx", "*.data",
+                                                                          "manifest.json"))
+    for g in ("vision", "decoder"):
+        onnx.save(onnx.load(str(exported["xattn"] / f"{g}.onnx")), str(old / f"{g}.onnx"))
+    write_manifest(old, {k: v for k, v in _manifest(exported["xattn"]).items()
+                         if k not in ("files", "graphs")})
+    assert not any(f.endswith(".data") for f in _manifest(old)["files"])
+    img = np.random.default_rng(0).integers(0, 256, (3, S, S), dtype=np.uint8)
+    ids = [rt.generate(rt.encode_images([img]), [rt.prompt_ids("a photo of")],
+                       GenerationConfig(max_new_tokens=6)).ids[0]
+           for rt in (Runtime(old), Runtime(exported["xattn"]))]
+    assert ids[0] == ids[1]
 
 
 def test_unfused_and_concat_exports_pass_parity(exported):
