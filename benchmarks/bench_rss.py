@@ -17,7 +17,6 @@ issue's budget (1.3 x artifact + 150 MB).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -25,25 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-GRAPHS = ("vision", "decoder")
-
-
 def inline_copy(src: Path, dst: Path) -> Path:
-    """``src`` with each graph's weights inside its protobuf (no .data files), re-hashed."""
-    import onnx
-
-    from agevlm_edge.export.onnx_export import write_manifest
+    """``src`` with the weights inside its graphs, made once per --work dir."""
+    from agevlm_edge.export.graphio import weights_inside_copy
 
     if (dst / "manifest.json").is_file():
         return dst
     shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.onnx", "*.onnx.data", "*.ort",
-                                                            "manifest.json"))
-    for g in GRAPHS:
-        onnx.save(onnx.load(str(src / f"{g}.onnx")), str(dst / f"{g}.onnx"))
-    man = json.loads((src / "manifest.json").read_text())
-    write_manifest(dst, {k: v for k, v in man.items() if k not in ("files", "graphs")})
-    return dst
+    return weights_inside_copy(src, dst)
 
 
 def main() -> None:

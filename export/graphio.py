@@ -12,7 +12,9 @@ file at 2 GB, which a 1B-parameter LM in fp32 passes (scripts/check_large_export
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 DATA_SUFFIX = ".data"
@@ -34,3 +36,22 @@ def save_graph(model, path: str | os.PathLike) -> None:
     if not isinstance(model, ir.Model):
         model = ir.serde.deserialize_model(model)
     ir.save(model, str(path), external_data=data_file(path).name, size_threshold_bytes=1024)
+
+
+def weights_inside_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """A copy of the EXPORT DIR ``src`` at ``dst`` with each graph's weights inside its
+    protobuf (no .data files, no .ort copies), re-hashed: the layout exports had before,
+    for comparisons (benchmarks/bench_rss.py) and for loaders that take a graph as one
+    buffer. Graphs past 2 GB cannot be written this way."""
+    import onnx
+
+    from .onnx_export import write_manifest
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.onnx", "*" + DATA_SUFFIX, "*.ort",
+                                                            "manifest.json"))
+    for g in ("vision", "decoder"):
+        onnx.save(onnx.load(str(src / f"{g}.onnx")), str(dst / f"{g}.onnx"))
+    man = json.loads((src / "manifest.json").read_text())
+    write_manifest(dst, {k: v for k, v in man.items() if k not in ("files", "graphs")})
+    return dst

@@ -140,17 +140,13 @@ def test_graph_weights_sit_in_data_files_the_manifest_hashes(exported, tmp_path)
         Runtime(bad)
     # an export written before (weights inside the graphs, no .data files) still loads, and
     # answers alike
-    from agevlm_edge.export.onnx_export import write_manifest
+    from agevlm_edge.export.graphio import weights_inside_copy
     from agevlm_edge.runtime.session import GenerationConfig
 
-    old = tmp_path / "old"
-    shutil.copytree(exported["xattn"], old, ignore=shutil.ignore_patterns("*.onnx", "*.data",
-                                                                          "manifest.json"))
-    for g in ("vision", "decoder"):
-        onnx.save(onnx.load(str(exported["xattn"] / f"{g}.onnx")), str(old / f"{g}.onnx"))
-    write_manifest(old, {k: v for k, v in _manifest(exported["xattn"]).items()
-                         if k not in ("files", "graphs")})
+    old = weights_inside_copy(exported["xattn"], tmp_path / "old")
     assert not any(f.endswith(".data") for f in _manifest(old)["files"])
+    m = onnx.load(str(old / "decoder.onnx"), load_external_data=False)
+    assert not any(uses_external_data(t) for t in m.graph.initializer)
     img = np.random.default_rng(0).integers(0, 256, (3, S, S), dtype=np.uint8)
     ids = [rt.generate(rt.encode_images([img]), [rt.prompt_ids("a photo of")],
                        GenerationConfig(max_new_tokens=6)).ids[0]
