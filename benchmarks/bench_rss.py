@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+
 def inline_copy(src: Path, dst: Path) -> Path:
     """``src`` with the weights inside its graphs, made once per --work dir."""
     from agevlm_edge.export.graphio import weights_inside_copy
@@ -57,23 +58,22 @@ def main() -> None:
     for d in exports:
         if not (d / "manifest.json").is_file():
             ap.error(f"{d} is not an EXPORT DIR (no manifest.json); make one with `agevlm export`")
-    from agevlm_edge.runtime.bench import measure_command, round_robin
+    from agevlm_edge.runtime.bench import measure_command, round_robin, rss_over_budget
 
     pairs = {d: inline_copy(d, work / f"{d.name}-inline") for d in exports}
     commands = {}
     for d, inline in pairs.items():
-        commands[f"{d}"] = measure_command(d, repeats=1, new_tokens=a.new_tokens)
-        commands[f"{inline}"] = measure_command(inline, repeats=1, new_tokens=a.new_tokens)
+        commands[str(d)] = measure_command(d, repeats=1, new_tokens=a.new_tokens)
+        commands[str(inline)] = measure_command(inline, repeats=1, new_tokens=a.new_tokens)
     print(f"[bench_rss] {len(commands)} exports, one process each, {a.rounds} rounds", flush=True)
     rows = round_robin(commands, a.rounds)
-    budget = lambda r: 1.3 * r["artifact_mb"] + 150  # noqa: E731
     print(f"{'export':24} {'MB':>7} {'RSS inside':>10} {'RSS beside':>10} {'beside/inside':>13} "
           f"{'/budget inside':>14} {'/budget beside':>14} {'tok/s beside/inside':>19}")
     for d, inline in pairs.items():
         out, inn = rows[str(d)], rows[str(inline)]
         print(f"{d.name:24} {out['artifact_mb']:7.1f} {inn['peak_rss_mb']:10.1f} "
               f"{out['peak_rss_mb']:10.1f} {out['peak_rss_mb'] / inn['peak_rss_mb']:13.3f} "
-              f"{inn['peak_rss_mb'] / budget(inn):14.3f} {out['peak_rss_mb'] / budget(out):14.3f} "
+              f"{rss_over_budget(inn):14.3f} {rss_over_budget(out):14.3f} "
               f"{out['decode_tokens_per_s'] / inn['decode_tokens_per_s']:19.3f}")
 
 
