@@ -12,6 +12,7 @@ file at 2 GB, which a 1B-parameter LM in fp32 passes (scripts/check_large_export
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -33,9 +34,15 @@ def save_graph(model, path: str | os.PathLike) -> None:
     safe."""
     import onnx_ir as ir
 
-    if not isinstance(model, ir.Model):
-        model = ir.serde.deserialize_model(model)
-    ir.save(model, str(path), external_data=data_file(path).name, size_threshold_bytes=1024)
+    if isinstance(model, ir.Model):
+        ir.save(model, str(path), external_data=data_file(path).name, size_threshold_bytes=1024)
+        return
+    view = ir.serde.deserialize_model(model)
+    ir.save(view, str(path), external_data=data_file(path).name, size_threshold_bytes=1024)
+    # The IR view holds the proto's tensors in reference cycles: collect it now, so a caller
+    # that drops the proto next gets its memory back at once (quantize's int8-dynamic does).
+    del view
+    gc.collect()
 
 
 def weights_inside_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:

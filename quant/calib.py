@@ -23,6 +23,7 @@ from agevlm_edge.errors import BadInput
 from agevlm_edge.eval.common import ImageStore, image_prompt_pairs
 from agevlm_edge.fsutil import sha256_file
 from agevlm_edge.prompts import caption_prompt, question_prompt, target_text
+from agevlm_edge.runtime.manifest import load_manifest
 from agevlm_edge.runtime.session import Runtime
 
 SPLITS = ("val", "train", "test")      # calibration never prefers the split the drift gate reads
@@ -31,7 +32,9 @@ SPLITS = ("val", "train", "test")      # calibration never prefers the split the
 class CalibSet:
     def __init__(self, export_dir: str | os.PathLike, data_dir: str | os.PathLike | None,
                  seed: int = 0, text_file: str | os.PathLike | None = None):
-        self.rt = Runtime(export_dir, verify=False)      # the fp32 reference (already verified)
+        self.export_dir = Path(export_dir)
+        self._rt: Runtime | None = None
+        self.image_size = int(load_manifest(self.export_dir, verify=False)["model"]["image_size"])
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.seed = seed
         self.text_file = Path(text_file) if text_file is not None else None
@@ -50,6 +53,19 @@ class CalibSet:
             self._records = [recs[i] for i in order[:512]]
         self._used = 0
         self._feeds: dict[tuple[str, int], list[dict]] = {}
+
+    @property
+    def rt(self) -> Runtime:
+        """The fp32 reference runtime (its manifest already verified), loaded on first use:
+        only calibrated schemes need it, and it holds the fp32 weights in memory."""
+        if self._rt is None:
+            self._rt = Runtime(self.export_dir, verify=False)
+        return self._rt
+
+    def release(self) -> None:
+        """Drop the fp32 runtime (the feeds built stay): quantize calls this once every graph
+        is quantized, before the quality check loads the fp32 and quantized exports."""
+        self._rt = None
 
     def describe(self) -> dict:
         d = {"data": str(self.data_dir) if self.data_dir else None, "split": self.split,
@@ -83,7 +99,7 @@ class CalibSet:
             raise BadInput("calibration needs a DATA DIR: pass --calib DATA_DIR")
         if not self._records:
             raise BadInput(f"--calib {self.data_dir}: its {self.split} split has no records")
-        store = ImageStore(self.data_dir, self.rt.image_size)
+        store = ImageStore(self.data_dir, self.image_size)
         recs = [self._records[i % len(self._records)] for i in range(n)]
         self._used = max(self._used, n)
         out = []
@@ -101,8 +117,8 @@ class CalibSet:
     def quality_pairs(self, n: int) -> tuple[list[np.ndarray], list[str]]:
         """(images, full texts) for the top-1 / KL check: calibration records or noise."""
         if not self._records:
-            return image_prompt_pairs(None, self.rt.image_size, n)
-        store = ImageStore(self.data_dir, self.rt.image_size)
+            return image_prompt_pairs(None, self.image_size, n)
+        store = ImageStore(self.data_dir, self.image_size)
         recs = [self._records[-1 - i % len(self._records)] for i in range(n)]   # not the first ones
         if self.texts is not None:      # from the end too, so they differ from the first ones used
             return ([store.get(r["file"]) for r in recs],

@@ -211,6 +211,42 @@ def test_each_scheme_runs_and_agrees_with_fp32(fp32, tmp_path, small_world, spec
         assert r["quality"]["kl_mean"] < 1e-3
 
 
+@pytest.mark.parametrize("preset", ["avx2", "avx512_vnni", "arm64"])
+def test_int8_dynamic_from_the_file_is_what_optimums_quantizer_makes(fp32, tmp_path, preset):
+    """int8-dynamic takes optimum's preset and runs onnxruntime's quantize_dynamic on the file
+    (one copy of the graph in memory instead of ORTQuantizer's two): the same graph results."""
+    import onnx
+    from onnx import numpy_helper
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    from agevlm_edge.quant.quantize import WEIGHT_OPS, _int8_dynamic, weight_nodes
+    from agevlm_edge.quant.schemes import Int8Dynamic
+
+    names = [n for ns in weight_nodes(onnx.load(str(fp32 / "decoder.onnx")), "decoder").values()
+             for n in ns]
+    ours = _int8_dynamic(fp32 / "decoder.onnx", names, Int8Dynamic(preset=preset), tmp_path)
+    cfg = getattr(AutoQuantizationConfig, preset)(is_static=False, per_channel=True,
+                                                  nodes_to_quantize=names,
+                                                  operators_to_quantize=list(WEIGHT_OPS))
+    ORTQuantizer.from_pretrained(fp32, file_name="decoder.onnx").quantize(
+        quantization_config=cfg, save_dir=tmp_path / "optimum", file_suffix="")
+    theirs = onnx.load(str(tmp_path / "optimum" / "decoder.onnx"))
+
+    def nodes(m):
+        return [(n.op_type, tuple(n.input), tuple(n.output)) for n in m.graph.node]
+
+    def inits(m):
+        return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+
+    assert nodes(ours) == nodes(theirs)
+    assert Counter(op for op, _, _ in nodes(ours))["MatMulInteger"] > 0
+    a, b = inits(ours), inits(theirs)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def _two_matmuls_on_one_input(k: int, n: int):
     """x [rows, k] -> x @ w1, x @ w2: q/k projections sharing their input."""
     from onnx import TensorProto, helper, numpy_helper
