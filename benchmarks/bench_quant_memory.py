@@ -7,8 +7,8 @@ for shape inference), in one command.
 
 Each way quantizes the fp32 decoder (every weight node, the avx2 preset, per channel) in a
 process of its own, --rounds times round robin, and `quantize_export` with the int8-dynamic
-scheme (both graphs, the quality check) runs in one more; each reports its peak RSS (VmHWM)
-and seconds. Without EXPORT, a random xattn model (246M parameters, ~1 GB fp32 by default)
+and the int4 schemes (both graphs, the quality check) once each; each process reports its
+peak RSS (VmHWM) and seconds. Without EXPORT, a random xattn model (246M parameters, ~1 GB fp32 by default)
 is built and exported under --work (once; reused on the next run). Prints the peaks, their
 ratio and each over the decoder's weight bytes.
 """
@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+WAYS = ("optimum", "ours", "quantize:int8-dynamic", "quantize:int4")
 
 
 def peak_mb() -> float:
@@ -92,7 +95,8 @@ def child(way: str, export: Path, out: Path) -> dict:
         from agevlm_edge.quant.quantize import quantize_export
         from agevlm_edge.quant.schemes import make_recipe
 
-        quantize_export(export, out / "int8-dynamic", make_recipe("int8-dynamic"), n_quality=2)
+        scheme = way.split(":", 1)[1]
+        quantize_export(export, out / scheme, make_recipe(scheme), n_quality=2)
     return {"peak_mb": round(peak_mb(), 1), "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -103,7 +107,7 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--child", choices=("ours", "optimum", "quantize"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=WAYS, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -118,22 +122,23 @@ def main() -> None:
         if (export / "decoder.onnx.data").is_file() else (export / "decoder.onnx").stat().st_size / 2**20
     print(f"[bench_quant_memory] {export}: decoder weights {weights_mb:.0f} MB; "
           f"{a.rounds} rounds, one process per quantization", flush=True)
-    res: dict[str, list[dict]] = {"optimum": [], "ours": [], "quantize": []}
+    res: dict[str, list[dict]] = {w: [] for w in WAYS}
     for r in range(a.rounds):
-        for way in (("optimum", "ours", "quantize") if r == 0 else ("optimum", "ours")):
+        for way in WAYS if r == 0 else WAYS[:2]:
             with tempfile.TemporaryDirectory(dir=work) as tmp:
                 p = subprocess.run([sys.executable, __file__, str(export), "--child", way,
                                     "--child-out", tmp], capture_output=True, text=True)
             if p.returncode:
                 sys.exit(f"[bench_quant_memory] {way} failed:\n{p.stderr[-2000:]}")
             res[way].append(json.loads(p.stdout.strip().splitlines()[-1]))
-            print(f"  round {r} {way:9} peak {res[way][-1]['peak_mb']:7.0f} MB  "
+            print(f"  round {r} {way:22} peak {res[way][-1]['peak_mb']:7.0f} MB  "
                   f"{res[way][-1]['seconds']:6.1f} s", flush=True)
     med = {w: statistics.median(x["peak_mb"] for x in rows) for w, rows in res.items()}
     print(f"{'way':40} {'peak MB':>8} {'/ weights':>9}")
     for w, label in (("optimum", "optimum ORTQuantizer (decoder)"),
                      ("ours", "quantize_dynamic from the file (decoder)"),
-                     ("quantize", "quantize_export int8-dynamic (all)")):
+                     ("quantize:int8-dynamic", "quantize_export int8-dynamic (all)"),
+                     ("quantize:int4", "quantize_export int4 (all)")):
         print(f"{label:40} {med[w]:8.0f} {med[w] / weights_mb:9.2f}")
     print(f"from the file / ORTQuantizer: {med['ours'] / med['optimum']:.3f}")
 

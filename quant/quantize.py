@@ -17,6 +17,7 @@ The output is built aside and renamed into place; the fp32 EXPORT DIR is never t
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import os
@@ -330,7 +331,9 @@ def _quantize(model_dir: Path, out: Path, recipe: Recipe, man: dict, calib: Cali
                                                 Path(scratch))
             save_graph(model, tmp / f"{graph}.onnx")
             sizes[graph] = part_bytes(model, graph)
+            del model                   # before the next graph loads
         calib.release()                 # the fp32 reference's weights, before the quality check
+        gc.collect()
         for name in ("tokenizer.json", "preprocessor.json"):
             shutil.copyfile(model_dir / name, tmp / name)
         keep = {k: v for k, v in man.items() if k not in ("files", "graphs", "parity", "export_seconds")}
