@@ -34,7 +34,11 @@ class CalibSet:
                  seed: int = 0, text_file: str | os.PathLike | None = None):
         self.export_dir = Path(export_dir)
         self._rt: Runtime | None = None
-        self.image_size = int(load_manifest(self.export_dir, verify=False)["model"]["image_size"])
+        try:
+            self.image_size = int(load_manifest(self.export_dir, verify=False)["model"]["image_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadInput(f"{self.export_dir}/manifest.json has no valid model config ({e!r}); "
+                           "re-export") from None
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.seed = seed
         self.text_file = Path(text_file) if text_file is not None else None

@@ -430,6 +430,11 @@ def test_quantize_bad_inputs_one_line_exit_2(fp32, tmp_path, small_world):
     (other / "manifest.json").write_text(json.dumps(man))
     assert_one_line_error(run_cli("drift", "--reference", fp32, "--candidate", other, "--data",
                                   small_world), "not a variant of")
+    del man["model"]
+    (other / "manifest.json").write_text(json.dumps(man))
+    assert_one_line_error(run_cli("quantize", "--model", other, "--scheme", "int8-dynamic",
+                                  "--out", tmp_path / "q"), "no valid model config")
+    assert not (tmp_path / "q").exists()
     assert_one_line_error(run_cli("search", "--model", fp32, "--data", small_world, "--out",
                                   tmp_path / "s", "--ladder", "fp16;fp32"), "whole graphs")
     assert_one_line_error(run_cli("search", "--model", fp32, "--data", small_world, "--out",
