@@ -16,6 +16,7 @@ import click
 
 from . import __version__
 from .errors import AgevlmError
+from .fsutil import check_out_file
 
 _DEBUG = False
 
@@ -80,7 +81,7 @@ def _parse_sets(pairs: tuple[str, ...]) -> dict[str, str]:
               show_default=True, help="Directory for every artifact of the run.")
 @click.option("--preset", default="tiny", show_default=True,
               type=click.Choice(["tiny"]), help="Model preset (data and schedule follow it).")
-@click.option("--seed", default=0, show_default=True, help="Seed for data and training.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed for data and training.")
 @click.option("--short", is_flag=True, help="A small, fast run (tests, smoke checks).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 def pipeline(out: Path, preset: str, seed: int, short: bool, overwrite: bool) -> None:
@@ -100,15 +101,15 @@ def data() -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="DATA DIR to write.")
 @click.option("--preset", default="easy", show_default=True,
               help="World difficulty preset: easy or hard.")
-@click.option("--seed", default=0, show_default=True, help="Same seed, byte-identical files.")
-@click.option("--n-train", type=int, default=None, help="Training images (preset default).")
-@click.option("--n-val", type=int, default=None, help="Validation images (preset default).")
-@click.option("--n-test", type=int, default=None,
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Same seed, byte-identical files.")
+@click.option("--n-train", type=click.IntRange(min=1), default=None, help="Training images (preset default).")
+@click.option("--n-val", type=click.IntRange(min=0), default=None, help="Validation images (preset default).")
+@click.option("--n-test", type=click.IntRange(min=0), default=None,
               help="Images per test split (preset default).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a world setting, e.g. --set image_size=96 --set max_objects=8 "
                    "(see docs/synthetic-world.md; unknown keys are an error).")
-@click.option("--workers", type=int, default=None, help="Render processes (default: all cores).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Render processes (default: all cores).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 def data_synth(out, preset, seed, n_train, n_val, n_test, sets, workers, overwrite) -> None:
     """Generate the grounded synthetic world (images, masks, captions, questions, POPE)."""
@@ -160,8 +161,8 @@ def data_import(out, images, coco_instances, coco_captions, pope_files, llava, s
 @click.option("--mask-noise", default=None, metavar="OP:AMOUNT[,OP:AMOUNT]",
               help="Degrade masks for robustness studies: dilate:PX, erode:PX, shift:PX, "
                    "drop:FRACTION.")
-@click.option("--limit", type=int, default=None, help="At most this many images per split.")
-@click.option("--seed", default=0, show_default=True, help="Seed for --mask-noise and tiny SAM.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many images per split.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed for --mask-noise and tiny SAM.")
 def data_masks(data_dir, sam_checkpoint, sam_type, splits, mask_noise, limit, seed) -> None:
     """Attach masks to grounded objects: exact ones, SAM (box prompts), or degraded."""
     from .data.masks import make_masks
@@ -220,11 +221,11 @@ def lm_import_gguf(out, gguf, overwrite) -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe field: seed=1, model.d_model=128, instruct.steps=50, "
                    "mask_source=sam:vit_b.")
-@click.option("--scale", type=float, default=1.0, show_default=True,
+@click.option("--scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Multiply every stage's steps (0.05 for a smoke run).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Start again, replacing an existing --out.")
-@click.option("--stop-at-step", type=int, default=None,
+@click.option("--stop-at-step", type=click.IntRange(min=1), default=None,
               help="Checkpoint and stop at this global step, as an interrupted run would.")
 @click.option("--lm-dir", type=click.Path(path_type=Path), default=None,
               help="Local Hugging Face Llama directory for --preset smol (see `agevlm lm import-gguf`).")
@@ -254,7 +255,7 @@ def train_cmd(data_dir, out, preset, variant, config_file, sets, scale, resume, 
               help="Comma-separated suites: pope, chair, grounding, itm, vqa (default: every "
                    "suite the model supports; an EXPORT DIR has no itm).")
 @click.option("--split", default="test", show_default=True, help="Split to evaluate.")
-@click.option("--limit", type=int, default=None, help="At most this many images per suite.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many images per suite.")
 @click.option("--out", "out_json", type=click.Path(path_type=Path), help="Write results as JSON.")
 @click.option("--bnb", type=click.Choice(["int8", "nf4"]), default=None,
               help="Evaluate a bitsandbytes variant of the RUN DIR (reference for GPU users).")
@@ -262,6 +263,8 @@ def eval_cmd(model_dir, data_dir, suite, split, limit, out_json, bnb) -> None:
     """Evaluate a model: POPE, CHAIR, grounding, image-text matching, VQA."""
     from .eval.suite import evaluate, format_report
 
+    if out_json:
+        check_out_file(out_json, [("model", model_dir), ("DATA DIR", data_dir)])
     if bnb:
         from .quant.bnb import evaluate_bnb
 
@@ -288,7 +291,7 @@ def eval_cmd(model_dir, data_dir, suite, split, limit, out_json, bnb) -> None:
                    "the cross-attention then runs unfused.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
               help="DATA DIR for parity pairs and object words (default: the run's own data).")
-@click.option("--pairs", default=20, show_default=True, help="Image/prompt pairs whose greedy "
+@click.option("--pairs", default=20, show_default=True, type=click.IntRange(min=1), help="Image/prompt pairs whose greedy "
               "generations must match PyTorch token for token.")
 @click.option("--kv-cache", type=click.Choice(["inplace", "concat"]), default="inplace",
               show_default=True,
@@ -403,10 +406,13 @@ def drift_cmd(reference, candidate, data_dir, budget_file, pope_f1_drop, chair_i
     """
     from .quant.drift import format_drift, load_budget, run_drift
 
+    out_json = out_json or Path("drift.json")
+    check_out_file(out_json, [("reference", reference), ("candidate", candidate),
+                              ("DATA DIR", data_dir)])
     budget = load_budget(budget_file, pope_f1_drop=pope_f1_drop, chair_i_rise=chair_i_rise,
                          yes_ratio_shift=yes_ratio_shift)
     res = run_drift(reference, candidate, data_dir, budget, split=split, limit=limit,
-                    out_json=out_json or Path("drift.json"))
+                    out_json=out_json)
     click.echo(format_drift(res))
     return 0 if res["passed"] else 1
 
@@ -474,7 +480,7 @@ def search_cmd(model_dir, data_dir, out, budget_file, pope_f1_drop, chair_i_rise
               help="DATA DIR every variant is evaluated on (test split).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="REPORT DIR to write.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N test images.")
-@click.option("--bench-rounds", default=1, show_default=True,
+@click.option("--bench-rounds", default=1, show_default=True, type=click.IntRange(min=0),
               help="Round-robin speed rounds over the exports (0: no speed columns).")
 @click.option("--bnb", is_flag=True, help="Also evaluate bitsandbytes int8 and nf4 variants of "
               "each RUN DIR (PyTorch reference points for GPU users).")
@@ -510,14 +516,14 @@ def report_cmd(dirs, data_dir, out, limit, bench_rounds, bnb, overwrite) -> None
                    "repeat for several (the image is encoded once).")
 @click.option("--heatmap", type=click.Path(path_type=Path), default=None,
               help="PNG: where each object word of the first answer looked.")
-@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=0.0, show_default=True, help="0: greedy.")
-@click.option("--top-k", default=0, show_default=True, help="0: no top-k cut.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0: no top-k cut.")
 @click.option("--top-p", default=1.0, show_default=True, help="1: no nucleus cut.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling.")
 @click.option("--provider", type=click.Choice(["cpu", "webgpu", "cuda", "coreml", "nnapi", "xnnpack"]),
               default="cpu", show_default=True, help="onnxruntime execution provider.")
-@click.option("--threads", type=int, default=None, help="Intra-op threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: all cores).")
 @click.option("--graph-format", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True,
               help="ort: the ORT-format copies a --target mobile-gpu export ships (what "
                    "onnxruntime's minimal mobile builds load).")
@@ -530,6 +536,8 @@ def infer_cmd(model_dir, image, prompts, heatmap, max_new_tokens, temperature, t
     def write(s: str) -> None:
         click.echo(s, nl=False)
 
+    if heatmap:
+        check_out_file(heatmap, [("EXPORT DIR", model_dir), ("image", image)])
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed)
     run_infer(model_dir, image, prompts, gen, heatmap=heatmap, provider=provider,
@@ -540,10 +548,10 @@ def infer_cmd(model_dir, image, prompts, heatmap, max_new_tokens, temperature, t
 @click.argument("export_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--prompt-len", default=32, show_default=True, help="Prompt tokens (one image).")
 @click.option("--new-tokens", default=64, show_default=True, help="Greedy decode steps timed.")
-@click.option("--repeats", default=2, show_default=True, help="Timed runs per process (median).")
-@click.option("--rounds", default=3, show_default=True,
+@click.option("--repeats", default=2, show_default=True, type=click.IntRange(min=1), help="Timed runs per process (median).")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1),
               help="Round-robin rounds, one process per export each (median across rounds).")
-@click.option("--threads", type=int, default=None, help="Intra-op threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def bench_cmd(export_dirs, prompt_len, new_tokens, repeats, rounds, threads, as_json) -> None:
     """Time to first token, decode tokens/s and peak RSS of EXPORT DIRs on the device runtime.

@@ -19,10 +19,23 @@ from typing import Any, Iterable, Iterator
 from .errors import BadInput
 
 
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"cannot write {path}: its folder cannot be made ({e.strerror}); "
+                       "choose another path") from None
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise BadInput(f"cannot write {path}: it is a directory; give a file path")
+    _make_parent(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise BadInput(f"cannot write {path} ({e.strerror}); choose another path") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -109,6 +122,27 @@ def check_out(out: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathL
                        "pass --overwrite to replace it or choose another --out")
 
 
+def check_out_file(out: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike]] = ()
+                   ) -> None:
+    """Refuse an output file path that is a directory, lies under a file, is one of ``inputs``
+    ((what, path) pairs) or would replace a file inside one of them (a new file beside them
+    is fine). Commands call it before any work, so a bad path fails before a long run."""
+    out = Path(out)
+    if out.is_dir():
+        raise BadInput(f"cannot write {out}: it is a directory; give a file path")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BadInput(f"cannot write {out}: {parent} is a file; choose another path")
+            break
+    o = out.resolve()
+    for what, d in inputs:
+        d = Path(d).resolve()
+        if o == d or (out.exists() and d in o.parents):
+            raise BadInput(f"{out} would replace {'the' if o == d else 'a file of the'} {what} "
+                           f"{d}; choose another path")
+
+
 @contextlib.contextmanager
 def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces ``out`` only if the block succeeds.
@@ -118,8 +152,11 @@ def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     """
     out = Path(out)
     check_out(out, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    _make_parent(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as e:
+        raise BadInput(f"cannot write {out} ({e.strerror}); choose another --out") from None
     os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the artifact should read like any other dir
     try:
         yield tmp

@@ -280,7 +280,7 @@ def check_report_args(dirs: list, out: str | os.PathLike, data_dir: str | os.Pat
     if not (data_dir / "dataset.json").is_file():
         raise BadInput(f"--data {data_dir} is not a DATA DIR (no dataset.json)")
     kinds = [(Path(d), classify(Path(d))) for d in dirs]
-    check_out(out, [("input", d) for d, _ in kinds], overwrite)
+    check_out(out, [("input", d) for d, _ in kinds] + [("DATA DIR", data_dir)], overwrite)
     return kinds
 
 

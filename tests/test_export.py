@@ -551,6 +551,10 @@ def test_infer_cli_streams_answers_and_writes_a_heatmap(exported, small_world, t
                                   "--prompt", " "), "prompt is empty")
     assert_one_line_error(run_cli("infer", "--model", tmp_path, "--image", img,
                                   "--prompt", "Caption:"), "manifest.json is missing")
+    image_bytes = img.read_bytes()
+    assert_one_line_error(run_cli("infer", "--model", exported["xattn"], "--image", img,
+                                  "--prompt", "Caption:", "--heatmap", img), "would replace the image")
+    assert img.read_bytes() == image_bytes
     proc = run_cli("infer", "--model", exported["concat"], "--image", img, "--prompt", "Caption:",
                    "--heatmap", heat)
     assert_one_line_error(proc, "no cross-attention probabilities")

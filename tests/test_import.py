@@ -395,6 +395,15 @@ def test_failed_overwrite_keeps_the_old_data_dir(tmp_path):
     assert (out / "marker.txt").read_text() == "old data"
 
 
+def test_out_never_replaces_the_images_it_reads(tmp_path):
+    p = _inputs(tmp_path)
+    before = sorted(os.listdir(p["images"]))
+    res = _cli(*_cli_args(p, p["images"]), "--overwrite")
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and "would replace the --images folder" in lines[0]
+    assert sorted(os.listdir(p["images"])) == before
+
+
 def test_skip_bad_counts_by_reason(tmp_path):
     data = _instances()
     data["images"] += [{"id": 4, "file_name": "000000000004.jpg", "width": W, "height": H},

@@ -447,6 +447,8 @@ def test_quantize_bad_inputs_one_line_exit_2(fp32, tmp_path, small_world):
     assert not (tmp_path / "s").exists()
     assert_one_line_error(run_cli("report", str(fp32), "--data", small_world, "--out", out),
                           "--overwrite")
+    assert_one_line_error(run_cli("report", str(fp32), "--data", small_world, "--out", small_world,
+                                  "--overwrite"), "would replace the DATA DIR")
 
 
 # ------------------------------------------------------------------------------------ drift

@@ -23,7 +23,7 @@ from agevlm_edge.checkpoint import save_model_files
 from agevlm_edge.data.datadir import load_meta
 from agevlm_edge.data.tokenizer import load_tokenizer
 from agevlm_edge.errors import BadInput
-from agevlm_edge.fsutil import staged_dir, write_json_atomic
+from agevlm_edge.fsutil import check_out, read_json, staged_dir, write_json_atomic
 from agevlm_edge.model import AgeVLM, build_config
 from agevlm_edge.preprocess import Preprocessor
 
@@ -295,15 +295,23 @@ class Run:
                           "data": str(self.data_dir)})
 
     def load(self) -> None:
-        from safetensors.torch import load_file
+        from agevlm_edge.checkpoint import read_safetensors
 
         ts = self.out / "training_state"
         if not (ts / "state.json").is_file():
             raise BadInput(f"--resume: {self.out} has no training_state/ to resume from")
-        self.model.load_state_dict(load_file(str(ts / "model.safetensors")), strict=False)
-        self.head.load_state_dict(load_file(str(ts / "head.safetensors")))
-        self.state = json.loads((ts / "state.json").read_text())
-        self._resume_opt = torch.load(ts / "optimizer.pt", weights_only=True) if (ts / "optimizer.pt").is_file() else None
+        try:
+            self.model.load_state_dict(read_safetensors(ts / "model.safetensors"), strict=False)
+            self.head.load_state_dict(read_safetensors(ts / "head.safetensors"))
+            self.state = read_json(ts / "state.json", "training state")
+            if not all(isinstance(self.state.get(k), int) for k in ("stage", "step", "global_step")):
+                raise ValueError("state.json needs integer stage, step and global_step")
+            self._resume_opt = torch.load(ts / "optimizer.pt", weights_only=True) \
+                if (ts / "optimizer.pt").is_file() else None
+        except (OSError, RuntimeError, ValueError, AttributeError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BadInput(f"--resume: the checkpoint in {ts} cannot be loaded ({msg}); start "
+                           "again with --overwrite") from None
         _truncate_metrics(self.out / "metrics.jsonl", self.state["global_step"])
 
     def log(self, row: dict) -> None:
@@ -406,18 +414,22 @@ def train(data_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, r
     rank, world = _world()
     if any(st.batch_size % world for st in recipe.stages):
         raise BadInput(f"every stage's batch_size must be divisible by the {world} processes")
-    if not resume and out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise BadInput(f"run directory {out} already exists; pass --resume to continue it, "
-                           "--overwrite to start again, or choose another --out")
-        if rank == 0:
-            shutil.rmtree(out)
-    if world > 1:
-        dist.barrier()
+    # never replace an input, and check everything else (data, model, checkpoint) before an
+    # old run is deleted or an empty --out is left behind
+    check_out(out, [("DATA DIR", data_dir)] + [("--lm-dir", recipe.lm_dir)] * bool(recipe.lm_dir),
+              overwrite=True)
+    replace = not resume and out.is_dir() and any(out.iterdir())
+    if replace and not overwrite:
+        raise BadInput(f"run directory {out} already exists; pass --resume to continue it, "
+                       "--overwrite to start again, or choose another --out")
     run = Run(data_dir, out, recipe, limit)
-    out.mkdir(parents=True, exist_ok=True)
     if resume:
         run.load()
+    if replace and rank == 0:
+        shutil.rmtree(out)
+    if world > 1:
+        dist.barrier()
+    out.mkdir(parents=True, exist_ok=True)
     total = sum(st.steps for st in recipe.stages)
     t0 = time.perf_counter()
     with tqdm(total=total, initial=run.state["global_step"], desc="train", unit="step",

@@ -28,7 +28,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ..errors import BadInput
-from ..fsutil import read_json, sha256_file, staged_dir
+from ..fsutil import check_out, read_json, sha256_file, staged_dir
 from . import datadir
 from .pope import build_pope
 
@@ -112,6 +112,10 @@ def import_dataset(out: str | os.PathLike, images: str | os.PathLike, *,
                    skip_bad: bool = False, overwrite: bool = False) -> str:
     """Build the DATA DIR ``out`` from COCO / POPE / LLaVA files; return a one-line summary."""
     sources = _check_inputs(images, split, coco_instances, coco_captions, pope_files, llava_json)
+    named = [("--images folder", images)] + [(f"--{k.replace('_', '-')} file", v) for k, v in (
+        ("coco_instances", coco_instances), ("coco_captions", coco_captions),
+        ("llava", llava_json)) if v] + [("--pope file", p) for p in pope_files]
+    check_out(out, named, overwrite)
     imp = _Import(Path(images), split, skip_bad)
     with staged_dir(out, overwrite) as root:
         classes = _load_instances(imp, Path(coco_instances)) if coco_instances else []
