@@ -29,10 +29,20 @@ def save_model_files(run_dir: str | os.PathLike, model, tokenizer, preprocessor,
     write_bytes_atomic(run_dir / "model.safetensors", save(state))
 
 
-def load_model_files(run_dir: str | os.PathLike):
-    """(model, tokenizer, preprocessor, config dict) from a RUN DIR, model in eval mode."""
+def read_safetensors(path: str | os.PathLike) -> dict:
+    """The tensors of a safetensors file; a damaged or foreign file is one clear error."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise BadInput(f"{path} is not a readable safetensors file ({e}); write it again "
+                       "(or restore it)") from None
+
+
+def load_model_files(run_dir: str | os.PathLike):
+    """(model, tokenizer, preprocessor, config dict) from a RUN DIR, model in eval mode."""
     from .data.tokenizer import load_tokenizer
     from .model import AgeVLM, AgeVLMConfig
     from .preprocess import Preprocessor
@@ -48,8 +58,12 @@ def load_model_files(run_dir: str | os.PathLike):
     except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
         raise BadInput(f"{run_dir}/config.json is not a valid model config ({e})") from None
     model = AgeVLM(cfg)
-    state = load_file(str(run_dir / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    state = read_safetensors(run_dir / "model.safetensors")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:       # shapes that do not match config.json
+        raise BadInput(f"{run_dir}/model.safetensors does not match config.json "
+                       f"({str(e).strip().splitlines()[-1].strip()})") from None
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise BadInput(f"{run_dir}/model.safetensors does not match config.json "

@@ -70,6 +70,12 @@ class AgeVLMConfig:
     eos_id: int = 2
 
     def __post_init__(self) -> None:
+        sizes = ("image_size", "patch_size", "vision_width", "vocab_size", "d_model", "n_layers",
+                 "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len")
+        for name in sizes + ("vision_layers", "head_dim", "xattn_heads", "xattn_kv_heads"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (name in sizes):
+                raise ValueError(f"{name} must be an integer >= {int(name in sizes)}, got {v!r}")
         self.head_dim = self.head_dim or self.d_model // self.n_heads
         self.xattn_heads = self.xattn_heads or self.n_heads
         self.xattn_kv_heads = self.xattn_kv_heads or self.n_kv_heads
@@ -731,7 +737,7 @@ def lm_config_from_hf(hf: dict) -> dict:
 
 def hf_llama_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights of a local HF Llama directory (safetensors only, sharded or not)."""
-    from safetensors.torch import load_file
+    from .checkpoint import read_safetensors
 
     path = Path(path)
     index = path / "model.safetensors.index.json"
@@ -741,7 +747,7 @@ def hf_llama_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     for f in files:
         if not (path / f).is_file():
             raise FileNotFoundError(f"{path / f} not found (only safetensors weights are loaded)")
-        sd.update(load_file(str(path / f)))
+        sd.update(read_safetensors(path / f))
     return sd
 
 

@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import BadInput
+from .fsutil import read_json
+
 # Mean/std that the published checkpoints of each tower family ship in their
 # preprocessor_config.json (openai/clip-*, google/siglip-*, facebook/convnext-*), for a dir
 # without that file. ConvNeXt's is ImageNet's, not ConvNextImageProcessor's 0.5 default.
@@ -43,8 +46,12 @@ class Preprocessor:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Preprocessor":
-        d = json.loads(Path(path).read_text())
-        return cls(int(d["image_size"]), tuple(d["mean"]), tuple(d["std"]))
+        d = read_json(path, "preprocessor config")
+        try:
+            return cls(int(d["image_size"]), tuple(float(x) for x in d["mean"]),
+                       tuple(float(x) for x in d["std"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadInput(f"{path} needs image_size, mean and std ({e!r}); re-save it") from None
 
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike, image_size: int) -> "Preprocessor":

