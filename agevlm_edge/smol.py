@@ -133,7 +133,11 @@ def _check_gguf(gguf_path: Path) -> dict:
     for mod in ("gguf", "accelerate"):
         if importlib.util.find_spec(mod) is None:
             raise BadInput(f"importing a GGUF file needs the `{mod}` package: pip install {mod}")
-    meta = _gguf_tokenizer_meta(gguf_path)
+    try:
+        meta = _gguf_tokenizer_meta(gguf_path)
+    except (ValueError, IndexError, KeyError, OSError) as e:   # gguf's reader on a bad file
+        raise BadInput(f"{gguf_path} is not a readable GGUF file ({type(e).__name__}: {e}); "
+                       "pass a complete .gguf file") from None
     if meta["arch"] != "llama":  # the tokenizer repairs and our decoder are Llama-only
         raise BadInput(f"{gguf_path.name} is a {meta['arch']!r} GGUF; "
                        "only Llama-family GGUF files can be imported")

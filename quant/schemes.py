@@ -159,6 +159,8 @@ def parse_scheme(spec: str) -> Scheme:
     kwargs = dict(fixed)
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, text = item.partition("=")
+        if not eq and key in fields and key not in fixed:
+            raise BadInput(f"scheme {name!r}: option {key!r} needs a value ({name}:{key}=VALUE)")
         if not eq or key not in fields or key in fixed:
             raise BadInput(f"scheme {name!r} has no option {key!r} (options: "
                            f"{', '.join(k for k in fields if k not in fixed) or 'none'})")

@@ -285,6 +285,15 @@ def test_bad_input_is_one_clear_error(data_dir, tmp_path):
     (broken / "pope_random.jsonl").unlink()
     with pytest.raises(BadInput, match="pope_random.jsonl .*missing"):
         run_suite(Oracle(data_dir), broken, suites="pope")
+    (broken / "pope_random.jsonl").write_text("")
+    with pytest.raises(BadInput, match="POPE file random .* has no questions"):
+        run_suite(Oracle(data_dir), broken, suites="pope")
+    (broken / "pope_random.jsonl").write_text('{"x": 1}\n')
+    with pytest.raises(BadInput, match="line 1 needs image_id, text and a yes/no label"):
+        run_suite(Oracle(data_dir), broken, suites="pope")
+    (broken / "test.jsonl").write_text("[1, 2, 3]\n")
+    with pytest.raises(BadInput, match="record 1 of .*test.jsonl needs image_id, file and objects"):
+        run_suite(Oracle(data_dir), broken, suites="pope")
 
 
 # ----------------------------------------------------------------------------- TorchBackend

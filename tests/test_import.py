@@ -348,6 +348,7 @@ BAD_CASES = {
     "missing image": (dict(pope=POPE_ROWS + [{**POPE_ROWS[0], "image": "nothere.jpg"}]),
                       None, ["line 5", "nothere.jpg", "does not exist"]),
     "truncated image": (dict(), "truncate", ["image id 1", "cannot read image"]),
+    "empty POPE file": (dict(pope=[]), None, ["coco_pope_random.json", "holds no questions"]),
     "llava turns": (dict(llava=[{"id": "q9", "image": "000000000003.jpg",
                                  "conversations": [{"from": "gpt", "value": "hi"}]}]),
                     None, ["entry id q9", "'human' turn"]),

@@ -72,6 +72,8 @@ def test_scheme_specs_parse_into_frozen_versioned_dataclasses():
                 "w4a8:accuracy_level=0", "int8-dynamic:preset=avx9"):
         with pytest.raises(BadInput):
             parse_scheme(bad)
+    with pytest.raises(BadInput, match="option 'block_size' needs a value"):
+        parse_scheme("int4:block_size")
     r = make_recipe("int4", {"vision": "int8-dynamic", "embed": "fp32"})
     assert r.scheme("vision").name == "int8-dynamic" and r.scheme("embed").name == "fp32"
     assert r.scheme("mlp") == WeightOnly()

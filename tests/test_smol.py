@@ -118,7 +118,13 @@ def test_missing_smollm2_package_is_a_clear_bad_input(monkeypatch, tmp_path):
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf")
     with pytest.raises(BadInput, match="not a valid GGUF file"):
         import_gguf(tmp_path / "out", gguf_path=tmp_path / "bad.gguf")
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF")                     # cut after the magic
+    with pytest.raises(BadInput, match="not a readable GGUF file"):
+        import_gguf(tmp_path / "out", gguf_path=tmp_path / "bad.gguf")
     with pytest.raises(BadInput, match="no config.json"):
+        smol_config(tmp_path)
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(BadInput, match="not valid JSON"):
         smol_config(tmp_path)
     assert not (tmp_path / "out").exists()
 

@@ -70,7 +70,14 @@ def load_split(data_dir: str | os.PathLike, split: str) -> list[dict]:
     if split not in meta.get("splits", {}):
         known = ", ".join(sorted(meta.get("splits", {}))) or "none"
         raise BadInput(f"split {split!r} is not in {data_dir} (splits: {known})")
-    return read_jsonl(Path(data_dir) / meta["splits"][split]["file"], f"split {split}")
+    path = Path(data_dir) / meta["splits"][split]["file"]
+    records = read_jsonl(path, f"split {split}")
+    for n, r in enumerate(records, 1):
+        if not (isinstance(r, dict) and isinstance(r.get("objects"), list)
+                and all(isinstance(r.get(k), str) for k in ("image_id", "file"))):
+            raise BadInput(f"split {split}: record {n} of {path} needs image_id, file and objects; "
+                           "regenerate or re-import the DATA DIR")
+    return records
 
 
 def write_split(root: Path, split: str, records: list[dict]) -> dict:

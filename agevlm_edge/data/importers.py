@@ -457,6 +457,8 @@ def _load_pope(imp: _Import, path: Path) -> None:
     variant = _pope_variant(path)
     if variant in imp.pope:
         raise BadInput(f"two POPE files for the {variant} variant ({path}); pass one per variant")
+    if not any(True for _ in _json_lines(path)):
+        raise BadInput(f"POPE file {path} holds no questions; pass a non-empty file")
     rows = imp.pope[variant] = []
     pattern = re.compile(r"is there (?:a|an) (.+?) in the ima?ge\?", re.IGNORECASE)
     for n, row in _json_lines(path):

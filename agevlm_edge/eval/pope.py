@@ -114,8 +114,16 @@ def run_pope(backend: EvalBackend, data_dir: str | os.PathLike, meta: dict, reco
     file_of = {r["image_id"]: r["file"] for r in records}
     present = {r["image_id"]: {o["class"] for o in r["objects"]} for r in records}
     partners = prior_partners(meta)
-    rows = {v: [r for r in read_jsonl(p, f"POPE file {v}") if r.get("image_id") in file_of]
-            for v, p in paths.items()}
+    rows = {}
+    for v, p in paths.items():
+        every = read_jsonl(p, f"POPE file {v}")
+        bad = next((n for n, r in enumerate(every, 1) if not (
+            isinstance(r, dict) and r.get("label") in ("yes", "no")
+            and all(isinstance(r.get(k), str) for k in ("image_id", "text")))), None)
+        if not every or bad:
+            why = "has no questions" if not every else f"line {bad} needs image_id, text and a yes/no label"
+            raise BadInput(f"POPE file {v} ({p}) {why}; regenerate or re-import the DATA DIR")
+        rows[v] = [r for r in every if r["image_id"] in file_of]
     keys = sorted({(r["image_id"], r["text"]) for rs in rows.values() for r in rs})
     answers = _ask_unique(backend, ImageStore(data_dir, backend.image_size), file_of, keys)
     files = {v: score_pope_file(rs, [answers[(r["image_id"], r["text"])] for r in rs], present, partners)
