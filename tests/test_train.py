@@ -357,6 +357,8 @@ def test_bad_settings_and_damaged_runs_are_one_line_errors_that_lose_nothing(tmp
     assert_one_line_error(run_cli("train", "--data", world, "--out", out, "--set", "model.d_model=0"),
                           "d_model must be an integer >= 1")
     assert_one_line_error(run_cli("train", "--data", world, "--out", out, "--resume"), "no training_state")
+    assert_one_line_error(run_cli("train", "--data", world, "--out", out, "--config", tmp_path),
+                          "not a YAML text file")
     assert not out.exists()
 
     cfg = tmp_path / "r.yaml"

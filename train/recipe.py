@@ -269,6 +269,9 @@ def load_recipe(path: str | Path) -> Recipe:
         d = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise BadInput(f"recipe file not found: {path}") from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise BadInput(f"--config {path} is not a YAML text file ({type(e).__name__}); pass a "
+                       "recipe .yaml file") from None
     except yaml.YAMLError as e:
         raise BadInput(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(d, dict):

@@ -113,7 +113,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch/safetensors raise many types for corrupt or unsafe files
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if len(reason) > 160:            # torch's unpickling advice runs long: its first sentence
+            reason = reason[:160].rsplit(". ", 1)[0].rstrip(".") + " ..."
         raise BadInput(f"cannot read SAM checkpoint {path} ({reason}); expected a state dict "
                        "saved with torch.save or a .safetensors file") from None
     for wrapper in ("model", "state_dict"):  # training checkpoints nest the weights
