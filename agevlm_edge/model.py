@@ -760,7 +760,11 @@ def load_llama_weights(model: AgeVLM, sd: dict[str, torch.Tensor]) -> list[str]:
         ours[k.replace("model.", "decoder.", 1) if k.startswith("model.") else k] = v
     if model.cfg.tie_embeddings:
         ours.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(ours, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(ours, strict=False)
+    except RuntimeError as e:            # shapes that config.json does not describe
+        raise ValueError(f"weights do not match config.json "
+                         f"({str(e).strip().splitlines()[-1].strip()})") from None
     if unexpected:
         raise ValueError(f"checkpoint keys the model does not have: {unexpected[:5]}")
     lm_missing = [k for k in missing if k.startswith("decoder.") and not k.startswith("decoder.xattn.")]

@@ -235,7 +235,10 @@ def freeze_language_model(model: AgeVLM) -> int:
 def build_smol(hf_dir: str | os.PathLike, **overrides) -> AgeVLM:
     """AgeVLM with the pretrained decoder of `hf_dir` loaded and frozen (eval mode)."""
     model = AgeVLM(smol_config(hf_dir, **overrides))
-    load_llama_weights(model, hf_llama_state_dict(hf_dir))
+    try:
+        load_llama_weights(model, hf_llama_state_dict(hf_dir))
+    except (ValueError, FileNotFoundError) as e:
+        raise BadInput(f"{hf_dir}: {e}") from None
     freeze_language_model(model)
     return model.eval()
 

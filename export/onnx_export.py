@@ -215,6 +215,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str =
     xattn_probs = xattn_probs and model.cfg.arch == "xattn"
     data = Path(data_dir) if data_dir else (Path(config["data"]) if config.get("data") else None)
     data = data if data is not None and (data / "dataset.json").is_file() else None
+    if data is not None:                 # the DATA DIR it reads (given, or the run's own)
+        check_out(out, [("DATA DIR", data)], overwrite)
     t0 = time.perf_counter()
     with staged_dir(out, overwrite=overwrite) as tmp:
         no_gqa = ("--kv-cache concat" if kv_cache == "concat" else

@@ -260,7 +260,8 @@ def _check_inputs(model_dir: Path, out: Path, recipe: Recipe, calib_dir, calib_t
     if man.get("precision") != "fp32":
         raise BadInput(f"{model_dir} is already quantized ({man.get('precision')}); quantize the "
                        "fp32 export instead")
-    inputs = [("input EXPORT DIR", model_dir)] + [("DATA DIR", calib_dir)] * (calib_dir is not None)
+    inputs = [("input EXPORT DIR", model_dir)] + [("DATA DIR", calib_dir)] * (calib_dir is not None) \
+        + [("--calib-text file", calib_text)] * (calib_text is not None)
     check_out(out, inputs, overwrite)
     n_layers = int(man.get("model", {}).get("n_layers", 0))
     beyond = [i for i, _ in recipe.layers if i >= n_layers]

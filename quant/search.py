@@ -203,7 +203,8 @@ def run_search(model_dir: str | os.PathLike, data_dir: str | os.PathLike, out: s
                            "part; use int8/int4 schemes")
     if len(ladder) < 2 or ladder[-1] != "fp32":
         raise BadInput("the ladder needs at least two schemes and must end with fp32")
-    check_out(out, [("EXPORT DIR", model_dir), ("DATA DIR", data_dir)], overwrite)
+    check_out(out, [("EXPORT DIR", model_dir), ("DATA DIR", data_dir)]
+              + [("--calib-text file", calib_text)] * (calib_text is not None), overwrite)
     top = len(ladder) - 1
     with staged_dir(out, overwrite=overwrite) as tmp:
         s = Search(model_dir, data_dir, budget, tmp / "candidates", ladder, limit, seed, ref_profile,

@@ -298,7 +298,7 @@ def test_export_refuses_to_replace_its_run_dir_and_bad_flags(runs, tmp_path):
     assert (runs["xattn"] / "model.safetensors").is_file()
 
 
-def test_export_cli_bad_inputs(tmp_path, runs):
+def test_export_cli_bad_inputs(tmp_path, runs, small_world):
     assert_one_line_error(run_cli("export", "--model", tmp_path / "nope", "--out", tmp_path / "e"),
                           "not a RUN DIR")
     (tmp_path / "busy").mkdir()
@@ -309,6 +309,11 @@ def test_export_cli_bad_inputs(tmp_path, runs):
                                   "--target", "mobile-gpu", "--kv-cache", "concat"),
                           "always runs self-attention as GroupQueryAttention")
     assert not (tmp_path / "m").exists()
+    data = tmp_path / "data"                        # a copy: a failed check would delete it
+    shutil.copytree(small_world, data)
+    assert_one_line_error(run_cli("export", "--model", runs["xattn"], "--data", data, "--out", data,
+                                  "--overwrite"), "would replace the DATA DIR")
+    assert (data / "dataset.json").is_file()
 
 
 # ----------------------------------------------------------------------------- runtime

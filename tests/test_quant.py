@@ -414,6 +414,13 @@ def test_quantize_bad_inputs_one_line_exit_2(fp32, tmp_path, small_world):
             text.write_bytes(content)
         assert_one_line_error(run_cli("quantize", "--model", fp32, "--scheme", "int8-qdq", "--out",
                                       out, "--calib", small_world, "--calib-text", text), why)
+    holder = tmp_path / "holder"
+    holder.mkdir()
+    (holder / "t.txt").write_text("a red circle\n")
+    assert_one_line_error(run_cli("quantize", "--model", fp32, "--scheme", "int8-qdq", "--calib",
+                                  small_world, "--calib-text", holder / "t.txt", "--out", holder,
+                                  "--overwrite"), "would replace the --calib-text file")
+    assert (holder / "t.txt").is_file()
     assert not out.exists()
     run_cli("quantize", "--model", fp32, "--scheme", "int4", "--out", out, check_rc=0)
     assert_one_line_error(run_cli("quantize", "--model", out, "--scheme", "int4", "--out",

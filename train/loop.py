@@ -90,7 +90,10 @@ def _build(data_dir: Path, recipe: Recipe, image_size: int):
 
         cfg = smol_config(recipe.lm_dir, image_size=image_size, **recipe.model)
         model = AgeVLM(cfg)
-        load_llama_weights(model, hf_llama_state_dict(recipe.lm_dir))
+        try:
+            load_llama_weights(model, hf_llama_state_dict(recipe.lm_dir))
+        except (ValueError, FileNotFoundError) as e:
+            raise BadInput(f"--lm-dir {recipe.lm_dir}: {e}") from None
         return load_tokenizer(recipe.lm_dir), model
     tok_path = data_dir / "tokenizer.json"
     if not tok_path.is_file():
