@@ -127,8 +127,9 @@ def _int8_dynamic(src: Path, names: list[str], s: Int8Dynamic, tmp: Path) -> onn
 
     optimum's ORTQuantizer gives the preset's settings; onnxruntime's quantize_dynamic applies
     them reading from the file: ORTQuantizer.quantize loads the graph and its quantizer saves
-    and reloads it for shape inference, holding two copies where quantize_dynamic holds one
-    (peak RSS 4196 vs 3166 MB on a 912 MB decoder, benchmarks/bench_quant_memory.py).
+    and reloads it for shape inference, one copy more than quantize_dynamic, which loads the
+    file with shape inference already done (peak RSS 4196 vs 3166 MB on a 912 MB decoder,
+    benchmarks/bench_quant_memory.py).
     """
     from onnxruntime.quantization import quantize_dynamic
     from optimum.onnxruntime.configuration import AutoQuantizationConfig

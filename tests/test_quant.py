@@ -216,7 +216,7 @@ def test_each_scheme_runs_and_agrees_with_fp32(fp32, tmp_path, small_world, spec
 @pytest.mark.parametrize("preset", ["avx2", "avx512_vnni", "arm64"])
 def test_int8_dynamic_from_the_file_is_what_optimums_quantizer_makes(fp32, tmp_path, preset):
     """int8-dynamic takes optimum's preset and runs onnxruntime's quantize_dynamic on the file
-    (one copy of the graph in memory instead of ORTQuantizer's two): the same graph results."""
+    (one copy of the graph fewer in memory than ORTQuantizer): the same graph results."""
     import onnx
     from onnx import numpy_helper
     from optimum.onnxruntime import ORTQuantizer
