@@ -44,7 +44,7 @@ def read_safetensors(path: str | os.PathLike) -> dict:
 def load_model_files(run_dir: str | os.PathLike):
     """(model, tokenizer, preprocessor, config dict) from a RUN DIR, model in eval mode."""
     from .data.tokenizer import load_tokenizer
-    from .model import AgeVLM, AgeVLMConfig
+    from .model import AgeVLM, AgeVLMConfig, load_weights
     from .preprocess import Preprocessor
 
     run_dir = Path(run_dir)
@@ -60,10 +60,9 @@ def load_model_files(run_dir: str | os.PathLike):
     model = AgeVLM(cfg)
     state = read_safetensors(run_dir / "model.safetensors")
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:       # shapes that do not match config.json
-        raise BadInput(f"{run_dir}/model.safetensors does not match config.json "
-                       f"({str(e).strip().splitlines()[-1].strip()})") from None
+        missing, unexpected = load_weights(model, state)
+    except ValueError as e:
+        raise BadInput(f"{run_dir}/model.safetensors: {e}") from None
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise BadInput(f"{run_dir}/model.safetensors does not match config.json "

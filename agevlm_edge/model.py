@@ -735,6 +735,16 @@ def lm_config_from_hf(hf: dict) -> dict:
     return out
 
 
+def load_weights(model: nn.Module, state: dict) -> tuple[list[str], list[str]]:
+    """load_state_dict(strict=False) -> (missing, unexpected); tensors whose shapes the model's
+    config does not describe are a ValueError naming the first of them."""
+    try:
+        return model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"weights do not match config.json "
+                         f"({str(e).strip().splitlines()[-1].strip()})") from None
+
+
 def hf_llama_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights of a local HF Llama directory (safetensors only, sharded or not)."""
     from .checkpoint import read_safetensors
@@ -760,11 +770,7 @@ def load_llama_weights(model: AgeVLM, sd: dict[str, torch.Tensor]) -> list[str]:
         ours[k.replace("model.", "decoder.", 1) if k.startswith("model.") else k] = v
     if model.cfg.tie_embeddings:
         ours.pop("lm_head.weight", None)
-    try:
-        missing, unexpected = model.load_state_dict(ours, strict=False)
-    except RuntimeError as e:            # shapes that config.json does not describe
-        raise ValueError(f"weights do not match config.json "
-                         f"({str(e).strip().splitlines()[-1].strip()})") from None
+    missing, unexpected = load_weights(model, ours)
     if unexpected:
         raise ValueError(f"checkpoint keys the model does not have: {unexpected[:5]}")
     lm_missing = [k for k in missing if k.startswith("decoder.") and not k.startswith("decoder.xattn.")]
