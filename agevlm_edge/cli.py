@@ -167,8 +167,9 @@ def data_masks(data_dir, sam_checkpoint, sam_type, splits, mask_noise, limit, se
     """Attach masks to grounded objects: exact ones, SAM (box prompts), or degraded."""
     from .data.masks import make_masks
 
+    names = None if splits is None else [s.strip() for s in splits.split(",") if s.strip()]
     summary = make_masks(data_dir, sam_type=sam_type, checkpoint=sam_checkpoint,
-                         splits=splits.split(",") if splits else None, noise=mask_noise,
+                         splits=names, noise=mask_noise,
                          limit=limit, seed=seed)
     click.echo(summary)
 

@@ -1,6 +1,7 @@
 """The guidance study: guided vs `ca` vs `concat` on the `hard` world, several seeds.
 
     python scripts/study_guidance.py --out runs/study [--seeds 0,1,2] [--scale 1.0]
+        [--set instruct.question_dice=1.0 ...]
 
 Builds (once) a hard world, trains each variant for each seed with the tiny recipe, evaluates
 on the prior-broken `test` split and prints a markdown table of mean +- std: POPE F1 per split,
@@ -23,7 +24,7 @@ from agevlm_edge.errors import BadInput
 from agevlm_edge.eval.suite import evaluate
 from agevlm_edge.fsutil import write_json_atomic, write_text_atomic
 from agevlm_edge.train.loop import train
-from agevlm_edge.train.recipe import preset_recipe, recipe_from_dict
+from agevlm_edge.train.recipe import apply_sets, preset_recipe, recipe_from_dict
 
 VARIANTS = ("guided", "ca", "concat")
 
@@ -75,7 +76,17 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the recipe's steps")
     ap.add_argument("--n-train", type=int, default=20000)
     ap.add_argument("--preset", default="hard", help="world preset")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="recipe override for every run, as `agevlm train --set` (repeatable)")
     args = ap.parse_args()
+    bad = [p for p in args.sets if "=" not in p]
+    if bad:
+        ap.error(f"--set {bad[0]!r} is not KEY=VALUE")
+    sets = dict(p.split("=", 1) for p in args.sets)
+    try:   # a wrong key fails here, before the world is built or any run trains
+        apply_sets(preset_recipe("tiny"), sets)
+    except BadInput as e:
+        ap.error(str(e))
     data = args.out / "data"
     if not (data / "tokenizer.json").is_file():
         print(synthesize(data, preset=args.preset, seed=0, n_train=args.n_train, overwrite=True))
@@ -86,7 +97,7 @@ def main() -> None:
         for variant in rows:
             run, res_file = args.out / f"{variant}-s{seed}", args.out / f"{variant}-s{seed}.json"
             if not res_file.is_file():
-                recipe = preset_recipe("tiny", variant, seed=seed, scale=args.scale)
+                recipe = apply_sets(preset_recipe("tiny", variant, seed=seed, scale=args.scale), sets)
                 resume = stopped_run_of(run, recipe)
                 print(f"{'resuming' if resume else 'training'} {run}")
                 print(train(data, run, recipe, resume=resume, overwrite=True))

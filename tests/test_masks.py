@@ -171,6 +171,7 @@ def test_wrong_checkpoint_fails_cleanly_via_cli(data_dir: Path, tmp_path: Path) 
     ({"sam_type": "tiny", "checkpoint": "GARBAGE"}, "cannot read SAM checkpoint"),
     ({"checkpoint": "GARBAGE"}, "needs --sam-type"),
     ({"splits": ["nope"]}, "split 'nope' is not in"),
+    ({"splits": []}, "--splits names no split"),   # `--splits ''` was every split, exit 0
     ({"noise": "dilate:2,blur:1"}, "bad token 'blur:1'"),
     ({"limit": 0}, "--limit"),
 ])

@@ -498,6 +498,8 @@ def make_masks(data_dir: str | os.PathLike, *, sam_type: str | None = None,
     """
     data_dir = Path(data_dir)
     meta = load_meta(data_dir)
+    if splits is not None and not splits:
+        raise BadInput("--splits names no split: give e.g. train,test, or leave it out for all")
     names = list(dict.fromkeys(splits)) if splits else list(meta.get("splits", {}))
     if limit is not None and limit < 1:
         raise BadInput(f"--limit must be at least 1 (got {limit})")
