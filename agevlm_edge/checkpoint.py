@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from .errors import BadInput
-from .fsutil import write_bytes_atomic, write_json_atomic, write_text_atomic
+from .fsutil import require_dir, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 
 def save_model_files(run_dir: str | os.PathLike, model, tokenizer, preprocessor, extra: dict | None = None) -> None:
@@ -47,7 +47,7 @@ def load_model_files(run_dir: str | os.PathLike):
     from .model import AgeVLM, AgeVLMConfig, load_weights
     from .preprocess import Preprocessor
 
-    run_dir = Path(run_dir)
+    run_dir = require_dir(run_dir, "run directory", "train one with `agevlm train`")
     for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor.json"):
         if not (run_dir / name).is_file():
             raise BadInput(f"{run_dir} is not a RUN DIR: {name} is missing "

@@ -74,6 +74,17 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: list[dict]) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
+def require_dir(path: str | os.PathLike, what: str, hint: str) -> Path:
+    """``path`` as a Path when it is a directory; else one BadInput line that says whether it
+    is missing or a file, and ``hint`` (how to make the right one)."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise BadInput(f"{what} {path} is a file, not a directory; {hint}")
+    raise BadInput(f"{what} not found: {path}; {hint}")
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     path = Path(path)
     try:

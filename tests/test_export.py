@@ -300,6 +300,8 @@ def test_export_refuses_to_replace_its_run_dir_and_bad_flags(runs, tmp_path):
 
 def test_export_cli_bad_inputs(tmp_path, runs, small_world):
     assert_one_line_error(run_cli("export", "--model", tmp_path / "nope", "--out", tmp_path / "e"),
+                          "run directory not found")
+    assert_one_line_error(run_cli("export", "--model", tmp_path, "--out", tmp_path / "e"),
                           "not a RUN DIR")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "f").write_text("x")

@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 import agevlm_edge
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,3 +64,17 @@ def test_core_package_imports_nothing_heavy():
             "print(sorted(m for m in ('torch', 'transformers', 'onnx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_file_given_for_a_directory_is_named_as_a_file(tmp_path):
+    """DATA DIR, RUN DIR and EXPORT DIR given as a file (or missing): one line that says which."""
+    (tmp_path / "afile").write_text("x")
+    for args, what, fix in [
+            (("data", "tokenizer", "--data"), "data directory", "agevlm data synth"),
+            (("export", "--out", str(tmp_path / "x"), "--model"), "run directory", "agevlm train"),
+            (("infer", "--image", str(tmp_path / "afile"), "--prompt", "hi", "--model"),
+             "export directory", "agevlm export")]:
+        for name, says in (("afile", f"{what} {tmp_path / 'afile'} is a file, not a directory"),
+                           ("absent", f"{what} not found: {tmp_path / 'absent'}")):
+            assert_one_line_error(run_cli(*args, str(tmp_path / name)), says, fix)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import BadInput
-from ..fsutil import read_json, read_jsonl, write_json_atomic, write_jsonl_atomic
+from ..fsutil import read_json, read_jsonl, require_dir, write_json_atomic, write_jsonl_atomic
 
 SCHEMA_VERSION = 1
 POPE_VARIANTS = ("random", "popular", "adversarial")
@@ -54,9 +54,7 @@ def pope_question(name: str) -> str:
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise BadInput(f"data directory not found: {data_dir}; create one with `agevlm data synth`")
+    data_dir = require_dir(data_dir, "data directory", "create one with `agevlm data synth`")
     meta = read_json(data_dir / "dataset.json", "dataset.json")
     version = meta.get("schema_version")
     if version != SCHEMA_VERSION:

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from ..errors import BadInput
-from ..fsutil import sha256_file
+from ..fsutil import require_dir, sha256_file
 
 FORMAT = "agevlm-export"
 FORMAT_VERSION = 1
@@ -26,8 +26,7 @@ def load_manifest(export_dir: str | os.PathLike, verify: bool = True) -> dict:
     """The manifest of an EXPORT DIR, after checking its format and (``verify``) every hash."""
     d = Path(export_dir)
     path = d / "manifest.json"
-    if not d.is_dir():
-        raise BadInput(f"export directory not found: {d} (make one with `agevlm export`)")
+    require_dir(d, "export directory", "make one with `agevlm export`")
     if not path.is_file():
         raise BadInput(f"{d} is not an EXPORT DIR: manifest.json is missing (make one with "
                        "`agevlm export --model RUN --out DIR`)")
