@@ -145,6 +145,11 @@ def check_out_file(out: str | os.PathLike, inputs: Iterable[tuple[str, str | os.
         if parent.exists():
             if not parent.is_dir():
                 raise BadInput(f"cannot write {out}: {parent} is a file; choose another path")
+            try:   # a real probe: as root, os.access says yes to read-only places like /proc
+                tempfile.NamedTemporaryFile(dir=parent).close()
+            except OSError:
+                raise BadInput(f"cannot write {out}: no file can be created in {parent}; "
+                               "choose another path") from None
             break
     o = out.resolve()
     for what, d in inputs:

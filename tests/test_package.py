@@ -7,6 +7,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 import agevlm_edge
 from conftest import assert_one_line_error, run_cli
 
@@ -78,3 +80,13 @@ def test_a_file_given_for_a_directory_is_named_as_a_file(tmp_path):
                            ("absent", f"{what} not found: {tmp_path / 'absent'}")):
             assert_one_line_error(run_cli(*args, str(tmp_path / name)), says, fix)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_an_output_file_where_none_can_be_made_fails_before_any_work(tmp_path):
+    """eval --out in /proc (root may 'write' anywhere by os.access) was caught only after the
+    whole evaluation; a real probe refuses it first, before the model is even looked at."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux /proc")
+    assert_one_line_error(run_cli("eval", "--model", str(tmp_path / "absent"), "--data",
+                                  str(tmp_path), "--out", "/proc/agevlm-eval.json"),
+                          "cannot write /proc/agevlm-eval.json", "no file can be created in /proc")
