@@ -24,9 +24,8 @@ REQUIRED_FILES = ("vision.onnx", "decoder.onnx", "tokenizer.json", "preprocessor
 
 def load_manifest(export_dir: str | os.PathLike, verify: bool = True) -> dict:
     """The manifest of an EXPORT DIR, after checking its format and (``verify``) every hash."""
-    d = Path(export_dir)
+    d = require_dir(export_dir, "export directory", "make one with `agevlm export`")
     path = d / "manifest.json"
-    require_dir(d, "export directory", "make one with `agevlm export`")
     if not path.is_file():
         raise BadInput(f"{d} is not an EXPORT DIR: manifest.json is missing (make one with "
                        "`agevlm export --model RUN --out DIR`)")
