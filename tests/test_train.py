@@ -91,7 +91,9 @@ def test_variants_are_one_switch_apart():
     assert [s.name for s in g.stages] == ["lm", "vision", "align", "guided", "instruct"]
     assert g.stages[3].dice_weight > 0 and g.stages[3].dice_fraction == 0.1
     assert g.stages[4].dice_weight > 0 and g.stages[4].question_dice == 1.0
-    assert preset_recipe("smol", lm_dir="x").stages[-1].question_dice == 0.5  # as measured
+    assert g.stages[4].dice_fraction == 0.5
+    smol = preset_recipe("smol", lm_dir="x").stages[-1]
+    assert (smol.question_dice, smol.dice_fraction) == (0.5, 0.1)  # as measured
     assert all(s.dice_weight == 0 and s.question_dice == 0 for s in ca.stages + cc.stages)
     assert [s.steps for s in ca.stages] == [s.steps for s in g.stages]
     assert cc.model == {"arch": "concat"} and not any("xattn" in s.train for s in cc.stages)
