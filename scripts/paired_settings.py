@@ -132,7 +132,7 @@ def write_table(args: argparse.Namespace, labels: list[str], rows: dict[str, lis
             diff = []
             for k in keys:
                 d = [a[k] - b[k] for a, b in pairs if a[k] is not None and b[k] is not None]
-                diff.append(f"{statistics.mean(d):+.3f}" if d else "-")
+                diff.append(f"{round(statistics.mean(d), 3) + 0.0:+.3f}" if d else "-")  # no -0.000
             lines.append(f"| {lb} minus {labels[0]} | {len(pairs)} paired | " + " | ".join(diff) + " |")
     table = "\n".join(head + lines)
     write_json_atomic(args.out / "paired.json", {"args": {k: str(v) for k, v in vars(args).items()},
