@@ -69,7 +69,9 @@ def main() -> None:
                     help="recipe override shared by every run (repeatable)")
     args = ap.parse_args()
     try:
-        seeds = [int(s) for s in args.seeds.split(",")]
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip().isdigit()]
+        if len(seeds) != len(args.seeds.split(",")):
+            raise BadInput(f"--seeds {args.seeds!r}: write comma-separated integers, e.g. 0,1,2")
         if len(args.compare) < 2:
             raise BadInput("give at least two --compare settings (the first is the reference)")
         bad = [p for p in args.sets if "=" not in p]
@@ -90,8 +92,15 @@ def main() -> None:
                                    f"may differ ({', '.join(names[first:])}); put shared "
                                    "settings in --set")
             apply_sets(base, s)   # a wrong key or value fails here, before anything trains
-    except (BadInput, ValueError) as e:
+    except BadInput as e:
         ap.error(str(e))
+    try:
+        run_all(args, base, base_sets, settings, first, seeds)
+    except BadInput as e:   # a wrong DATA DIR or a damaged checkpoint: one line, exit 2
+        ap.exit(2, f"paired_settings.py: error: {e}\n")
+
+
+def run_all(args, base, base_sets, settings, first, seeds) -> None:
     stop = sum(st.steps for st in base.stages[:first])
     labels = [" ".join(f"{k}={v}" for k, v in s.items()) for s in settings]
     rows: dict[str, list[dict]] = {lb: [] for lb in labels}
