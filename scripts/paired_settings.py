@@ -32,12 +32,10 @@ from agevlm_edge.train.loop import train
 from agevlm_edge.train.recipe import apply_sets, preset_recipe
 
 
-def parse_pairs(text: str, what: str) -> dict[str, str]:
-    pairs = shlex.split(text)
+def parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
     bad = [p for p in pairs if "=" not in p]
-    if not pairs or bad:
-        raise BadInput(f"{what} {text!r}: write space-separated KEY=VALUE pairs, "
-                       "e.g. 'instruct.dice_fraction=1.0'")
+    if bad:
+        raise BadInput(f"{what} {bad[0]!r} is not KEY=VALUE, e.g. 'instruct.dice_fraction=1.0'")
     return dict(p.split("=", 1) for p in pairs)
 
 
@@ -74,11 +72,8 @@ def main() -> None:
             raise BadInput(f"--seeds {args.seeds!r}: write comma-separated integers, e.g. 0,1,2")
         if len(args.compare) < 2:
             raise BadInput("give at least two --compare settings (the first is the reference)")
-        bad = [p for p in args.sets if "=" not in p]
-        if bad:
-            raise BadInput(f"--set {bad[0]!r} is not KEY=VALUE")
-        base_sets = dict(p.split("=", 1) for p in args.sets)
-        settings = [parse_pairs(c, "--compare") for c in args.compare]
+        base_sets = parse_pairs(args.sets, "--set")
+        settings = [parse_pairs(shlex.split(c) or [c], "--compare") for c in args.compare]
         base = apply_sets(preset_recipe("tiny", seed=0, scale=args.scale), base_sets)
         names = [st.name for st in base.stages]
         if args.from_stage not in names:
@@ -94,6 +89,8 @@ def main() -> None:
             apply_sets(base, s)   # a wrong key or value fails here, before anything trains
     except BadInput as e:
         ap.error(str(e))
+    except ValueError as e:   # shlex: an unclosed quote
+        ap.error(f"--compare: {e}")
     try:
         run_all(args, base, base_sets, settings, first, seeds)
     except BadInput as e:   # a wrong DATA DIR or a damaged checkpoint: one line, exit 2
@@ -108,8 +105,9 @@ def run_all(args, base, base_sets, settings, first, seeds) -> None:
         recipe_of = lambda s: apply_sets(preset_recipe("tiny", seed=seed, scale=args.scale),  # noqa: E731
                                          {**base_sets, **s})
         pre = args.out / f"s{seed}-pre"
-        if stop and not (stopped_run_of(pre, recipe_of({})) and step_of(pre) == stop):
-            resume = stopped_run_of(pre, recipe_of({})) and step_of(pre) < stop
+        done = step_of(pre) if stopped_run_of(pre, recipe_of({})) else -1
+        if stop and done != stop:
+            resume = 0 <= done < stop
             print(f"{'resuming' if resume else 'training'} {pre} to step {stop}")
             print(train(args.data, pre, recipe_of({}), resume=resume, overwrite=True, stop_at_step=stop))
         for i, (label, s) in enumerate(zip(labels, settings)):
