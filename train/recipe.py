@@ -141,10 +141,10 @@ def _tiny_stages(scale: float) -> list[Stage]:
     # same pre-instruct checkpoints of seeds 0-2, val yes/no +0.03-0.05 on each seed, mean
     # POPE F1 +0.015-0.022 per split (README, "Known gap").
     # Half of instruct's captions get the dice loss (0.1, the paper's fraction for its guided
-    # stage, before): from the same pre-instruct checkpoints of seeds 0-2, CHAIR_i 0.292 ->
-    # 0.249 and mask IoU 0.528 -> 0.638 on the mean, lower / higher on every seed, POPE F1
-    # +0.003-0.013 per split; 1.0 did as well on CHAIR_i (0.245) but doubled one seed's false
-    # yeses to absent prior partners (README, "Known gap").
+    # stage, before): from the same pre-instruct checkpoints of seeds 0-3, mask IoU 0.533 ->
+    # 0.630 on the mean (higher on every seed), CHAIR_i 0.302 -> 0.272 (lower on three of
+    # four), POPE F1 flat; 1.0 did as well on CHAIR_i over seeds 0-2 but doubled one seed's
+    # false yeses to absent prior partners (README, "Known gap").
     s = lambda n: max(1, int(n * scale))  # noqa: E731
     g = 30.0
     b = 3   # length_buckets of the text stages
