@@ -23,7 +23,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from study_guidance import fmt, metrics, stopped_run_of
+from study_guidance import fmt, last_val, metrics, stopped_run_of
 
 from agevlm_edge.errors import BadInput
 from agevlm_edge.eval.suite import evaluate
@@ -45,9 +45,7 @@ def step_of(run: Path) -> int:
 
 def row_of(res: dict, run: Path) -> dict:
     row = metrics(res, run)
-    vals = [json.loads(line)["val"] for line in (run / "metrics.jsonl").read_text().splitlines()
-            if '"val"' in line]
-    row["val_caption_loss"] = vals[-1].get("val_caption_loss") if vals else None
+    row["val_caption_loss"] = last_val(run).get("val_caption_loss")
     for t, v in res["suites"]["vqa"]["types"].items():
         row[f"vqa_{t}"] = v["accuracy"]
     return row

@@ -29,11 +29,16 @@ from agevlm_edge.train.recipe import apply_sets, preset_recipe, recipe_from_dict
 VARIANTS = ("guided", "ca", "concat")
 
 
-def val_yesno(run: Path) -> float | None:
-    """The run's last validation yes/no accuracy (after instruct): did its answers leave chance?"""
+def last_val(run: Path) -> dict:
+    """The run's last validation metrics (after its last stage), {} when it has none."""
     vals = [json.loads(line)["val"] for line in (run / "metrics.jsonl").read_text().splitlines()
             if '"val"' in line] if (run / "metrics.jsonl").is_file() else []
-    return vals[-1].get("val_yesno_acc") if vals else None
+    return vals[-1] if vals else {}
+
+
+def val_yesno(run: Path) -> float | None:
+    """The run's last validation yes/no accuracy (after instruct): did its answers leave chance?"""
+    return last_val(run).get("val_yesno_acc")
 
 
 def stopped_run_of(run: Path, recipe) -> bool:
