@@ -24,7 +24,7 @@ def save_model_files(run_dir: str | os.PathLike, model, tokenizer, preprocessor,
     write_text_atomic(run_dir / "tokenizer.json", tokenizer.to_str())
     write_json_atomic(run_dir / "preprocessor.json", preprocessor.to_dict())
     # Tied lm_head shares the embedding tensor; safetensors stores each tensor once.
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
              if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
     write_bytes_atomic(run_dir / "model.safetensors", save(state))
 

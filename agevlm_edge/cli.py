@@ -233,8 +233,12 @@ def lm_import_gguf(out, gguf, overwrite) -> None:
 @click.option("--vision-dir", type=click.Path(path_type=Path), default=None,
               help="Local Hugging Face CLIP, SigLIP or ConvNeXt directory: a pretrained, frozen "
                    "vision tower instead of the built-in one (its pretraining stage is skipped).")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+              help="Where the steps run: auto takes a CUDA GPU when torch sees one (one process "
+                   "only; torchrun runs on CPU). CUDA steps are not bit-reproducible, so exact "
+                   "resume and the figures in README are CPU ones.")
 def train_cmd(data_dir, out, preset, variant, config_file, sets, scale, resume, overwrite,
-              stop_at_step, lm_dir, vision_dir) -> None:
+              stop_at_step, lm_dir, vision_dir, device) -> None:
     """Staged training of AGE-VLM (or a baseline) on a DATA DIR."""
     from .train.recipe import apply_sets, load_recipe, preset_recipe
     from .train.loop import train
@@ -245,7 +249,7 @@ def train_cmd(data_dir, out, preset, variant, config_file, sets, scale, resume, 
     if vision_dir:   # the model field that --set model.vision_hf_dir=DIR would set
         recipe = dataclasses.replace(recipe, model={**recipe.model, "vision_hf_dir": str(vision_dir)})
     click.echo(train(data_dir, out, recipe, resume=resume, overwrite=overwrite,
-                     stop_at_step=stop_at_step))
+                     stop_at_step=stop_at_step, device=device))
 
 
 @cli.command("eval")
@@ -260,7 +264,10 @@ def train_cmd(data_dir, out, preset, variant, config_file, sets, scale, resume, 
 @click.option("--out", "out_json", type=click.Path(path_type=Path), help="Write results as JSON.")
 @click.option("--bnb", type=click.Choice(["int8", "nf4"]), default=None,
               help="Evaluate a bitsandbytes variant of the RUN DIR (reference for GPU users).")
-def eval_cmd(model_dir, data_dir, suite, split, limit, out_json, bnb) -> None:
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+              help="Where a RUN DIR's torch model runs: auto takes a CUDA GPU when torch sees "
+                   "one (an EXPORT DIR runs on onnxruntime's CPU provider).")
+def eval_cmd(model_dir, data_dir, suite, split, limit, out_json, bnb, device) -> None:
     """Evaluate a model: POPE, CHAIR, grounding, image-text matching, VQA."""
     from .eval.suite import evaluate, format_report
 
@@ -272,7 +279,8 @@ def eval_cmd(model_dir, data_dir, suite, split, limit, out_json, bnb) -> None:
         results = evaluate_bnb(model_dir, data_dir, bnb, suites=suite, out_json=out_json,
                                limit=limit, split=split)
     else:
-        results = evaluate(model_dir, data_dir, suite, out_json=out_json, limit=limit, split=split)
+        results = evaluate(model_dir, data_dir, suite, out_json=out_json, limit=limit, split=split,
+                           device=device)
     click.echo(format_report(results))
 
 

@@ -396,3 +396,23 @@ def test_bad_settings_and_damaged_runs_are_one_line_errors_that_lose_nothing(tmp
     assert_one_line_error(run_cli("eval", "--model", run, "--data", world, "--out",
                                   run / "config.json" / "r.json"), "is a file")
     assert (run / "model.safetensors").read_bytes() == weights
+
+
+def test_device_choice_is_one_line_error_before_anything_is_written(tmp_path, world):
+    from agevlm_edge.errors import BadInput
+    from agevlm_edge.train.loop import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(BadInput, match="is not a device"):
+        resolve_device("gpu0")
+    with pytest.raises(BadInput, match="runs on cpu or cuda"):
+        resolve_device("meta")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: the no-GPU errors cannot be shown")
+    out = tmp_path / "r"
+    assert_one_line_error(run_cli("train", "--data", world, "--out", out, "--device", "cuda",
+                                  "--scale", "0.01"), "--device cuda", "sees no CUDA GPU")
+    assert not out.exists()
+    assert_one_line_error(run_cli("eval", "--model", out, "--data", world, "--device", "cuda:1"),
+                          "sees no CUDA GPU")

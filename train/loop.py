@@ -108,12 +108,40 @@ def _build(data_dir: Path, recipe: Recipe, image_size: int):
         raise BadInput(f"model settings: {e}") from None
 
 
-class Run:
-    """Holds the model, data and state of one training run; each stage kind has a `_step_*`."""
+def resolve_device(device: str | None) -> torch.device:
+    """``auto`` (CUDA when there is one and the run is one process), ``cpu``, ``cuda`` or
+    ``cuda:N``; a device this machine lacks is one clear error."""
+    device = (device or "cpu").strip().lower()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() and _world()[1] == 1 else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise BadInput(f"--device {device!r} is not a device; use auto, cpu or cuda[:N]") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise BadInput(f"--device {device!r}: training runs on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInput(f"--device {device}: this torch build sees no CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BadInput(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+        if _world()[1] > 1:
+            raise BadInput("multi-process training (torchrun) runs on CPU with gloo; use --device cpu")
+    return dev
 
-    def __init__(self, data_dir: Path, out: Path, recipe: Recipe, limit: int | None):
+
+class Run:
+    """Holds the model, data and state of one training run; each stage kind has a `_step_*`.
+
+    Data stays on the CPU; each step's batch moves to ``device`` (the cached vision features
+    live there). On CUDA the steps are not bit-reproducible (atomic adds in some backward
+    kernels), so exact resume is a CPU guarantee.
+    """
+
+    def __init__(self, data_dir: Path, out: Path, recipe: Recipe, limit: int | None,
+                 device: torch.device = torch.device("cpu")):
         meta = load_meta(data_dir)
-        self.data_dir, self.out, self.recipe = data_dir, out, recipe
+        self.data_dir, self.out, self.recipe, self.device = data_dir, out, recipe, device
         size = int(meta["generator"].get("config", {}).get("image_size", 64)) if meta.get("name") == "synth" else 64
         torch.manual_seed(recipe.seed)
         self.tok, self.model = _build(data_dir, recipe, size)
@@ -129,6 +157,8 @@ class Run:
         self.colours = list(meta["vocabulary"].get("colours", []))
         self.n_labels = len(self.classes) + len(self.colours)
         self.head = VisionHead(self.cfg.vision_out_width, self.n_labels)
+        self.model.to(device)
+        self.head.to(device)
         args = (self.tok, self.cfg.image_size, self.cfg.patch_size, recipe.mask_source)
         ids = dict(bos=self.cfg.bos_id, eos=self.cfg.eos_id)
         self.train_data = load_split_data(data_dir, "train", *args, limit=limit, **ids)
@@ -156,7 +186,11 @@ class Run:
         return self._token_labels
 
     def pixels(self, data: SplitData, rows: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.pre.normalize(data.images[rows].numpy()))
+        return torch.from_numpy(self.pre.normalize(data.images[rows].numpy())).to(self.device)
+
+    def to_device(self, batch: dict) -> dict:
+        """A collated batch with its tensors on the run's device."""
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     @torch.no_grad()
     def vision_features(self, data: SplitData) -> torch.Tensor:
@@ -188,7 +222,7 @@ class Run:
 
     def step_lm(self, ddp, stage: Stage, g: torch.Generator) -> dict:
         samples = self.lm_samples(stage, g)
-        out = ddp([collate(b, self.cfg.pad_id, self.cfg.n_image_tokens, lm_only=True)
+        out = ddp([self.to_device(collate(b, self.cfg.pad_id, self.cfg.n_image_tokens, lm_only=True))
                    for b in length_buckets(samples, stage.length_buckets)])
         n = _all_sum(out["lm_count"])
         loss = out["lm_sum"] / n * _world()[1]
@@ -196,8 +230,8 @@ class Run:
 
     def step_vision(self, ddp, stage: Stage, g: torch.Generator) -> dict:
         idx = self._shard(torch.randint(len(self.train_data.images), (stage.batch_size,), generator=g))
-        tok = self.token_labels()[idx] if stage.vision_labels == "mask" else None
-        out = ddp(self.pixels(self.train_data, idx), self.train_data.labels[idx], tok)
+        tok = self.token_labels()[idx].to(self.device) if stage.vision_labels == "mask" else None
+        out = ddp(self.pixels(self.train_data, idx), self.train_data.labels[idx].to(self.device), tok)
         n = _all_sum(out["count"])
         return {"loss": out["loss_sum"] / n * _world()[1], "bce": _all_sum(out["loss_sum"]) / n}
 
@@ -223,7 +257,7 @@ class Run:
     def step_vlm(self, ddp, stage: Stage, g: torch.Generator) -> dict:
         samples = self.vlm_samples(stage, g)
         with_dice = stage.dice_weight > 0 and self.cfg.arch == "xattn"
-        buckets = [collate(b, self.cfg.pad_id, self.cfg.n_image_tokens)
+        buckets = [self.to_device(collate(b, self.cfg.pad_id, self.cfg.n_image_tokens))
                    for b in length_buckets(samples, stage.length_buckets)]
         out = ddp([(self.feats["train"][b["image"]], b) for b in buckets], with_dice)
         n = _all_sum(out["lm_count"])
@@ -242,7 +276,7 @@ class Run:
         self.model.eval()
         v = self.val_data
         if stage.kind == "vision":
-            logits = self.head(self.vision_features(v))
+            logits = self.head(self.vision_features(v)).cpu()
             C = len(self.classes)
             return {"class_f1": _f1(logits[:, :C] > 0, v.labels[:, :C] > 0),
                     "colour_f1": _f1(logits[:, C:] > 0, v.labels[:, C:] > 0)}
@@ -252,7 +286,8 @@ class Run:
             pool = pool[:VAL_LIMIT]
             if not pool:
                 continue
-            batch = collate(pool, self.cfg.pad_id, self.cfg.n_image_tokens, lm_only=stage.kind == "lm")
+            batch = self.to_device(collate(pool, self.cfg.pad_id, self.cfg.n_image_tokens,
+                                          lm_only=stage.kind == "lm"))
             img = self.model.projector(feats[batch["image"]]) if feats is not None else None
             out = self.model(batch["input_ids"], image_tokens=img, attention_mask=batch["attention_mask"])
             s, n = lm_loss_sum(out.logits, batch["labels"])
@@ -261,7 +296,7 @@ class Run:
                 res["val_yesno_acc"] = self._yes_no_accuracy(out.logits, batch, pool)
         if stage.kind == "lm" and stage.context_qa > 0:   # reading comprehension, text only
             pool = self.context_questions("val")[:VAL_LIMIT]
-            batch = collate(pool, self.cfg.pad_id, self.cfg.n_image_tokens, lm_only=True)
+            batch = self.to_device(collate(pool, self.cfg.pad_id, self.cfg.n_image_tokens, lm_only=True))
             out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"])
             res["val_context_yesno_acc"] = self._yes_no_accuracy(out.logits, batch, pool)
         return res
@@ -286,10 +321,11 @@ class Run:
         from safetensors.torch import save_file
 
         with staged_dir(self.out / "training_state", overwrite=True) as tmp:
-            sd = {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()
+            sd = {k: v.detach().cpu().clone().contiguous() for k, v in self.model.state_dict().items()
                   if not (self.cfg.tie_embeddings and k == "lm_head.weight")}
             save_file(sd, str(tmp / "model.safetensors"))
-            save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(tmp / "head.safetensors"))
+            save_file({k: v.cpu().contiguous() for k, v in self.head.state_dict().items()},
+                      str(tmp / "head.safetensors"))
             if self.optimizer is not None:
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             write_json_atomic(tmp / "state.json", self.state)
@@ -309,7 +345,7 @@ class Run:
             self.state = read_json(ts / "state.json", "training state")
             if not all(isinstance(self.state.get(k), int) for k in ("stage", "step", "global_step")):
                 raise ValueError("state.json needs integer stage, step and global_step")
-            self._resume_opt = torch.load(ts / "optimizer.pt", weights_only=True) \
+            self._resume_opt = torch.load(ts / "optimizer.pt", weights_only=True, map_location="cpu") \
                 if (ts / "optimizer.pt").is_file() else None
         except (OSError, RuntimeError, ValueError, AttributeError) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -333,7 +369,8 @@ class Run:
                 p.requires_grad_(True)
             params += list(self.head.parameters())
             freq = self.train_data.labels.mean(0)
-            module = VisionStep(self.model, self.head, ((1 - freq) / freq.clamp(min=1e-3)).clamp(1, 10))
+            module = VisionStep(self.model, self.head,
+                                ((1 - freq) / freq.clamp(min=1e-3)).clamp(1, 10)).to(self.device)
         elif stage.kind == "lm":
             module = LMStep(self.model, stage.loss_norm == "sample")
         else:
@@ -408,11 +445,14 @@ def _truncate_metrics(path: Path, global_step: int) -> None:
 
 
 def train(data_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, resume: bool = False,
-          overwrite: bool = False, stop_at_step: int | None = None, limit: int | None = None) -> str:
-    """Run (or resume) every stage of ``recipe``; returns a one-line summary."""
+          overwrite: bool = False, stop_at_step: int | None = None, limit: int | None = None,
+          device: str | None = "cpu") -> str:
+    """Run (or resume) every stage of ``recipe`` on ``device`` (resolve_device); returns a
+    one-line summary."""
     from tqdm import tqdm
 
     _maybe_init_distributed()
+    dev = resolve_device(device)
     data_dir, out = Path(data_dir), Path(out)
     rank, world = _world()
     if any(st.batch_size % world for st in recipe.stages):
@@ -425,7 +465,7 @@ def train(data_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, r
     if replace and not overwrite:
         raise BadInput(f"run directory {out} already exists; pass --resume to continue it, "
                        "--overwrite to start again, or choose another --out")
-    run = Run(data_dir, out, recipe, limit)
+    run = Run(data_dir, out, recipe, limit, dev)
     if resume:
         run.load()
     if replace and rank == 0:
@@ -453,4 +493,4 @@ def train(data_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, r
             if not run.run_stage(si, stage, stop_at_step, bar):
                 return f"stopped at global step {run.state['global_step']} (checkpoint in {out}/training_state)"
     return (f"trained {recipe.variant} ({run.model.num_parameters() / 1e6:.2f}M params) for "
-            f"{run.state['global_step']} steps in {time.perf_counter() - t0:.0f}s -> {out}")
+            f"{run.state['global_step']} steps in {time.perf_counter() - t0:.0f}s on {dev} -> {out}")

@@ -66,9 +66,11 @@ def run_suite(backend: EvalBackend, data_dir: str | os.PathLike,
 
 
 def load_backend(model_dir: str | os.PathLike, batch_size: int = 64,
-                 model_transform: Callable | None = None) -> tuple[EvalBackend, dict]:
+                 model_transform: Callable | None = None,
+                 device: str | None = None) -> tuple[EvalBackend, dict]:
     """(backend, model info) for a RUN DIR or an EXPORT DIR; ``model_transform`` may rewrite the loaded torch
-    model first (e.g. bitsandbytes int8/nf4 variants from agevlm_edge.quant.bnb)."""
+    model first (e.g. bitsandbytes int8/nf4 variants from agevlm_edge.quant.bnb); ``device``
+    (auto, cpu, cuda[:N]) places a RUN DIR's model (an EXPORT DIR runs on onnxruntime)."""
     from ..checkpoint import load_model_files
     from .backend import TorchBackend
 
@@ -79,6 +81,9 @@ def load_backend(model_dir: str | os.PathLike, batch_size: int = 64,
 
         if model_transform is not None:
             raise BadInput(f"{model_dir} is an EXPORT DIR; bitsandbytes variants need the RUN DIR")
+        if device not in (None, "auto", "cpu"):
+            raise BadInput(f"--device {device}: {model_dir} is an EXPORT DIR, which runs on "
+                           "onnxruntime; --device places a RUN DIR's torch model")
         rt = Runtime(model_dir)
         info = {"dir": str(model_dir), "arch": rt.arch, "export": {
             k: rt.manifest.get(k) for k in ("target", "precision", "scheme", "fused")}}
@@ -87,18 +92,27 @@ def load_backend(model_dir: str | os.PathLike, batch_size: int = 64,
     info = {"dir": str(model_dir), "arch": model.cfg.arch, "parameters": model.num_parameters()}
     if model_transform is not None:
         model = model_transform(model)
+    elif device is not None:
+        from ..train.loop import resolve_device
+
+        model = model.to(resolve_device(device))
     return TorchBackend(model, tokenizer, pre, batch_size=batch_size), info
 
 
 def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
              suites: str | Sequence[str] | None = None, out_json: str | os.PathLike | None = None,
              limit: int | None = None, split: str = "test", batch_size: int = 64,
-             model_transform: Callable | None = None) -> dict:
-    """Evaluate a RUN DIR on a DATA DIR split; write ``out_json`` atomically when given."""
+             model_transform: Callable | None = None, device: str | None = None) -> dict:
+    """Evaluate a RUN DIR on a DATA DIR split (its model on ``device``, load_backend); write
+    ``out_json`` atomically when given."""
     if suites is not None:
         parse_suites(suites)              # fail on a typo before loading the model
+    if device not in (None, "auto", "cpu"):
+        from ..train.loop import resolve_device
+
+        resolve_device(device)            # and on a GPU this machine lacks
     load_split(data_dir, split)
-    backend, info = load_backend(model_dir, batch_size, model_transform)
+    backend, info = load_backend(model_dir, batch_size, model_transform, device)
     # Some backends cannot run every suite (an export has no hidden states): the default is
     # what the backend supports, and asking for more fails before anything runs.
     supported = getattr(backend, "supported_suites", DEFAULT_SUITES)
