@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# What more training buys the tiny recipe: seeds trained in parallel on one CUDA GPU at the
+# default schedule (--scale 1) and at a longer one (--scale $SCALE), each evaluated on the
+# easy world's test split. Written for a lent GPU machine (the `device` tool) where torch and
+# CUDA are installed but nothing can be downloaded; works on any machine with torch.
+#
+#   SCALE=2 SEEDS="0 1 2" OUT=/tmp/out bash scripts/gpu_scale_study.sh [smoke]
+#
+# Environment: SCALE (default 2), SEEDS (default "0 1 2"), VARIANTS (default guided; e.g.
+# "guided ca concat"), RUN_X1 (default 1: also the default schedule), DEVICE (default cuda),
+# WORK (default /tmp/gss), OUT (results: summary.jsonl, table.md from scripts/scale_table.py,
+# results.tgz with each run's eval JSON and metrics.jsonl), N_TRAIN (default 20000, the
+# `make demo` world), PY (default python3; `python3 -P` where the checkout would shadow the
+# installed package). Runs that share a SEED share their data and recipe but for the schedule.
+# `smoke` trains and evaluates one 2%-schedule run on a 600-image world and stops.
+set -u
+SCALE=${SCALE:-2}; SEEDS=${SEEDS:-"0 1 2"}; DEVICE=${DEVICE:-cuda}; WORK=${WORK:-/tmp/gss}
+N_TRAIN=${N_TRAIN:-20000}; PY=${PY:-python3}; OUT=${OUT:?set OUT to a results folder}
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+mkdir -p "$WORK/res" "$OUT"
+A="$PY -m agevlm_edge.cli"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+
+world() {   # DIR N_TRAIN: the easy world (seed 0) and its tokenizer, once
+  [ -f "$1/tokenizer.json" ] && return 0
+  $A data synth --out "$1" --preset easy --seed 0 --n-train "$2" --overwrite >/dev/null &&
+    $A data tokenizer --data "$1" >/dev/null
+}
+
+job() {     # NAME SCALE SEED DATA [train args]: train, evaluate, record
+  local name=$1 scale=$2 seed=$3 data=$4; shift 4
+  local run="$WORK/runs/$name" t0=$SECONDS
+  $A train --data "$data" --out "$run" --overwrite --scale "$scale" --set seed="$seed" \
+      --device "$DEVICE" "$@" > "$WORK/res/$name.train.log" 2>&1 || { echo "{\"run\": \"$name\", \"failed\": \"train\"}" >> "$OUT/summary.jsonl"; tail -5 "$WORK/res/$name.train.log"; return 1; }
+  local t1=$SECONDS
+  $A eval --model "$run" --data "$data" --out "$WORK/res/$name.eval.json" --device "$DEVICE" \
+      ${EVAL_LIMIT:+--limit $EVAL_LIMIT} > "$WORK/res/$name.eval.log" 2>&1 || { echo "{\"run\": \"$name\", \"failed\": \"eval\"}" >> "$OUT/summary.jsonl"; tail -5 "$WORK/res/$name.eval.log"; return 1; }
+  cp "$run/metrics.jsonl" "$WORK/res/$name.metrics.jsonl"
+  $PY - "$name" "$scale" "$seed" "$((t1 - t0))" "$((SECONDS - t1))" "$WORK/res/$name.eval.json" "$run" >> "$OUT/summary.jsonl" <<'PYEOF'
+import json, sys
+from pathlib import Path
+sys.path.insert(0, "scripts")
+from study_guidance import metrics
+name, scale, seed, t_train, t_eval, path, run = sys.argv[1:]
+row = {"run": name, "scale": float(scale), "seed": int(seed), "train_s": int(t_train), "eval_s": int(t_eval)}
+row.update(metrics(json.load(open(path)), Path(run)))
+print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+PYEOF
+  pack "$name"
+}
+
+pack() {    # what has finished so far, in case the machine's time runs out before the rest
+  tar czf "$WORK/results.$1.tgz" -C "$WORK" res && mv "$WORK/results.$1.tgz" "$OUT/results.tgz"
+}
+
+if [ "${1:-}" = smoke ]; then
+  world "$WORK/small" 600 || exit 1
+  EVAL_LIMIT=20 job smoke 0.02 0 "$WORK/small" && cat "$OUT/summary.jsonl"
+  exit $?
+fi
+world "$WORK/data" "$N_TRAIN" || exit 1
+for v in ${VARIANTS:-guided}; do
+  for seed in $SEEDS; do
+    [ "${RUN_X1:-1}" = 1 ] && job "$v-s${seed}-x1" 1 "$seed" "$WORK/data" --variant "$v" &
+    job "$v-s${seed}-x${SCALE}" "$SCALE" "$seed" "$WORK/data" --variant "$v" &
+  done
+done
+wait
+pack all
+$PY scripts/scale_table.py "$WORK/res" | tee "$OUT/table.md"

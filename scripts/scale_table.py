@@ -1,0 +1,74 @@
+"""Markdown table (mean ± std over seeds) of the runs gpu_scale_study.sh evaluated.
+
+    python scripts/scale_table.py RES_DIR [RES_DIR ...]
+
+RES_DIR holds NAME.eval.json and NAME.metrics.jsonl per run, NAME being
+``[VARIANT-]sSEED-xSCALE`` (no variant: guided), as gpu_scale_study.sh writes them (res/ inside
+its results.tgz). Rows: variant and schedule; per seed and as mean ± std.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from study_guidance import fmt, metrics  # noqa: E402
+
+NAME = re.compile(r"^(?:(guided|ca|concat)-)?s(\d+)-x([\d.]+)$")
+COLS = [("val yes/no", "val_yesno"), ("POPE F1 random", "pope_f1_random"),
+        ("popular", "pope_f1_popular"), ("adversarial", "pope_f1_adversarial"),
+        ("false-yes partner", "fy_partner"), ("other", "fy_other"), ("CHAIR_i", "chair_i"),
+        ("IoU", "mask_iou"), ("pointing", "pointing"), ("VQA colour", "vqa_colour"),
+        ("tower class F1", "tower_f1")]
+
+
+class _Run:   # what metrics() reads of a run directory: its metrics.jsonl
+    def __init__(self, metrics_file: Path):
+        self.file = metrics_file
+
+    def __truediv__(self, name: str) -> Path:
+        return self.file
+
+
+def rows(res_dirs: list[Path]) -> dict[tuple[str, str], dict[int, dict]]:
+    out: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+    for d in res_dirs:
+        for ev in sorted(d.glob("*.eval.json")):
+            name = ev.name[: -len(".eval.json")]
+            m = NAME.match(name)
+            if not m:
+                continue
+            variant, seed, scale = m.group(1) or "guided", int(m.group(2)), m.group(3)
+            res = json.loads(ev.read_text())
+            mfile = d / f"{name}.metrics.jsonl"
+            row = metrics(res, _Run(mfile))
+            row["vqa_colour"] = res["suites"].get("vqa", {}).get("types", {}).get("colour", {}).get("accuracy")
+            towers = [json.loads(ln)["val"].get("class_f1") for ln in mfile.read_text().splitlines()
+                      if '"stage": "vision"' in ln and '"val"' in ln]
+            row["tower_f1"] = towers[-1] if towers else None
+            out[(variant, scale)][seed] = row
+    return out
+
+
+def table(data: dict) -> str:
+    lines = ["| variant, schedule, seed | " + " | ".join(c for c, _ in COLS) + " |",
+             "|---" * (len(COLS) + 1) + "|"]
+    order = {"guided": 0, "ca": 1, "concat": 2}
+    for (variant, scale), seeds in sorted(data.items(), key=lambda kv: (float(kv[0][1]), order[kv[0][0]])):
+        for seed, r in sorted(seeds.items()):
+            lines.append(f"| {variant} x{scale}, {seed} | " + " | ".join(fmt([r[k]]) for _, k in COLS) + " |")
+        if len(seeds) > 1:
+            lines.append(f"| **{variant} x{scale}, mean ± std** | " +
+                         " | ".join(fmt([r[k] for r in seeds.values()]) for _, k in COLS) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or not all(Path(p).is_dir() for p in sys.argv[1:]):
+        sys.exit("usage: python scripts/scale_table.py RES_DIR [RES_DIR ...] (folders of "
+                 "NAME.eval.json + NAME.metrics.jsonl from gpu_scale_study.sh)")
+    print(table(rows([Path(p) for p in sys.argv[1:]])))
