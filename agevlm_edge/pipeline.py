@@ -36,7 +36,7 @@ def _stage(log: list[dict], out: Path, name: str, fn, *args, **kwargs) -> str:
 
 
 def run_pipeline(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, short: bool = False,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, scale: float | None = None, device: str = "cpu") -> None:
     """data synth (easy world) -> masks (exact, rendered) -> tokenizer -> train (guided) -> eval
     -> export (cpu and mobile-gpu, parity checked) -> one example `infer` with a heatmap
     -> quantize the standard set -> drift gate each -> precision search -> report."""
@@ -46,9 +46,12 @@ def run_pipeline(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, sh
     from .eval.suite import evaluate, format_report
     from .export.onnx_export import export_run
     from .runtime.infer import run_infer
-    from .train.loop import train
+    from .train.loop import resolve_device, train
     from .train.recipe import preset_recipe
 
+    if short and scale is not None:
+        raise BadInput("--short sets its own schedule; pass --short or --scale, not both")
+    resolve_device(device)                 # a GPU this machine lacks: before anything is written
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise BadInput(f"pipeline output {out} already exists and is not empty; "
@@ -61,13 +64,13 @@ def run_pipeline(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, sh
            **sizes)
     _stage(log, out, "data masks", make_masks, data, seed=seed)
     _stage(log, out, "data tokenizer", build_tokenizer, data)
-    recipe = preset_recipe(preset, "guided", seed=seed, scale=SHORT_SCALE if short else 1.0)
-    _stage(log, out, "train", train, data, out / "run", recipe, overwrite=True)
+    recipe = preset_recipe(preset, "guided", seed=seed, scale=SHORT_SCALE if short else scale or 1.0)
+    _stage(log, out, "train", train, data, out / "run", recipe, overwrite=True, device=device)
     results = {}
 
     def _eval() -> str:
         results.update(evaluate(out / "run", data, out_json=out / "eval.json",
-                                limit=SHORT_EVAL_IMAGES if short else None))
+                                limit=SHORT_EVAL_IMAGES if short else None, device=device))
         pope = results["suites"]["pope"]["summary"]
         return (f"POPE mean F1 {pope['mean_f1']:.3f}, CHAIR_i "
                 f"{results['suites']['chair']['chair_i']}, written to {out / 'eval.json'}")

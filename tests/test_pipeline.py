@@ -36,3 +36,14 @@ def test_short_pipeline_runs_every_stage(tmp_path):
     # An existing run is never clobbered without --overwrite.
     assert_one_line_error(run_cli("pipeline", "--out", out, "--short"), "--overwrite")
     assert (out / "pipeline.json").is_file()
+
+
+def test_pipeline_settings_are_checked_before_anything_is_written(tmp_path):
+    import torch
+
+    out = tmp_path / "p"
+    assert_one_line_error(run_cli("pipeline", "--out", out, "--short", "--scale", "2"),
+                          "--short or --scale")
+    if not torch.cuda.is_available():
+        assert_one_line_error(run_cli("pipeline", "--out", out, "--device", "cuda"), "no CUDA GPU")
+    assert not out.exists()
