@@ -1,29 +1,32 @@
 #!/usr/bin/env bash
 # What more training buys the tiny recipe: seeds trained in parallel on one CUDA GPU at the
 # default schedule (--scale 1) and at a longer one (--scale $SCALE), each evaluated on the
-# easy world's test split. Written for a lent GPU machine (the `device` tool) where torch and
-# CUDA are installed but nothing can be downloaded; works on any machine with torch.
+# world's test split (easy by default; on medium and hard that split breaks the planted
+# priors). Written for a lent GPU machine (the `device` tool) where torch and CUDA are
+# installed but nothing can be downloaded; works on any machine with torch.
 #
 #   SCALE=2 SEEDS="0 1 2" OUT=/tmp/out bash scripts/gpu_scale_study.sh [smoke]
 #
-# Environment: SCALE (default 2), SEEDS (default "0 1 2"), VARIANTS (default guided; e.g.
-# "guided ca concat"), RUN_X1 (default 1: also the default schedule), DEVICE (default cuda),
-# WORK (default /tmp/gss), OUT (results: summary.jsonl, table.md from scripts/scale_table.py,
-# results.tgz with each run's eval JSON and metrics.jsonl), N_TRAIN (default 20000, the
-# `make demo` world), PY (default python3; `python3 -P` where the checkout would shadow the
-# installed package). Runs that share a SEED share their data and recipe but for the schedule.
+# Environment: WORLD (default easy; medium or hard: the guidance study's worlds), SCALE
+# (default 2), SEEDS (default "0 1 2"), VARIANTS (default guided; e.g. "guided ca concat"),
+# RUN_X1 (default 1: also the default schedule), DEVICE (default cuda), WORK (default
+# /tmp/gss), OUT (results: summary.jsonl, table.md from scripts/scale_table.py, results.tgz
+# with each run's eval JSON and metrics.jsonl), N_TRAIN (default 20000, the `make demo`
+# world), PY (default python3; `python3 -P` where the checkout would shadow the installed
+# package). Runs that share a SEED share their data and recipe but for the schedule.
 # `smoke` trains and evaluates one 2%-schedule run on a 600-image world and stops.
 set -u
 SCALE=${SCALE:-2}; SEEDS=${SEEDS:-"0 1 2"}; DEVICE=${DEVICE:-cuda}; WORK=${WORK:-/tmp/gss}
-N_TRAIN=${N_TRAIN:-20000}; PY=${PY:-python3}; OUT=${OUT:?set OUT to a results folder}
+N_TRAIN=${N_TRAIN:-20000}; PY=${PY:-python3}; WORLD=${WORLD:-easy}
+OUT=${OUT:?set OUT to a results folder}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$WORK/res" "$OUT"
 A="$PY -m agevlm_edge.cli"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 
-world() {   # DIR N_TRAIN: the easy world (seed 0) and its tokenizer, once
+world() {   # DIR N_TRAIN: the $WORLD world (seed 0) and its tokenizer, once
   [ -f "$1/tokenizer.json" ] && return 0
-  $A data synth --out "$1" --preset easy --seed 0 --n-train "$2" --overwrite >/dev/null &&
+  $A data synth --out "$1" --preset "$WORLD" --seed 0 --n-train "$2" --overwrite >/dev/null &&
     $A data tokenizer --data "$1" >/dev/null
 }
 
@@ -58,11 +61,11 @@ if [ "${1:-}" = smoke ]; then
   EVAL_LIMIT=20 job smoke 0.02 0 "$WORK/small" && cat "$OUT/summary.jsonl"
   exit $?
 fi
-world "$WORK/data" "$N_TRAIN" || exit 1
+world "$WORK/data-$WORLD" "$N_TRAIN" || exit 1
 for v in ${VARIANTS:-guided}; do
   for seed in $SEEDS; do
-    [ "${RUN_X1:-1}" = 1 ] && job "$v-s${seed}-x1" 1 "$seed" "$WORK/data" --variant "$v" &
-    job "$v-s${seed}-x${SCALE}" "$SCALE" "$seed" "$WORK/data" --variant "$v" &
+    [ "${RUN_X1:-1}" = 1 ] && job "$v-s${seed}-x1" 1 "$seed" "$WORK/data-$WORLD" --variant "$v" &
+    job "$v-s${seed}-x${SCALE}" "$SCALE" "$seed" "$WORK/data-$WORLD" --variant "$v" &
   done
 done
 wait
