@@ -26,14 +26,6 @@ COLS = [("val yes/no", "val_yesno"), ("POPE F1 random", "pope_f1_random"),
         ("tower class F1", "tower_f1")]
 
 
-class _Run:   # what metrics() reads of a run directory: its metrics.jsonl
-    def __init__(self, metrics_file: Path):
-        self.file = metrics_file
-
-    def __truediv__(self, name: str) -> Path:
-        return self.file
-
-
 def rows(res_dirs: list[Path]) -> dict[tuple[str, str], dict[int, dict]]:
     out: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
     for d in res_dirs:
@@ -45,7 +37,7 @@ def rows(res_dirs: list[Path]) -> dict[tuple[str, str], dict[int, dict]]:
             variant, seed, scale = m.group(1) or "guided", int(m.group(2)), m.group(3)
             res = json.loads(ev.read_text())
             mfile = d / f"{name}.metrics.jsonl"
-            row = metrics(res, _Run(mfile))
+            row = metrics(res, mfile)
             row["vqa_colour"] = res["suites"].get("vqa", {}).get("types", {}).get("colour", {}).get("accuracy")
             towers = [json.loads(ln)["val"].get("class_f1") for ln in mfile.read_text().splitlines()
                       if '"stage": "vision"' in ln and '"val"' in ln]

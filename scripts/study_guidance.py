@@ -30,9 +30,11 @@ VARIANTS = ("guided", "ca", "concat")
 
 
 def last_val(run: Path) -> dict:
-    """The run's last validation metrics (after its last stage), {} when it has none."""
-    vals = [json.loads(line)["val"] for line in (run / "metrics.jsonl").read_text().splitlines()
-            if '"val"' in line] if (run / "metrics.jsonl").is_file() else []
+    """The run's last validation metrics (after its last stage), {} when it has none; ``run``
+    is a RUN DIR or its metrics.jsonl (a copy under another name)."""
+    path = run if run.suffix == ".jsonl" else run / "metrics.jsonl"
+    vals = [json.loads(line)["val"] for line in path.read_text().splitlines()
+            if '"val"' in line] if path.is_file() else []
     return vals[-1] if vals else {}
 
 
