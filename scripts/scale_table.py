@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from study_guidance import fmt, metrics  # noqa: E402
+from study_guidance import fmt, last_val, metrics  # noqa: E402
 
 NAME = re.compile(r"^(?:(guided|ca|concat)-)?s(\d+)-x([\d.]+)$")
 COLS = [("val yes/no", "val_yesno"), ("POPE F1 random", "pope_f1_random"),
@@ -39,9 +39,7 @@ def rows(res_dirs: list[Path]) -> dict[tuple[str, str], dict[int, dict]]:
             mfile = d / f"{name}.metrics.jsonl"
             row = metrics(res, mfile)
             row["vqa_colour"] = res["suites"].get("vqa", {}).get("types", {}).get("colour", {}).get("accuracy")
-            towers = [json.loads(ln)["val"].get("class_f1") for ln in mfile.read_text().splitlines()
-                      if '"stage": "vision"' in ln and '"val"' in ln]
-            row["tower_f1"] = towers[-1] if towers else None
+            row["tower_f1"] = last_val(mfile, "vision").get("class_f1")
             out[(variant, scale)][seed] = row
     return out
 

@@ -29,12 +29,13 @@ from agevlm_edge.train.recipe import apply_sets, preset_recipe, recipe_from_dict
 VARIANTS = ("guided", "ca", "concat")
 
 
-def last_val(run: Path) -> dict:
-    """The run's last validation metrics (after its last stage), {} when it has none; ``run``
-    is a RUN DIR or its metrics.jsonl (a copy under another name)."""
+def last_val(run: Path, stage: str | None = None) -> dict:
+    """The run's last validation metrics (after its last stage, or after ``stage``), {} when it
+    has none; ``run`` is a RUN DIR or its metrics.jsonl (a copy under another name)."""
     path = run if run.suffix == ".jsonl" else run / "metrics.jsonl"
-    vals = [json.loads(line)["val"] for line in path.read_text().splitlines()
+    rows = [json.loads(line) for line in path.read_text().splitlines()
             if '"val"' in line] if path.is_file() else []
+    vals = [r["val"] for r in rows if stage is None or r.get("stage") == stage]
     return vals[-1] if vals else {}
 
 
