@@ -13,11 +13,16 @@
 # /tmp/gss), OUT (results: summary.jsonl, table.md from scripts/scale_table.py, results.tgz
 # with each run's eval JSON and metrics.jsonl), N_TRAIN (default 20000, the `make demo`
 # world), PY (default python3; `python3 -P` where the checkout would shadow the installed
-# package). Runs that share a SEED share their data and recipe but for the schedule.
+# package), WORLD_SET (KEY=VALUE world settings for `data synth --set`, e.g. "image_size=128
+# min_size=10 max_size=32": the hard world at twice the pixels), TRAIN_SET (KEY=VALUE recipe
+# settings for every run's `train --set`, e.g. "model.patch_size=16"). Runs that share a SEED
+# share their data and recipe but for the schedule.
 # `smoke` trains and evaluates one 2%-schedule run on a 600-image world and stops.
 set -u
 SCALE=${SCALE:-2}; SEEDS=${SEEDS:-"0 1 2"}; DEVICE=${DEVICE:-cuda}; WORK=${WORK:-/tmp/gss}
 N_TRAIN=${N_TRAIN:-20000}; PY=${PY:-python3}; WORLD=${WORLD:-easy}
+WSET=(); for kv in ${WORLD_SET:-}; do WSET+=(--set "$kv"); done
+TSET=(); for kv in ${TRAIN_SET:-}; do TSET+=(--set "$kv"); done
 OUT=${OUT:?set OUT to a results folder}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$WORK/res" "$OUT"
@@ -26,7 +31,7 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_av
 
 world() {   # DIR N_TRAIN: the $WORLD world (seed 0) and its tokenizer, once
   [ -f "$1/tokenizer.json" ] && return 0
-  $A data synth --out "$1" --preset "$WORLD" --seed 0 --n-train "$2" --overwrite >/dev/null &&
+  $A data synth --out "$1" --preset "$WORLD" --seed 0 --n-train "$2" "${WSET[@]}" --overwrite >/dev/null &&
     $A data tokenizer --data "$1" >/dev/null
 }
 
@@ -34,7 +39,7 @@ job() {     # NAME SCALE SEED DATA [train args]: train, evaluate, record
   local name=$1 scale=$2 seed=$3 data=$4; shift 4
   local run="$WORK/runs/$name" t0=$SECONDS
   $A train --data "$data" --out "$run" --overwrite --scale "$scale" --set seed="$seed" \
-      --device "$DEVICE" "$@" > "$WORK/res/$name.train.log" 2>&1 || { echo "{\"run\": \"$name\", \"failed\": \"train\"}" >> "$OUT/summary.jsonl"; tail -5 "$WORK/res/$name.train.log"; return 1; }
+      "${TSET[@]}" --device "$DEVICE" "$@" > "$WORK/res/$name.train.log" 2>&1 || { echo "{\"run\": \"$name\", \"failed\": \"train\"}" >> "$OUT/summary.jsonl"; tail -5 "$WORK/res/$name.train.log"; return 1; }
   local t1=$SECONDS
   $A eval --model "$run" --data "$data" --out "$WORK/res/$name.eval.json" --device "$DEVICE" \
       ${EVAL_LIMIT:+--limit $EVAL_LIMIT} > "$WORK/res/$name.eval.log" 2>&1 || { echo "{\"run\": \"$name\", \"failed\": \"eval\"}" >> "$OUT/summary.jsonl"; tail -5 "$WORK/res/$name.eval.log"; return 1; }
