@@ -16,7 +16,10 @@
 # package), WORLD_SET (KEY=VALUE world settings for `data synth --set`, e.g. "image_size=128
 # min_size=10 max_size=32": the hard world at twice the pixels), TRAIN_SET (KEY=VALUE recipe
 # settings for every run's `train --set`, e.g. "model.patch_size=16"). Runs that share a SEED
-# share their data and recipe but for the schedule.
+# share their data and recipe but for the schedule. DEADLINE (seconds; default none): stop
+# then, as on SIGTERM (e.g. from `timeout`): unfinished runs are killed and their metrics so
+# far packed as res/NAME.progress.jsonl into results.tgz (exit 124), so a device call that
+# runs out still says how far each run got and what its stages validated at.
 # `smoke` trains and evaluates one 2%-schedule run on a 600-image world and stops.
 set -u
 SCALE=${SCALE:-2}; SEEDS=${SEEDS:-"0 1 2"}; DEVICE=${DEVICE:-cuda}; WORK=${WORK:-/tmp/gss}
@@ -61,18 +64,36 @@ pack() {    # what has finished so far, in case the machine's time runs out befo
   tar czf "$WORK/results.$1.tgz" -C "$WORK" res && mv "$WORK/results.$1.tgz" "$OUT/results.tgz"
 }
 
+stop() {    # SIGTERM or DEADLINE: kill the runs, keep how far each got
+  trap - TERM
+  for p in $(jobs -p); do pkill -TERM -P "$p" 2>/dev/null; kill -TERM "$p" 2>/dev/null; done
+  for m in "$WORK"/runs/*/metrics.jsonl; do
+    [ -f "$m" ] || continue
+    name=$(basename "$(dirname "$m")")
+    [ -f "$WORK/res/$name.eval.json" ] || cp "$m" "$WORK/res/$name.progress.jsonl"
+  done
+  pack progress; echo "stopped: unfinished runs' metrics are in $OUT/results.tgz (res/*.progress.jsonl)" >&2
+  exit 124
+}
+trap stop TERM
+WATCH=; [ -n "${DEADLINE:-}" ] && { { sleep "$DEADLINE"; kill -TERM $$; } & WATCH=$!; }
+
 if [ "${1:-}" = smoke ]; then
   world "$WORK/small" 600 || exit 1
   EVAL_LIMIT=20 job smoke 0.02 0 "$WORK/small" && cat "$OUT/summary.jsonl"
-  exit $?
+  rc=$?; [ -n "$WATCH" ] && pkill -P "$WATCH"; exit $rc
 fi
 world "$WORK/data-$WORLD" "$N_TRAIN" || exit 1
+RUNS=()
 for v in ${VARIANTS:-guided}; do
   for seed in $SEEDS; do
-    [ "${RUN_X1:-1}" = 1 ] && job "$v-s${seed}-x1" 1 "$seed" "$WORK/data-$WORLD" --variant "$v" &
-    job "$v-s${seed}-x${SCALE}" "$SCALE" "$seed" "$WORK/data-$WORLD" --variant "$v" &
+    if [ "${RUN_X1:-1}" = 1 ]; then
+      job "$v-s${seed}-x1" 1 "$seed" "$WORK/data-$WORLD" --variant "$v" & RUNS+=($!)
+    fi
+    job "$v-s${seed}-x${SCALE}" "$SCALE" "$seed" "$WORK/data-$WORLD" --variant "$v" & RUNS+=($!)
   done
 done
-wait
+wait "${RUNS[@]}"   # the runs, not the DEADLINE watch
+[ -n "$WATCH" ] && { pkill -P "$WATCH"; kill "$WATCH"; } 2>/dev/null
 pack all
 $PY scripts/scale_table.py "$WORK/res" | tee "$OUT/table.md"

@@ -4,7 +4,9 @@
 
 RES_DIR holds NAME.eval.json and NAME.metrics.jsonl per run, NAME being
 ``[VARIANT-]sSEED-xSCALE`` (no variant: guided), as gpu_scale_study.sh writes them (res/ inside
-its results.tgz). Rows: variant and schedule; per seed and as mean ± std.
+its results.tgz). Rows: variant and schedule; per seed and as mean ± std. Runs a DEADLINE
+stopped (NAME.progress.jsonl) follow in a second table: where each got to and what its
+finished stages validated at.
 """
 
 from __future__ import annotations
@@ -57,8 +59,31 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def progress(res_dirs: list[Path]) -> str:
+    """Unfinished runs: the last logged stage and step, and each finished stage's validation."""
+    lines = []
+    for d in res_dirs:
+        for f in sorted(d.glob("*.progress.jsonl")):
+            recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+            if not recs:
+                continue
+            last = recs[-1]
+            vals = "; ".join(f"{r['stage']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["val"].items()
+                                                           if k in ("class_f1", "val_yesno_acc"))
+                             for r in recs if "val" in r and r["stage"] != "lm")
+            lines.append(f"| {f.name[: -len('.progress.jsonl')]} | {last['stage']} step "
+                         f"{last.get('step', '-')} (global {last['global_step']}) | {vals or '-'} |")
+    if not lines:
+        return ""
+    return "\n".join(["| unfinished run | reached | validation after each finished stage |",
+                      "|---|---|---|", *lines])
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2 or not all(Path(p).is_dir() for p in sys.argv[1:]):
         sys.exit("usage: python scripts/scale_table.py RES_DIR [RES_DIR ...] (folders of "
                  "NAME.eval.json + NAME.metrics.jsonl from gpu_scale_study.sh)")
-    print(table(rows([Path(p) for p in sys.argv[1:]])))
+    dirs = [Path(p) for p in sys.argv[1:]]
+    print(table(rows(dirs)))
+    if (extra := progress(dirs)):
+        print("\n" + extra)
