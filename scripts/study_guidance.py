@@ -1,9 +1,9 @@
 """The guidance study: guided vs `ca` vs `concat` on the `hard` world, several seeds.
 
     python scripts/study_guidance.py --out runs/study [--seeds 0,1,2] [--scale 1.0]
-        [--set instruct.question_dice=1.0 ...]
+        [--set instruct.question_dice=1.0 ...] [--world-set image_size=128 ...] [--data DIR]
 
-Builds (once) a hard world, trains each variant for each seed with the tiny recipe, evaluates
+Builds (once) a hard world (or takes the DATA DIR given by --data), trains each variant for each seed with the tiny recipe, evaluates
 on the prior-broken `test` split and prints a markdown table of mean +- std: POPE F1 per split,
 false-yes rate on absent prior partners vs other absent objects, CHAIR_i, attention-mask IoU,
 pointing, and the matched/mismatched image-text AUROC. Everything lands in --out (study.json,
@@ -84,20 +84,36 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the recipe's steps")
     ap.add_argument("--n-train", type=int, default=20000)
     ap.add_argument("--preset", default="hard", help="world preset")
+    ap.add_argument("--world-set", dest="world_sets", action="append", default=[],
+                    metavar="KEY=VALUE", help="world setting, as `agevlm data synth --set` "
+                    "(repeatable; e.g. image_size=128)")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="an existing DATA DIR to train and evaluate on (default: OUT/data, "
+                         "built once)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override for every run, as `agevlm train --set` (repeatable)")
     args = ap.parse_args()
-    bad = [p for p in args.sets if "=" not in p]
+    bad = [p for p in args.sets + args.world_sets if "=" not in p]
     if bad:
-        ap.error(f"--set {bad[0]!r} is not KEY=VALUE")
+        ap.error(f"--set / --world-set {bad[0]!r} is not KEY=VALUE")
     sets = dict(p.split("=", 1) for p in args.sets)
     try:   # a wrong key fails here, before the world is built or any run trains
         apply_sets(preset_recipe("tiny"), sets)
     except BadInput as e:
         ap.error(str(e))
-    data = args.out / "data"
+    data = args.data or args.out / "data"
+    if args.data and args.world_sets:
+        ap.error("--world-set shapes the world this script builds; with --data the world "
+                 "exists already: leave one out")
+    if args.data and not (data / "tokenizer.json").is_file():
+        ap.error(f"--data {data}: no tokenizer.json there; make the world with `agevlm data "
+                 "synth` and `agevlm data tokenizer`, or leave --data out")
     if not (data / "tokenizer.json").is_file():
-        print(synthesize(data, preset=args.preset, seed=0, n_train=args.n_train, overwrite=True))
+        try:
+            print(synthesize(data, preset=args.preset, seed=0, n_train=args.n_train,
+                             overwrite=True, overrides=dict(p.split("=", 1) for p in args.world_sets)))
+        except BadInput as e:
+            ap.error(str(e))
         print(build_tokenizer(data))
     rows: dict[str, list[dict]] = {v: [] for v in args.variants.split(",")}
     # seed-major, so that a study stopped part-way already holds one seed of every variant
