@@ -1,10 +1,14 @@
 """Markdown table (mean ± std over seeds) of the runs gpu_scale_study.sh evaluated.
 
-    python scripts/scale_table.py RES_DIR [RES_DIR ...]
+    python scripts/scale_table.py [--paired-as guided,ca] DIR [DIR ...]
 
-RES_DIR holds NAME.eval.json and NAME.metrics.jsonl per run, NAME being
-``[VARIANT-]sSEED-xSCALE`` (no variant: guided), as gpu_scale_study.sh writes them (res/ inside
-its results.tgz). Rows: variant and schedule; per seed and as mean ± std. Runs a DEADLINE
+A DIR is one of:
+- a RES_DIR with NAME.eval.json and NAME.metrics.jsonl per run, NAME being
+  ``[VARIANT-]sSEED-xSCALE`` (no variant: guided), as gpu_scale_study.sh writes them (res/
+  inside its results.tgz);
+- the --out of scripts/study_guidance.py (study.json, VARIANT-sSEED.json, VARIANT-sSEED/);
+- the --out of scripts/paired_settings.py (paired.json, sSEED-cI.json, sSEED-cI/), whose
+  settings --paired-as names in --compare order (e.g. guided,ca). Rows: variant and schedule; per seed and as mean ± std. Runs a DEADLINE
 stopped (NAME.progress.jsonl) follow in a second table: where each got to and what its
 finished stages validated at.
 """
@@ -21,24 +25,49 @@ sys.path.insert(0, str(Path(__file__).parent))
 from study_guidance import fmt, last_val, metrics  # noqa: E402
 
 NAME = re.compile(r"^(?:(guided|ca|concat)-)?s(\d+)-x([\d.]+)$")
+STUDY = re.compile(r"^(guided|ca|concat)-s(\d+)$")
+PAIRED = re.compile(r"^s(\d+)-c(\d+)$")
 COLS = [("val yes/no", "val_yesno"), ("POPE F1 random", "pope_f1_random"),
         ("popular", "pope_f1_popular"), ("adversarial", "pope_f1_adversarial"),
         ("false-yes partner", "fy_partner"), ("other", "fy_other"), ("CHAIR_i", "chair_i"),
-        ("IoU", "mask_iou"), ("pointing", "pointing"), ("VQA colour", "vqa_colour"),
-        ("tower class F1", "tower_f1")]
+        ("IoU", "mask_iou"), ("pointing", "pointing"), ("matched/mismatched AUROC",
+        "itm_auroc_mean_over_layers"), ("VQA colour", "vqa_colour"), ("tower class F1", "tower_f1")]
 
 
-def rows(res_dirs: list[Path]) -> dict[tuple[str, str], dict[int, dict]]:
-    out: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
-    for d in res_dirs:
+def runs_of(d: Path, paired_as: list[str]):
+    """(variant, seed, scale, eval JSON, metrics.jsonl) of each evaluated run in ``d``."""
+    if (d / "study.json").is_file():          # scripts/study_guidance.py
+        scale = f"{float(json.loads((d / 'study.json').read_text())['args']['scale']):g}"
+        for ev in sorted(d.glob("*-s*.json")):
+            m = STUDY.match(ev.stem)
+            if m:
+                yield m.group(1), int(m.group(2)), scale, ev, d / ev.stem / "metrics.jsonl"
+    elif (d / "paired.json").is_file():       # scripts/paired_settings.py
+        scale = f"{float(json.loads((d / 'paired.json').read_text())['args']['scale']):g}"
+        for ev in sorted(d.glob("s*-c*.json")):
+            m = PAIRED.match(ev.stem)
+            if not m:
+                continue
+            i = int(m.group(2))
+            if i >= len(paired_as):
+                print(f"scale_table.py: {d}: setting c{i} has no name; pass --paired-as "
+                      "NAME,NAME,... (one per --compare, in order)", file=sys.stderr)
+                sys.exit(2)
+            yield paired_as[i], int(m.group(1)), scale, ev, d / ev.stem / "metrics.jsonl"
+    else:                                     # gpu_scale_study.sh's res/
         for ev in sorted(d.glob("*.eval.json")):
             name = ev.name[: -len(".eval.json")]
             m = NAME.match(name)
-            if not m:
-                continue
-            variant, seed, scale = m.group(1) or "guided", int(m.group(2)), m.group(3)
+            if m:
+                yield (m.group(1) or "guided", int(m.group(2)), m.group(3), ev,
+                       d / f"{name}.metrics.jsonl")
+
+
+def rows(res_dirs: list[Path], paired_as: list[str] = ()) -> dict[tuple[str, str], dict[int, dict]]:
+    out: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+    for d in res_dirs:
+        for variant, seed, scale, ev, mfile in runs_of(d, list(paired_as)):
             res = json.loads(ev.read_text())
-            mfile = d / f"{name}.metrics.jsonl"
             row = metrics(res, mfile)
             row["vqa_colour"] = res["suites"].get("vqa", {}).get("types", {}).get("colour", {}).get("accuracy")
             row["tower_f1"] = last_val(mfile, "vision").get("class_f1")
@@ -50,7 +79,8 @@ def table(data: dict) -> str:
     lines = ["| variant, schedule, seed | " + " | ".join(c for c, _ in COLS) + " |",
              "|---" * (len(COLS) + 1) + "|"]
     order = {"guided": 0, "ca": 1, "concat": 2}
-    for (variant, scale), seeds in sorted(data.items(), key=lambda kv: (float(kv[0][1]), order[kv[0][0]])):
+    for (variant, scale), seeds in sorted(data.items(),
+                                          key=lambda kv: (float(kv[0][1]), order.get(kv[0][0], 3), kv[0][0])):
         for seed, r in sorted(seeds.items()):
             lines.append(f"| {variant} x{scale}, {seed} | " + " | ".join(fmt([r[k]]) for _, k in COLS) + " |")
         if len(seeds) > 1:
@@ -80,10 +110,15 @@ def progress(res_dirs: list[Path]) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or not all(Path(p).is_dir() for p in sys.argv[1:]):
-        sys.exit("usage: python scripts/scale_table.py RES_DIR [RES_DIR ...] (folders of "
-                 "NAME.eval.json + NAME.metrics.jsonl from gpu_scale_study.sh)")
-    dirs = [Path(p) for p in sys.argv[1:]]
-    print(table(rows(dirs)))
+    args, paired_as = sys.argv[1:], []
+    if args[:1] == ["--paired-as"] and len(args) > 1:
+        paired_as, args = [n.strip() for n in args[1].split(",")], args[2:]
+    if not args or not all(Path(p).is_dir() for p in args):
+        print("usage: python scripts/scale_table.py [--paired-as NAME,NAME] DIR [DIR ...] (folders "
+              "from gpu_scale_study.sh's res/, study_guidance.py or paired_settings.py)",
+              file=sys.stderr)
+        sys.exit(2)
+    dirs = [Path(p) for p in args]
+    print(table(rows(dirs, paired_as)))
     if (extra := progress(dirs)):
         print("\n" + extra)
