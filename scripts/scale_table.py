@@ -8,9 +8,11 @@ A DIR is one of:
   inside its results.tgz);
 - the --out of scripts/study_guidance.py (study.json, VARIANT-sSEED.json, VARIANT-sSEED/);
 - the --out of scripts/paired_settings.py (paired.json, sSEED-cI.json, sSEED-cI/), whose
-  settings --paired-as names in --compare order (e.g. guided,ca). Rows: variant and schedule; per seed and as mean ± std. Runs a DEADLINE
-stopped (NAME.progress.jsonl) follow in a second table: where each got to and what its
-finished stages validated at.
+  settings --paired-as names in --compare order (e.g. guided,ca).
+
+Rows: variant and schedule; per seed and as mean ± std. Runs a DEADLINE stopped
+(NAME.progress.jsonl) follow in a second table: where each got to and what its finished stages
+validated at.
 """
 
 from __future__ import annotations
@@ -34,16 +36,21 @@ COLS = [("val yes/no", "val_yesno"), ("POPE F1 random", "pope_f1_random"),
         "itm_auroc_mean_over_layers"), ("VQA colour", "vqa_colour"), ("tower class F1", "tower_f1")]
 
 
+def scale_of(summary: Path) -> str:
+    """The --scale a study script recorded in its study.json / paired.json, as NAME writes it."""
+    return f"{float(json.loads(summary.read_text())['args']['scale']):g}"
+
+
 def runs_of(d: Path, paired_as: list[str]):
     """(variant, seed, scale, eval JSON, metrics.jsonl) of each evaluated run in ``d``."""
     if (d / "study.json").is_file():          # scripts/study_guidance.py
-        scale = f"{float(json.loads((d / 'study.json').read_text())['args']['scale']):g}"
+        scale = scale_of(d / "study.json")
         for ev in sorted(d.glob("*-s*.json")):
             m = STUDY.match(ev.stem)
             if m:
                 yield m.group(1), int(m.group(2)), scale, ev, d / ev.stem / "metrics.jsonl"
     elif (d / "paired.json").is_file():       # scripts/paired_settings.py
-        scale = f"{float(json.loads((d / 'paired.json').read_text())['args']['scale']):g}"
+        scale = scale_of(d / "paired.json")
         for ev in sorted(d.glob("s*-c*.json")):
             m = PAIRED.match(ev.stem)
             if not m:
@@ -79,8 +86,8 @@ def table(data: dict) -> str:
     lines = ["| variant, schedule, seed | " + " | ".join(c for c, _ in COLS) + " |",
              "|---" * (len(COLS) + 1) + "|"]
     order = {"guided": 0, "ca": 1, "concat": 2}
-    for (variant, scale), seeds in sorted(data.items(),
-                                          key=lambda kv: (float(kv[0][1]), order.get(kv[0][0], 3), kv[0][0])):
+    key = lambda kv: (float(kv[0][1]), order.get(kv[0][0], 3), kv[0][0])  # noqa: E731
+    for (variant, scale), seeds in sorted(data.items(), key=key):
         for seed, r in sorted(seeds.items()):
             lines.append(f"| {variant} x{scale}, {seed} | " + " | ".join(fmt([r[k]]) for _, k in COLS) + " |")
         if len(seeds) > 1:

@@ -3,12 +3,13 @@
     python scripts/study_guidance.py --out runs/study [--seeds 0,1,2] [--scale 1.0]
         [--set instruct.question_dice=1.0 ...] [--world-set image_size=128 ...] [--data DIR]
 
-Builds (once) a hard world (or takes the DATA DIR given by --data), trains each variant for each seed with the tiny recipe, evaluates
-on the prior-broken `test` split and prints a markdown table of mean +- std: POPE F1 per split,
-false-yes rate on absent prior partners vs other absent objects, CHAIR_i, attention-mask IoU,
-pointing, and the matched/mismatched image-text AUROC. Everything lands in --out (study.json,
-study.md); finished runs are reused and a run stopped part-way resumes from its checkpoint, so
-an interrupted study picks up where it stopped.
+Builds (once) a hard world (or takes the DATA DIR given by --data), trains each variant for
+each seed with the tiny recipe, evaluates on the prior-broken `test` split and prints a
+markdown table of mean +- std: POPE F1 per split, false-yes rate on absent prior partners vs
+other absent objects, CHAIR_i, attention-mask IoU, pointing, and the matched/mismatched
+image-text AUROC. Everything lands in --out (study.json, study.md); finished runs are reused and
+a run stopped part-way resumes from its checkpoint, so an interrupted study picks up where it
+stopped.
 """
 
 from __future__ import annotations
@@ -110,8 +111,9 @@ def main() -> None:
                  "synth` and `agevlm data tokenizer`, or leave --data out")
     if not (data / "tokenizer.json").is_file():
         try:
+            world = dict(p.split("=", 1) for p in args.world_sets)
             print(synthesize(data, preset=args.preset, seed=0, n_train=args.n_train,
-                             overwrite=True, overrides=dict(p.split("=", 1) for p in args.world_sets)))
+                             overwrite=True, overrides=world))
         except BadInput as e:
             ap.error(str(e))
         print(build_tokenizer(data))
