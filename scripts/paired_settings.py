@@ -23,20 +23,13 @@ import shutil
 import statistics
 from pathlib import Path
 
-from study_guidance import fmt, last_val, metrics, stopped_run_of
+from study_guidance import fmt, last_val, metrics, parse_pairs, stopped_run_of
 
 from agevlm_edge.errors import BadInput
 from agevlm_edge.eval.suite import evaluate
 from agevlm_edge.fsutil import write_json_atomic, write_text_atomic
 from agevlm_edge.train.loop import train
 from agevlm_edge.train.recipe import apply_sets, preset_recipe
-
-
-def parse_pairs(pairs: list[str], what: str) -> dict[str, str]:
-    bad = [p for p in pairs if "=" not in p]
-    if bad:
-        raise BadInput(f"{what} {bad[0]!r} is not KEY=VALUE, e.g. 'instruct.dice_fraction=1.0'")
-    return dict(p.split("=", 1) for p in pairs)
 
 
 def step_of(run: Path) -> int:

@@ -55,6 +55,14 @@ def stopped_run_of(run: Path, recipe) -> bool:
     return (run / "training_state" / "state.json").is_file() and saved == recipe
 
 
+def parse_pairs(pairs: list[str], what: str, example: str = "instruct.dice_fraction=1.0") -> dict[str, str]:
+    """``KEY=VALUE`` strings as a dict; BadInput naming the option (``what``) for one without =."""
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise BadInput(f"{what} {bad[0]!r} is not KEY=VALUE, e.g. {example!r}")
+    return dict(p.split("=", 1) for p in pairs)
+
+
 def metrics(res: dict, run: Path) -> dict:
     s = res["suites"]
     pope = s["pope"]
@@ -94,11 +102,9 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override for every run, as `agevlm train --set` (repeatable)")
     args = ap.parse_args()
-    bad = [p for p in args.sets + args.world_sets if "=" not in p]
-    if bad:
-        ap.error(f"--set / --world-set {bad[0]!r} is not KEY=VALUE")
-    sets = dict(p.split("=", 1) for p in args.sets)
     try:   # a wrong key fails here, before the world is built or any run trains
+        sets = parse_pairs(args.sets, "--set")
+        world = parse_pairs(args.world_sets, "--world-set", example="image_size=128")
         apply_sets(preset_recipe("tiny"), sets)
     except BadInput as e:
         ap.error(str(e))
@@ -111,7 +117,6 @@ def main() -> None:
                  "synth` and `agevlm data tokenizer`, or leave --data out")
     if not (data / "tokenizer.json").is_file():
         try:
-            world = dict(p.split("=", 1) for p in args.world_sets)
             print(synthesize(data, preset=args.preset, seed=0, n_train=args.n_train,
                              overwrite=True, overrides=world))
         except BadInput as e:
