@@ -17,6 +17,7 @@ validated at.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -117,15 +118,15 @@ def progress(res_dirs: list[Path]) -> str:
 
 
 if __name__ == "__main__":
-    args, paired_as = sys.argv[1:], []
-    if args[:1] == ["--paired-as"] and len(args) > 1:
-        paired_as, args = [n.strip() for n in args[1].split(",")], args[2:]
-    if not args or not all(Path(p).is_dir() for p in args):
-        print("usage: python scripts/scale_table.py [--paired-as NAME,NAME] DIR [DIR ...] (folders "
-              "from gpu_scale_study.sh's res/, study_guidance.py or paired_settings.py)",
-              file=sys.stderr)
-        sys.exit(2)
-    dirs = [Path(p) for p in args]
-    print(table(rows(dirs, paired_as)))
-    if (extra := progress(dirs)):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
+                    help="gpu_scale_study.sh's res/, or the --out of study_guidance.py or paired_settings.py")
+    ap.add_argument("--paired-as", default="", metavar="NAME,NAME",
+                    help="names of a paired_settings.py folder's settings, in --compare order")
+    args = ap.parse_intermixed_args()   # options before, between or after the folders
+    if missing := [str(d) for d in args.dirs if not d.is_dir()]:
+        ap.error(f"no such folder: {', '.join(missing)}")
+    paired_as = [n.strip() for n in args.paired_as.split(",") if n.strip()]
+    print(table(rows(args.dirs, paired_as)))
+    if (extra := progress(args.dirs)):
         print("\n" + extra)
