@@ -1,12 +1,13 @@
-"""com.microsoft contrib ops emitted at export (mobile-gpu; the cpu target's in-place cache).
+"""com.microsoft contrib ops emitted at export (mobile-gpu; the in-place cache).
 
 The model's self-attention in its "gqa" form is one custom op (`agevlm::gqa_rotary`,
 agevlm_edge/model.py); here it is translated into onnxruntime's `GroupQueryAttention` (rotary
 fused, grouped K/V read without expansion, the KV cache appended inside the op), through the
 dynamo exporter's custom translation table. Both targets emit it (cpu with `--kv-cache
 inplace`, the default): when the runtime binds one buffer [B,Hkv,capacity,hd] as past and
-present, onnxruntime's CPU kernel writes the step's K/V into it at slot P (seqlens_k + 1 - T)
-instead of copying the cache, which is what the cpu target uses it for:
+present, onnxruntime's CPU kernel (and its WebGPU kernel, on a device buffer) writes the
+step's K/V into it at slot P (seqlens_k + 1 - T) instead of copying the cache, which is what
+the cpu target uses it for:
 
     query, key, value [B,T,H*hd]  past_key/value [B,Hkv,P,hd]  attention_bias [B,1,T,P+T]
     seqlens_k = P+T-1 per row (int32), total_sequence_length = P+T, cos/sin_cache

@@ -94,12 +94,22 @@ def test_mobile_gpu_graphs_run_on_webgpu_and_match_cpu(request, mobile_export, v
     prefill = res["graphs"]["decoder"]["prefill"]["outputs"]["logits"]
     if not _close(prefill, tol):
         assert res["prefill_fault"], prefill
-    # The runtime on WebGPU: the KV cache kept in device memory between steps decodes exactly
-    # as the host-memory round trip does, and (fp32) as the CPU provider does.
+    # The runtime on WebGPU: the KV cache kept in device memory between steps, appended to in
+    # place, decodes exactly as a grown copy per step and the host-memory round trip do, and
+    # (fp32) as the CPU provider does.
     gens = res["generations"]
-    assert gens["webgpu_kv_device"] == gens["webgpu_kv_host"] and len(gens["cpu"]) == 2
+    assert gens["webgpu_kv_device"] == gens["webgpu_kv_grown"] == gens["webgpu_kv_host"]
+    assert len(gens["cpu"]) == 2
     if variant == "fp32":
         assert gens["webgpu_kv_device"] == gens["cpu"]
+    # In place: six decode steps give the grown copy's logits; the cache, reserved for 3 steps
+    # past the prompt, is the very same device buffers from step to step except where it grows
+    # (once, to twice its capacity).
+    steps = res["inplace_steps"]
+    assert res["kv_inplace"] and _close(steps, tol), steps
+    cap = steps["prompt_keys"] + 3
+    assert steps["capacity"] == [cap] * 3 + [2 * cap] * 3, steps
+    assert steps["kept"] == [True, True, True, False, True, True], steps
     ops = {op for op, _ in res["graphs"]["decoder"]["placement"].values()}
     # every attention one fused op: the cross-attention's MultiHeadAttention too (its query
     # and key padded: onnxruntime's flash path was wrong for multi-token queries here)

@@ -6,8 +6,10 @@ Runs in the separate onnxruntime-webgpu venv (scripts/setup_webgpu.sh), so it ne
 what the device runtime needs (numpy, onnxruntime, tokenizers, Pillow; the runtime is imported
 from this checkout). Node placement comes from onnxruntime's profiler: every node event
 names the execution provider that ran it. Then the runtime's greedy generations on WebGPU
-(KV cache in device memory, and in host memory) and on CPU. Prints {"skip": reason} when no
-WebGPU adapter can be created here.
+(KV cache in device memory, appended to in place where the export allows it and copied into a
+grown tensor every step; and in host memory) and on CPU, and the in-place cache's decode steps
+against the grown copy's (``inplace``). Prints {"skip": reason} when no WebGPU adapter can be
+created here.
 """
 
 import glob
@@ -93,31 +95,69 @@ def main() -> None:
 
 def generations(d: str) -> dict:
     """Greedy tokens of the device runtime (two left-padded prompts, one longer than 8 tokens,
-    about two noise images) on WebGPU with the KV cache in device memory, on WebGPU with it in
-    host memory, and on CPU; and the WebGPU runtime's own multi-token check (prefill_fault),
-    or the error it stopped with."""
+    about two noise images) on WebGPU with the KV cache in device memory (in place where the
+    export allows it, and a grown copy per step), on WebGPU with it in host memory, and on
+    CPU; the WebGPU runtime's own multi-token check (prefill_fault) and its in-place decode
+    steps (``inplace_steps``), or the error it stopped with."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from agevlm_edge.errors import BadInput
     from agevlm_edge.runtime.session import GenerationConfig, Runtime
 
-    out, res = {}, {}
+    out, res, rts = {}, {}, {}
     for key, kw in (("webgpu_kv_device", {"provider": "webgpu"}),
+                    ("webgpu_kv_grown", {"provider": "webgpu", "kv_inplace": False}),
                     ("webgpu_kv_host", {"provider": "webgpu", "kv_on_device": False}),
                     ("cpu", {"provider": "cpu"})):
         try:
-            rt = Runtime(d, **kw)
+            rts[key] = rt = Runtime(d, **kw)
         except BadInput as e:
             res["runtime_error"] = str(e)
             continue
         if key == "webgpu_kv_device":
             res["prefill_fault"] = rt.prefill_fault
-        images = [np.random.default_rng(i).integers(0, 256, (3, rt.image_size, rt.image_size),
-                                                    dtype=np.uint8) for i in range(2)]
-        prompts = [rt.prompt_ids("Caption:"),
-                   rt.prompt_ids("Is there a red cube to the left of the blue ball in the image? "
-                                 "Answer yes or no.")]
-        out[key] = rt.generate(rt.encode_images(images), prompts, GenerationConfig(max_new_tokens=8)).ids
+            res["kv_inplace"] = rt.kv_inplace
+        out[key] = rt.generate(rt.encode_images(noise_images(rt)), prompts_of(rt),
+                               GenerationConfig(max_new_tokens=8)).ids
+    if rts.get("webgpu_kv_device") and rts["webgpu_kv_device"].kv_inplace:
+        res["inplace_steps"] = inplace_steps(rts["webgpu_kv_device"], rts["webgpu_kv_grown"])
     return {**res, "generations": out}
+
+
+def noise_images(rt) -> list:
+    return [np.random.default_rng(i).integers(0, 256, (3, rt.image_size, rt.image_size),
+                                              dtype=np.uint8) for i in range(2)]
+
+
+def prompts_of(rt) -> list:
+    return [rt.prompt_ids("Caption:"),
+            rt.prompt_ids("Is there a red cube to the left of the blue ball in the image? "
+                          "Answer yes or no.")]
+
+
+def inplace_steps(rt, ref) -> dict:
+    """Six decode steps of the in-place cache (room for 3 past the prompt, so it grows at the
+    4th) against the grown copy's: logits compared, and per step the cache's capacity and
+    whether the step handed back the very buffers it was given (``kept``)."""
+    state = rt.encode_images(noise_images(rt))
+    seqs = prompts_of(rt)
+    T = max(map(len, seqs))
+    logits_of, caps, kept = [], [], []
+    for r, reserve in ((rt, T + 3), (ref, 0)):
+        ids, keys, logits, past, _ = r.prefill(state, seqs, want_probs=False, reserve=reserve)
+        steps = [logits[:, -1]]
+        for _ in range(6):
+            keys = np.concatenate([keys, np.ones((len(seqs), 1), np.int64)], 1)
+            before = dict(past)
+            logits, past, _ = r.step(logits[:, -1].argmax(-1)[:, None], keys, past, state,
+                                     prefill=False, want_probs=False)
+            steps.append(logits[:, -1])
+            if r is rt:
+                caps.append(past["past_key_0"].shape()[2])
+                kept.append(all(past[n] is before[n] for n in past))
+        logits_of.append(np.stack(steps))
+    return {"prompt_keys": T, "capacity": caps, "kept": kept,
+            "max_abs_diff": float(np.abs(logits_of[0] - logits_of[1]).max()),
+            "ref_abs_max": float(np.abs(logits_of[1]).max())}
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ An image goes through vision.onnx once: its cross-attention K/V (or, for concat,
 embeddings) are kept as an ``ImageState`` and fed to every decoder step of every question
 asked about it. The self-attention cache lives in OrtValues bound from step to step (no copy
 back to numpy). Exports whose self-attention is GroupQueryAttention (manifest "kv_cache":
-"inplace") get, on the CPU provider, a preallocated cache that each step's op appends to in
-place: past and present are bound to one buffer [B, Hkv, capacity, hd], where other exports
-copy the whole cache into a grown tensor every step.
+"inplace") get, on the CPU and WebGPU providers, a preallocated cache that each step's op
+appends to in place: past and present are bound to one buffer [B, Hkv, capacity, hd], where
+other exports copy the whole cache into a grown tensor every step.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
 # Providers with device memory that onnxruntime's python binding can bind outputs to: the KV
 # cache stays there between decode steps instead of a round trip through host memory.
 DEVICE_MEMORY = {"cuda": "cuda", "webgpu": "webgpu"}
-# Providers with an in-place cache: onnxruntime's CPU GroupQueryAttention appends in place when
-# past and present share a buffer (checked against the grown cache in tests). Not tried on the
-# others (this machine's onnxruntime has no XNNPACK; the WebGPU kernel was not checked), which
-# keep the grown cache.
-INPLACE_KV = ("cpu",)
+# Providers with an in-place cache: onnxruntime's CPU and WebGPU GroupQueryAttention append in
+# place when past and present share a buffer (checked against the grown cache in tests; on
+# WebGPU only with the cache in device memory). Not tried on the others (no CUDA device here,
+# this machine's onnxruntime has no XNNPACK), which keep the grown cache.
+INPLACE_KV = ("cpu", "webgpu")
 
 
 @dataclass(frozen=True)
@@ -127,9 +127,10 @@ class Runtime:
         copies a mobile-gpu export ships for onnxruntime's mobile builds). ``kv_on_device``:
         on cuda / webgpu, keep the KV cache in device memory between steps (False: bind it
         to host memory, the baseline benchmarks/bench_kv_binding.py compares with).
-        ``kv_inplace``: on cpu, for an export with "kv_cache": "inplace", keep the
-        cache in a preallocated buffer the decoder appends to (False: a grown copy per step,
-        the baseline benchmarks/bench_decode.py compares with)."""
+        ``kv_inplace``: on cpu, and on webgpu with ``kv_on_device``, for an export with
+        "kv_cache": "inplace", keep the cache in a preallocated buffer the decoder appends to
+        (False: a grown copy per step, the baseline benchmarks/bench_decode.py and
+        bench_kv_binding.py compare with)."""
         import onnxruntime as ort
 
         self.dir = Path(export_dir)
@@ -174,6 +175,7 @@ class Runtime:
         self.provider = provider
         self.kv_device = DEVICE_MEMORY.get(provider) if kv_on_device else None
         self.kv_inplace = (kv_inplace and provider in INPLACE_KV
+                           and (provider == "cpu" or self.kv_device is not None)
                            and self.manifest.get("kv_cache") == "inplace")
         self.graph_format = graph_format
         try:
@@ -223,19 +225,29 @@ class Runtime:
     def _reserve(self, past: dict, keys: int) -> dict:
         """In-place cache buffers that hold at least ``keys`` positions: ``past`` itself
         when they do, else new ones holding past's positions, of twice the old capacity
-        (no more than the max context) or ``keys`` if that is more."""
+        (no more than the max context) or ``keys`` if that is more.
+
+        On cpu the buffers are OrtValues, appended to from the first step on. On a device
+        (webgpu) they are numpy arrays: onnxruntime's python binding cannot allocate device
+        memory, so the first step takes the host buffer as past and writes its presents,
+        at the same capacity, to device memory the provider allocates (one upload); from then
+        on those device buffers are past and present (``step``)."""
         import onnxruntime as ort
 
         first = next(iter(past.values()))
-        cap = first.shape()[2] if isinstance(first, ort.OrtValue) else first.shape[2]
-        if keys <= cap and isinstance(first, ort.OrtValue):
+        on_ort = isinstance(first, ort.OrtValue)
+        cap = first.shape()[2] if on_ort else first.shape[2]
+        if keys <= cap and (on_ort or self.kv_device):
             return past
         new_cap = max(keys, min(2 * cap, self.max_seq_len))
         out = {}
         for name, v in past.items():
-            old = v.numpy() if isinstance(v, ort.OrtValue) else v
+            old = v.numpy() if isinstance(v, ort.OrtValue) else v   # device -> host on webgpu
             buf = np.zeros(old.shape[:2] + (new_cap,) + old.shape[3:], np.float32)
             buf[:, :, :cap] = old
+            if self.kv_device:
+                out[name] = buf
+                continue
             # memory onnxruntime owns: an OrtValue made from a numpy array only borrows it,
             # and the OrtValues io_binding.get_outputs() returns for it do not keep it alive
             # (measured: logits 36 off once the array was freed and reused)
@@ -254,19 +266,21 @@ class Runtime:
         so that decode steps do not have to grow it.
         """
         ids, keys = self.prefill_inputs(image, prompts)
+        capacity = max(reserve, keys.shape[1])
         if self.prefill_fault:
-            return (ids, keys) + self._one_token_steps(ids, keys, image, want_probs)
-        past = self._empty_past(len(prompts), max(reserve, keys.shape[1]))
+            return (ids, keys) + self._one_token_steps(ids, keys, image, want_probs, capacity)
+        past = self._empty_past(len(prompts), capacity)
         logits, past, probs = self.step(ids, keys, past, image, prefill=True, want_probs=want_probs)
         return ids, keys, logits, past, probs
 
     def _one_token_steps(self, ids: np.ndarray, keys: np.ndarray, image: ImageState,
-                         want_probs: bool) -> tuple[np.ndarray, dict, dict]:
+                         want_probs: bool, capacity: int = 0) -> tuple[np.ndarray, dict, dict]:
         """A prefill as one decoder call per token (a concat export's image rows go with the
-        first): (logits [B,T,V], presents, probs with T concatenated), as one call gives them."""
+        first): (logits [B,T,V], presents, probs with T concatenated), as one call gives them.
+        An in-place cache gets the capacity one call would have allocated (``capacity``, at
+        least the prompt's keys)."""
         n_img = keys.shape[1] - ids.shape[1]
-        # an in-place cache gets the capacity one call would have allocated
-        past, steps = self._empty_past(len(ids), keys.shape[1]), []
+        past, steps = self._empty_past(len(ids), max(capacity, keys.shape[1])), []
         for t in range(ids.shape[1]):
             logits, past, probs = self.step(ids[:, t:t + 1], keys[:, :n_img + t + 1], past, image,
                                             prefill=t == 0, want_probs=want_probs)
@@ -329,7 +343,9 @@ class Runtime:
         The presents stay onnxruntime values bound to the next call: no copy through numpy,
         and on cuda / webgpu they stay in device memory (``kv_on_device``). With an in-place
         cache (``kv_inplace``) the presents are past's buffers, written in place (grown
-        first if ``mask`` outgrows them): a past is used up by the step that extends it.
+        first if ``mask`` outgrows them; a host buffer, on webgpu, is written once to device
+        buffers of its capacity, see ``_reserve``): a past is used up by the step that
+        extends it.
         Logits and probabilities come back to host memory; probabilities only when
         ``want_probs``.
         """
@@ -342,9 +358,12 @@ class Runtime:
                 binding.bind_cpu_input(k, np.ascontiguousarray(v))
             else:
                 binding.bind_ortvalue_input(k, v)
+        shared = set()   # the presents written in place into their past's buffer
         for o in self.decoder.get_outputs():
-            if self.kv_inplace and o.name.startswith("present_"):
-                binding.bind_ortvalue_output(o.name, past[o.name.replace("present_", "past_")])
+            own = past.get(o.name.replace("present_", "past_"))
+            if self.kv_inplace and o.name.startswith("present_") and not isinstance(own, np.ndarray):
+                binding.bind_ortvalue_output(o.name, own)
+                shared.add(o.name)
             elif self.kv_device and o.name.startswith("present_"):
                 binding.bind_output(o.name, self.kv_device)
             else:
@@ -352,8 +371,9 @@ class Runtime:
         self.decoder.run_with_iobinding(binding)
         outs = dict(zip([o.name for o in self.decoder.get_outputs()], binding.get_outputs()))
         logits = outs["logits"].numpy()
-        presents = past if self.kv_inplace else \
-            {n.replace("present_", "past_"): outs[n] for n in self.present_names}
+        # the OrtValues we bound, not the ones io_binding hands back for the same memory
+        presents = {n.replace("present_", "past_"): past[n.replace("present_", "past_")]
+                    if n in shared else outs[n] for n in self.present_names}
         probs = {int(n.rsplit("_", 1)[1]): outs[n].numpy() for n in self.prob_names} if want_probs else {}
         return logits, presents, probs
 
