@@ -9,7 +9,7 @@
                     quantize_dynamic from the file
                     (smooth=ALPHA: quant.smooth's SmoothQuant first, for either int8 kind)
         Int8QDQ     (QuantizeLinear/DequantizeLinear): onnxruntime quantize_static, calibrated
-        Fp16        OnnxModel.convert_float_to_float16(keep_io_types=True)
+        Fp16        OnnxModel.convert_float_to_float16, fp32 inputs and outputs but the KV cache
       then the quality check (quant.quality: top-1 agreement and KL vs fp32) and manifest.json.
 The output is built aside and renamed into place; the fp32 EXPORT DIR is never touched.
 """
@@ -195,10 +195,17 @@ def quantize_graph(src: Path, graph: str, recipe: Recipe, calib, tmp: Path) -> t
     if all(isinstance(recipe.scheme(p), Fp16) for p in PARTS):
         from onnxruntime.transformers.onnx_model import OnnxModel
 
+        # inputs and outputs stay fp32, except the decoder's KV cache: fp32 there would put a
+        # Cast of the whole cache on each side of every attention op at every step, and an
+        # in-place cache would no longer be the op's own buffer (the runtime follows the
+        # graph's cache dtype)
+        keep = True if graph != "decoder" else [
+            v.name for v in (*model.graph.input, *model.graph.output)
+            if not v.name.startswith(("past_", "present_"))]
         om = OnnxModel(model)
         with contextlib.redirect_stdout(io.StringIO()):   # it prints a shape-inference note
-            om.convert_float_to_float16(keep_io_types=True)
-        return om.model, {"fp16": "whole graph"}
+            om.convert_float_to_float16(keep_io_types=keep)
+        return om.model, {"fp16": "whole graph" + (", KV cache fp16" if graph == "decoder" else "")}
     if graph == "decoder" and not all(isinstance(recipe.scheme(p), Fp32) for p in ("embed", "lm_head")):
         fold_tied_lm_head(model)
     assigned: dict = {}                           # scheme -> node names (part, then layer)

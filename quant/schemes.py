@@ -66,8 +66,9 @@ class Fp32:
 
 @dataclass(frozen=True)
 class Fp16:
-    """onnxruntime's OnnxModel.convert_float_to_float16(keep_io_types=True), whole graphs only.
-    For GPU targets: on a CPU the inserted Casts make it slower than fp32."""
+    """onnxruntime's OnnxModel.convert_float_to_float16, whole graphs only; inputs and
+    outputs stay fp32 except the decoder's KV cache, which is fp16 (no Cast of the whole cache
+    per step). For GPU targets: on a CPU the inserted Casts make it slower than fp32."""
     name: str = field(default="fp16", init=False)
     version: int = field(default=1, init=False)
 

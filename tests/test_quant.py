@@ -213,6 +213,34 @@ def test_each_scheme_runs_and_agrees_with_fp32(fp32, tmp_path, small_world, spec
         assert r["quality"]["kl_mean"] < 1e-3
 
 
+def test_fp16_variant_keeps_its_kv_cache_in_fp16_and_in_place(fp32, tmp_path, small_world):
+    """fp16 inputs and outputs for the decoder's KV cache only, each past fed straight to its
+    GroupQueryAttention (no Cast of the whole cache per step); the runtime allocates the cache
+    in fp16 and appends to it in place, decoding the grown copy's tokens."""
+    import numpy as np
+    import onnx
+
+    from agevlm_edge.quant.quantize import quantize_export
+    from agevlm_edge.quant.schemes import make_recipe
+    from agevlm_edge.runtime import GenerationConfig, Runtime
+
+    quantize_export(fp32, tmp_path / "v", make_recipe("fp16"), n_quality=2)
+    g = onnx.load(str(tmp_path / "v" / "decoder.onnx"), load_external_data=False).graph
+    kinds = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.output)}
+    cache = {n for n in kinds if n.startswith(("past_", "present_"))}
+    assert cache and {kinds[n] for n in cache} == {onnx.TensorProto.FLOAT16}
+    assert {kinds[n] for n in kinds if n not in cache and n not in ("input_ids", "attention_mask")} \
+        == {onnx.TensorProto.FLOAT}
+    readers = {i: n.op_type for n in g.node for i in n.input if i.startswith("past_")}
+    assert set(readers.values()) == {"GroupQueryAttention"}
+    rt, ref = Runtime(tmp_path / "v"), Runtime(tmp_path / "v", kv_inplace=False)
+    assert rt.kv_inplace and rt.kv_dtype == np.float16
+    imgs = [rt.load_image(p) for p in sorted((small_world / "images" / "test").iterdir())[:2]]
+    seqs = [rt.prompt_ids("Caption:"), rt.prompt_ids("Is there a red cube left of a blue ball?")]
+    cfg = GenerationConfig(max_new_tokens=12)
+    assert rt.generate(rt.encode_images(imgs), seqs, cfg).ids == ref.generate(ref.encode_images(imgs), seqs, cfg).ids
+
+
 @pytest.mark.parametrize("preset", ["avx2", "avx512_vnni", "arm64"])
 def test_int8_dynamic_from_the_file_is_what_optimums_quantizer_makes(fp32, tmp_path, preset):
     """int8-dynamic takes optimum's preset and runs onnxruntime's quantize_dynamic on the file

@@ -41,7 +41,7 @@ def feeds_for(graph: dict, vocab: int, rng, dims: dict) -> dict:
         elif i["dtype"] == "int64":
             out[i["name"]] = np.ones(shape, np.int64)
         else:
-            out[i["name"]] = rng.standard_normal(shape).astype(np.float32)
+            out[i["name"]] = rng.standard_normal(shape).astype(i["dtype"])   # an fp16 KV cache too
     return out
 
 

@@ -193,6 +193,9 @@ class Runtime:
                            "with --target mobile-gpu (opset 18)") from None
         outs = [o.name for o in self.decoder.get_outputs()]
         self.present_names = [n for n in outs if n.startswith("present_")]
+        # the cache's element type: fp16 in an fp16 variant (`agevlm quantize --scheme fp16`)
+        self.kv_dtype = np.float16 if any(i.type == "tensor(float16)" for i in self.decoder.get_inputs()
+                                          if i.name.startswith("past_")) else np.float32
         self.prob_names = [n for n in outs if n.startswith("xattn_probs_")]
         self.has_probs = bool(self.prob_names)
         # On a GPU provider, check once that a multi-token step agrees with one-token steps;
@@ -218,7 +221,7 @@ class Runtime:
     def _empty_past(self, batch: int, capacity: int = 0) -> dict:
         """An empty cache: zero-length arrays, or with an in-place cache and ``capacity``,
         buffers with room for that many positions."""
-        z = np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
+        z = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype)
         past = {f"past_{kv}_{l}": z for l in range(self.n_layers) for kv in ("key", "value")}
         return self._reserve(past, capacity) if self.kv_inplace and capacity else past
 
@@ -243,7 +246,7 @@ class Runtime:
         out = {}
         for name, v in past.items():
             old = v.numpy() if isinstance(v, ort.OrtValue) else v   # device -> host on webgpu
-            buf = np.zeros(old.shape[:2] + (new_cap,) + old.shape[3:], np.float32)
+            buf = np.zeros(old.shape[:2] + (new_cap,) + old.shape[3:], self.kv_dtype)
             buf[:, :, :cap] = old
             if self.kv_device:
                 out[name] = buf
@@ -251,7 +254,7 @@ class Runtime:
             # memory onnxruntime owns: an OrtValue made from a numpy array only borrows it,
             # and the OrtValues io_binding.get_outputs() returns for it do not keep it alive
             # (measured: logits 36 off once the array was freed and reused)
-            out[name] = ort.OrtValue.ortvalue_from_shape_and_type(buf.shape, np.float32, "cpu")
+            out[name] = ort.OrtValue.ortvalue_from_shape_and_type(buf.shape, self.kv_dtype, "cpu")
             out[name].update_inplace(buf)
         return out
 
