@@ -363,11 +363,11 @@ class Runtime:
                 binding.bind_ortvalue_input(k, v)
         shared = set()   # the presents written in place into their past's buffer
         for o in self.decoder.get_outputs():
-            own = past.get(o.name.replace("present_", "past_"))
-            if self.kv_inplace and o.name.startswith("present_") and not isinstance(own, np.ndarray):
+            own = past[o.name.replace("present_", "past_")] if o.name in self.present_names else None
+            if own is not None and self.kv_inplace and not isinstance(own, np.ndarray):
                 binding.bind_ortvalue_output(o.name, own)
                 shared.add(o.name)
-            elif self.kv_device and o.name.startswith("present_"):
+            elif own is not None and self.kv_device:
                 binding.bind_output(o.name, self.kv_device)
             else:
                 binding.bind_output(o.name)
