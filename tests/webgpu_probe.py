@@ -8,8 +8,8 @@ from this checkout). Node placement comes from onnxruntime's profiler: every nod
 names the execution provider that ran it. Then the runtime's greedy generations on WebGPU
 (KV cache in device memory, appended to in place where the export allows it and copied into a
 grown tensor every step; and in host memory) and on CPU, and the in-place cache's decode steps
-against the grown copy's (``inplace``). Prints {"skip": reason} when no WebGPU adapter can be
-created here.
+against the grown copy's (``inplace_steps``). Prints {"skip": reason} when no WebGPU adapter
+can be created here.
 """
 
 import glob
