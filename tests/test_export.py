@@ -487,34 +487,23 @@ def test_inplace_cache_export_and_its_ops(exported):
 
 
 @pytest.mark.parametrize("export", ["inplace", "mobile"])
-def test_inplace_cache_matches_the_grown_copy(exported, small_world, export):
+def test_inplace_cache_matches_the_grown_copy(exported, export):
     """The preallocated cache the decoder appends to in place gives the logits and generations
     of the cache copied into a grown tensor every step, on a left-padded batch, when it has to
-    grow mid-decode too; where it has room, a step returns the very buffers it was given."""
+    grow mid-decode too; where it has room, a step returns the very buffers it was given. The
+    steps are the WebGPU probe's own (``webgpu_probe.inplace_steps``), here on the CPU."""
+    from webgpu_probe import inplace_steps, noise_images, prompts_of
+
     from agevlm_edge.runtime import GenerationConfig, Runtime
 
     rt, ref = Runtime(exported[export]), Runtime(exported[export], kv_inplace=False)
     assert rt.kv_inplace and not ref.kv_inplace
-    imgs = [rt.load_image(p) for p in sorted((small_world / "images" / "test").iterdir())[:2]]
-    state = rt.encode_images(imgs)
-    seqs = [rt.prompt_ids("Caption:"), rt.prompt_ids("Is there a red cube left of a blue ball?")]
-    T = max(map(len, seqs))
-    outs = []
-    for r, reserve in ((rt, T + 3), (ref, 0)):
-        ids, keys, logits, past, _ = r.prefill(state, seqs, want_probs=False, reserve=reserve)
-        steps = [logits[:, -1]]
-        for t in range(6):                 # the in-place cache grows at the 4th step
-            keys = np.concatenate([keys, np.ones((2, 1), np.int64)], 1)
-            before = dict(past)
-            logits, past, _ = r.step(logits[:, -1].argmax(-1)[:, None], keys, past, state,
-                                     prefill=False, want_probs=False)
-            steps.append(logits[:, -1])
-            if r is rt:
-                cap = past["past_key_0"].shape()[2]
-                assert cap == (T + 3 if t < 3 else 2 * (T + 3))
-                assert all(past[n] is before[n] for n in past) == (t != 3)   # grown once
-        outs.append(np.stack(steps))
-    assert np.abs(outs[0] - outs[1]).max() <= 1e-4 * max(1.0, np.abs(outs[1]).max())
+    res = inplace_steps(rt, ref)
+    room = res["prompt_keys"] + 3                       # it grows (doubles) at the 4th step
+    assert res["capacity"] == [room] * 3 + [2 * room] * 3
+    assert res["kept"] == [True] * 3 + [False] + [True] * 2
+    assert res["max_abs_diff"] <= 1e-4 * max(1.0, res["ref_abs_max"])
+    state, seqs = rt.encode_images(noise_images(rt)), prompts_of(rt)
     cfg = GenerationConfig(max_new_tokens=10)
     assert rt.generate(state, seqs, cfg).ids == ref.generate(state, seqs, cfg).ids
 
