@@ -143,8 +143,17 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, world
     train(world, tmp_path / "a", recipe, limit=64)
     msg = train(world, tmp_path / "b", recipe, stop_at_step=9, limit=64)   # inside the vlm stage
     assert "stopped at global step 9" in msg
-    assert json.loads((tmp_path / "b" / "training_state" / "state.json").read_text())["global_step"] == 9
+    state_file = tmp_path / "b" / "training_state" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["global_step"] == 9
+    # As if the first stretch had run on another kernel set: the resume records its own.
+    here = state["environments"][0]
+    assert here["from_step"] == 0 and here["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    state["environments"][0] = {**here, "cpu_capability": "OTHER"}
+    state_file.write_text(json.dumps(state))
     train(world, tmp_path / "b", recipe, resume=True, limit=64)
+    assert json.loads(state_file.read_text())["environments"] == [
+        {**here, "cpu_capability": "OTHER"}, here | {"from_step": 9}]
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
