@@ -154,7 +154,8 @@ def _tiny_stages(scale: float) -> list[Stage]:
     # seeds, POPE F1 +0.03..+0.06 on the mean (0.870 / 0.886 / 0.842 -> 0.904 / 0.922 / 0.900),
     # CHAIR_i 0.297 -> 0.171, VQA colour 0.17 -> 0.75 (read on every seed), mask IoU +0.10,
     # false yeses to absent prior partners 0.25 -> 0.09 (README, "Known gap": "Where the 15
-    # minutes go"). The same extra instruct samples in batches of 32 (1400 steps) answered worse.
+    # minutes go"). The same extra instruct samples in batches of 32 (1400 steps): F1 lower on
+    # seed 0, higher on seed 1 (two seeds), not taken.
     s = lambda n: max(1, int(n * scale))  # noqa: E731
     g = 30.0
     b = 3   # length_buckets of the text stages
