@@ -281,7 +281,10 @@ def _(q, k, v, num_heads, scale):
     return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
 
 
-class SelfAttention(nn.Module):
+class _Projections(nn.Module):
+    """The q/k/v/o projections of an attention with grouped KV heads (Llama's names, so that
+    checkpoints load and exported node names follow them)."""
+
     def __init__(self, d: int, n_heads: int, n_kv: int, head_dim: int):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = n_heads, n_kv, head_dim
@@ -290,6 +293,8 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(d, n_kv * head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * head_dim, d, bias=False)
 
+
+class SelfAttention(_Projections):
     def forward(self, x, cos, sin, mask, past, impl):
         """impl "gqa": cos/sin are rope_cache tables, mask an additive bias (Decoder.forward)."""
         B, T, _ = x.shape
@@ -335,7 +340,7 @@ class LlamaLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), present
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Projections):
     """q from text hidden states, k/v from projected image tokens (no RoPE: images are sets).
 
     q and k are RMS-normalised per head (as in Llama-3.2-Vision's cross-attention), so the
@@ -345,12 +350,7 @@ class CrossAttention(nn.Module):
     """
 
     def __init__(self, d: int, n_heads: int, n_kv: int, head_dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.n_heads, self.n_kv, self.hd = n_heads, n_kv, head_dim
-        self.q_proj = nn.Linear(d, n_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(d, n_kv * head_dim, bias=False)
-        self.v_proj = nn.Linear(d, n_kv * head_dim, bias=False)
-        self.o_proj = nn.Linear(n_heads * head_dim, d, bias=False)
+        super().__init__(d, n_heads, n_kv, head_dim)
         self.q_norm, self.k_norm = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
 
     def kv(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
