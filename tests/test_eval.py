@@ -159,6 +159,25 @@ def test_pope_separates_prior_partner_hallucination(data_dir):
     assert {a["object"] for a in flips} <= set(res["partners"].values())
 
 
+def test_pope_errors_by_object(data_dir):
+    ok = run_suite(Oracle(data_dir), data_dir, suites="pope")["suites"]["pope"]["summary"]["by_object"]
+    assert ok and all(d["false_yes"] == d["false_no"] == 0 for d in ok.values())
+    assert sum(d["present"] for d in ok.values()) > 0 and sum(d["absent"] for d in ok.values()) > 0
+    res = run_suite(PriorHallucinator(data_dir), data_dir, suites="pope")
+    by = res["suites"]["pope"]["summary"]["by_object"]
+    wrong = {o for o, d in by.items() if d["false_yes"] or d["false_no"]}
+    assert wrong and wrong <= set(res["suites"]["pope"]["partners"].values())
+    assert all(by[o]["false_no"] == 0 and by[o]["false_yes_rate"] > 0 for o in wrong)
+    # the total over objects is the distinct-question false-yes count of the summary
+    fy = res["suites"]["pope"]["summary"]["false_yes"]
+    assert sum(d["false_yes"] for d in by.values()) == fy["prior_partner"]["yes"] + fy["other_absent"]["yes"]
+    worst = sorted(sorted(wrong), key=lambda o: -by[o]["false_yes"])[0]
+    assert f"most wrong answers: {worst} (FY {by[worst]['false_yes']}/{by[worst]['absent']}, FN 0/" \
+        in format_report(res)
+    yes = run_suite(AlwaysYes(data_dir), data_dir, suites="pope")["suites"]["pope"]["summary"]["by_object"]
+    assert all(d["false_yes_rate"] in (1.0, None) and d["false_no"] == 0 for d in yes.values())
+
+
 def test_binary_metrics_by_hand():
     m = pope.binary_metrics(["yes", "yes", "no", "no", "no"], ["yes", "no", "yes", "no", "no"])
     assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (1, 1, 1, 2)

@@ -84,6 +84,24 @@ def false_yes(rows: list[dict], preds: list[str], present: dict[str, set[str]],
     return out
 
 
+def per_object(rows: list[dict], preds: list[str]) -> dict:
+    """Errors by asked object: false yeses on the questions where it is absent, false noes
+    where it is present. Which objects a model confuses (on the synthetic worlds: shapes its
+    vision tower tells apart poorly) is what the aggregate F1 hides."""
+    out: dict[str, dict] = {}
+    for row, pred in zip(rows, preds):
+        d = out.setdefault(row["object"], {"absent": 0, "false_yes": 0, "present": 0, "false_no": 0})
+        if row["label"] == "no":
+            d["absent"] += 1
+            d["false_yes"] += pred == "yes"
+        else:
+            d["present"] += 1
+            d["false_no"] += pred == "no"
+    for d in out.values():
+        d["false_yes_rate"], d["false_no_rate"] = ratio(d["false_yes"], d["absent"]), ratio(d["false_no"], d["present"])
+    return dict(sorted(out.items()))
+
+
 def score_pope_file(rows: list[dict], raw: list[str], present: dict[str, set[str]],
                     partners: dict[str, str]) -> dict:
     """Metrics, false-yes split and the answer list of one POPE file."""
@@ -133,11 +151,13 @@ def run_pope(backend: EvalBackend, data_dir: str | os.PathLike, meta: dict, reco
 
 
 def _summary(files: dict, rows: dict, answers: dict, present: dict, partners: dict) -> dict:
-    """Mean of the per-file metrics and the false-yes split over distinct absent questions."""
-    unique = {(r["image_id"], r["object"]): r for rs in rows.values() for r in rs if r["label"] == "no"}
-    neg = list(unique.values())
-    preds = [parse_yes_no(answers[(r["image_id"], r["text"])]) for r in neg]
+    """Mean of the per-file metrics; the false-yes split and the errors by object over
+    distinct questions (the files share their present-object questions)."""
+    unique = list({(r["image_id"], r["object"]): r for rs in rows.values() for r in rs}.values())
+    preds = [parse_yes_no(answers[(r["image_id"], r["text"])]) for r in unique]
+    neg = [(r, p) for r, p in zip(unique, preds) if r["label"] == "no"]
     mean = lambda k: ratio(sum(f[k] or 0.0 for f in files.values()), len(files))
     return {"mean_accuracy": mean("accuracy"), "mean_f1": mean("f1"),
             "mean_yes_ratio": mean("yes_ratio"),
-            "false_yes": false_yes(neg, preds, present, partners)}
+            "false_yes": false_yes([r for r, _ in neg], [p for _, p in neg], present, partners),
+            "by_object": per_object(unique, preds)}

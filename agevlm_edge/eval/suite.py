@@ -152,7 +152,19 @@ def _pope_lines(r: dict) -> list[str]:
     rows.append(["mean / distinct", "", s["mean_accuracy"], "", "", s["mean_f1"], s["mean_yes_ratio"],
                  _fy(fy["prior_partner"]), _fy(fy["other_absent"])])
     return ["POPE (FY: false-yes rate on absent objects (count): prior partner vs other)"] + _table(
-        ["file", "n", "acc", "prec", "recall", "f1", "yes", "FY partner", "FY other"], rows)
+        ["file", "n", "acc", "prec", "recall", "f1", "yes", "FY partner", "FY other"], rows) + \
+        _worst_objects(s.get("by_object", {}))
+
+
+def _worst_objects(by: dict, k: int = 3) -> list[str]:
+    """The objects with the most wrong answers (distinct questions), where the errors are."""
+    worst = sorted((o for o in by if by[o]["false_yes"] + by[o]["false_no"]),
+                   key=lambda o: -(by[o]["false_yes"] + by[o]["false_no"]))[:k]
+    if not worst:
+        return []
+    return ["  most wrong answers: " + ", ".join(
+        f"{o} (FY {by[o]['false_yes']}/{by[o]['absent']}, FN {by[o]['false_no']}/{by[o]['present']})"
+        for o in worst)]
 
 
 def _chair_lines(r: dict) -> list[str]:
