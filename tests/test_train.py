@@ -161,6 +161,19 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, world
     logs = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     strip = lambda rows: [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]  # noqa: E731
     assert strip(logs(tmp_path / "a")) == strip(logs(tmp_path / "b"))
+    tower = next(r["val"] for r in logs(tmp_path / "a") if r.get("stage") == "vision" and "val" in r)
+    classes = json.loads((world / "dataset.json").read_text())["vocabulary"]["classes"]
+    assert 0 < len(tower["weakest_classes"]) <= 3 and set(tower["weakest_classes"]) <= set(classes)
+
+
+def test_weakest_labels_are_the_lowest_f1_present_ones():
+    from agevlm_edge.train.loop import weakest
+
+    true = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 1], [0, 1, 0, 0]], dtype=torch.bool)
+    pred = torch.tensor([[1, 0, 1, 1], [1, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.bool)
+    # a: 1.0, b: 2*1/(1+2) = 0.667, c: never true (left out), d: 2*1/(1+2) = 0.667
+    assert weakest(pred, true, ["a", "b", "c", "d"], k=2) == {"b": 0.6667, "d": 0.6667}
+    assert list(weakest(pred, true, ["a", "b", "c", "d"])) == ["b", "d", "a"]
 
 
 def test_two_process_gloo_loss_equals_single_process(tmp_path, world):

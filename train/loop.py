@@ -289,7 +289,8 @@ class Run:
             logits = self.head(self.vision_features(v)).cpu()
             C = len(self.classes)
             return {"class_f1": _f1(logits[:, :C] > 0, v.labels[:, :C] > 0),
-                    "colour_f1": _f1(logits[:, C:] > 0, v.labels[:, C:] > 0)}
+                    "colour_f1": _f1(logits[:, C:] > 0, v.labels[:, C:] > 0),
+                    "weakest_classes": weakest(logits[:, :C] > 0, v.labels[:, :C] > 0, self.classes)}
         res = {}
         feats = self.feats.get("val") if stage.kind == "vlm" else None
         for name, pool in (("caption", v.captions), ("question", v.questions)):
@@ -449,6 +450,13 @@ def _f1(pred: torch.Tensor, true: torch.Tensor) -> float:
     tp = (pred & true).sum().item()
     p, t = pred.sum().item(), true.sum().item()
     return round(2 * tp / (p + t), 4) if p + t else 0.0
+
+
+def weakest(pred: torch.Tensor, true: torch.Tensor, names: list[str], k: int = 3) -> dict:
+    """The k labels with the lowest F1 (columns of pred / true), lowest first: the shapes the
+    tower confuses are those the VLM later answers wrongly about (eval's POPE errors by object)."""
+    per = {n: _f1(pred[:, i], true[:, i]) for i, n in enumerate(names) if true[:, i].any()}
+    return dict(sorted(per.items(), key=lambda kv: kv[1])[:k])
 
 
 def _truncate_metrics(path: Path, global_step: int) -> None:
