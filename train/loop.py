@@ -453,8 +453,8 @@ def _f1(pred: torch.Tensor, true: torch.Tensor) -> float:
 
 
 def weakest(pred: torch.Tensor, true: torch.Tensor, names: list[str], k: int = 3) -> dict:
-    """The k labels with the lowest F1 (columns of pred / true), lowest first: the shapes the
-    tower confuses are those the VLM later answers wrongly about (eval's POPE errors by object)."""
+    """The k labels with the lowest F1 (columns of pred / true), lowest first, among those
+    present: which shapes the tower confuses (compare eval's POPE errors by object)."""
     per = {n: _f1(pred[:, i], true[:, i]) for i, n in enumerate(names) if true[:, i].any()}
     return dict(sorted(per.items(), key=lambda kv: kv[1])[:k])
 

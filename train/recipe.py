@@ -171,8 +171,8 @@ def _tiny_stages(scale: float) -> list[Stage]:
     # scripts/tower_fit.py) and reach 0.97-0.98 on every seed. Four paired seeds from the
     # LM-stage checkpoint: POPE F1 +0.011 / +0.006 / +0.007 and CHAIR_i 0.047 -> 0.038 on the
     # mean; seeds 0 and 3 meet both targets (seed 0 alone before); seed 2's CHAIR_i,
-    # colour, relation and partner false yeses worse on some seeds (README, "What holds
-    # seeds 1 and 2").
+    # colour, relation and partner false yeses worse on some seeds (README, "The tower,
+    # then").
     s = lambda n: max(1, int(n * scale))  # noqa: E731
     g = 30.0
     b = 3   # length_buckets of the text stages

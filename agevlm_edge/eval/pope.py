@@ -86,8 +86,7 @@ def false_yes(rows: list[dict], preds: list[str], present: dict[str, set[str]],
 
 def per_object(rows: list[dict], preds: list[str]) -> dict:
     """Errors by asked object: false yeses on the questions where it is absent, false noes
-    where it is present. Which objects a model confuses (on the synthetic worlds: shapes its
-    vision tower tells apart poorly) is what the aggregate F1 hides."""
+    where it is present: which objects a model errs on, which the aggregate F1 hides."""
     out: dict[str, dict] = {}
     for row, pred in zip(rows, preds):
         d = out.setdefault(row["object"], {"absent": 0, "false_yes": 0, "present": 0, "false_no": 0})
