@@ -5,7 +5,7 @@ train images and on val.
 
 Loads each RUN DIR's tower and the head of its vision stage (training_state/head.safetensors,
 which a finished run keeps) and prints, for the first --train-images train images and the val
-split, the mean over classes of each class's F1 and the per-class F1s. Train close to val
+split, the mean over classes of each class's F1 and the per-class F1s (lowest first). Train close to val
 means more or better tower training pays, not regularisation. A diagnostic for README's
 "Known gap", not a test.
 """
@@ -18,13 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from agevlm_edge.train.loop import Run
+from agevlm_edge.train.loop import Run, weakest
 from agevlm_edge.train.recipe import preset_recipe
-
-
-def per_class_f1(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-    tp = (pred & true).sum(0).float()
-    return 2 * tp / (pred.sum(0) + true.sum(0)).clamp(min=1).float()
 
 
 def main() -> None:
@@ -44,13 +39,14 @@ def main() -> None:
         data.model.eval()
         data.head.eval()
         n = len(data.classes)
-        with torch.no_grad():
-            f1 = {name: per_class_f1(data.head(data.vision_features(split))[:, :n] > 0,
-                                     split.labels[:, :n] > 0)
+        with torch.no_grad():   # every present class, lowest F1 first
+            f1 = {name: weakest(data.head(data.vision_features(split))[:, :n] > 0,
+                                split.labels[:, :n] > 0, data.classes, k=n)
                   for name, split in (("train", data.train_data), ("val", data.val_data))}
-        print(f"{rd}: mean per-class F1 train {f1['train'].mean():.3f}, val {f1['val'].mean():.3f}")
+        mean = {name: sum(v.values()) / len(v) for name, v in f1.items()}
+        print(f"{rd}: mean per-class F1 train {mean['train']:.3f}, val {mean['val']:.3f}")
         for name, v in f1.items():
-            print(f"  {name:5s} " + " ".join(f"{c} {x:.2f}" for c, x in zip(data.classes, v.tolist())))
+            print(f"  {name:5s} " + " ".join(f"{c} {x:.2f}" for c, x in v.items()))
 
 
 if __name__ == "__main__":
