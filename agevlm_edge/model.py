@@ -64,6 +64,8 @@ class AgeVLMConfig:
     xattn_layers: tuple = ()         # explicit layer indices (overrides xattn_every)
     xattn_heads: int = 0             # 0: n_heads
     xattn_kv_heads: int = 0          # 0: n_kv_heads
+    xattn_null: bool = False         # a learned "nothing here" key/value after the image tokens of
+                                     # every cross-attention (CrossAttention.kv)
     # special tokens (ids in the tokenizer)
     pad_id: int = 0
     bos_id: int = 1
@@ -349,15 +351,29 @@ class CrossAttention(_Projections):
     after 300 steps).
     """
 
-    def __init__(self, d: int, n_heads: int, n_kv: int, head_dim: int, eps: float = 1e-5):
+    def __init__(self, d: int, n_heads: int, n_kv: int, head_dim: int, eps: float = 1e-5,
+                 null: bool = False):
         super().__init__(d, n_heads, n_kv, head_dim)
         self.q_norm, self.k_norm = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
+        self.null = null
+        if null:   # zeros: no random draw, so every other weight initialises as without it
+            self.null_k = nn.Parameter(torch.zeros(n_kv, head_dim))
+            self.null_v = nn.Parameter(torch.zeros(n_kv, head_dim))
 
     def kv(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """img [B,N,D] -> k, v [B,Hkv,N,hd]: computed once per image, reused for every token."""
+        """img [B,N,D] -> k, v [B,Hkv,N,hd]: computed once per image, reused for every token.
+
+        With ``null`` one more key/value follows the image tokens ([B,Hkv,N+1,hd]): a learned
+        place for a query to put its weight when nothing in the image matches it (softmax
+        weights sum to 1, so without it an absent object's query still reads the best partial
+        match at full weight). The key is learned as is, not through k_norm (whose gradient at
+        the zero start is 1/sqrt(eps))."""
         B, N, _ = img.shape
         k = self.k_norm(self.k_proj(img).view(B, N, self.n_kv, self.hd)).transpose(1, 2)
         v = self.v_proj(img).view(B, N, self.n_kv, self.hd).transpose(1, 2)
+        if self.null:
+            k = torch.cat([k, self.null_k.to(k.dtype).expand(B, -1, -1).unsqueeze(2)], dim=2)
+            v = torch.cat([v, self.null_v.to(v.dtype).expand(B, -1, -1).unsqueeze(2)], dim=2)
         return k, v
 
     def mha_kv(self, kv: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -381,6 +397,8 @@ class CrossAttention(_Projections):
                                              self.n_heads, self.hd ** -0.5)
             return self.o_proj(out), None
         out, probs = attention(q.transpose(1, 2), kv[0], kv[1], None, impl, need_probs)
+        if probs is not None and self.null:   # the maps are over the image's patches only
+            probs = probs[..., :-1]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), probs
 
 
@@ -395,7 +413,7 @@ class GatedXAttnBlock(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.attn = CrossAttention(cfg.d_model, cfg.xattn_heads, cfg.xattn_kv_heads, cfg.head_dim,
-                                   cfg.rms_eps)
+                                   cfg.rms_eps, cfg.xattn_null)
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.mlp = MLP(cfg.d_model, cfg.ffn_hidden)

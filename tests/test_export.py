@@ -163,6 +163,31 @@ def test_unfused_and_concat_exports_pass_parity(exported):
     assert [o["name"] for o in concat["graphs"]["vision"]["outputs"]] == ["image_embeds"]
 
 
+def test_null_token_exports_in_the_cross_kv_and_passes_parity(tokenizer, small_world, tmp_path):
+    """model xattn_null: the vision graph's cross K/V carry the learned null entry (N+1), the
+    decoder needs nothing new, and the exported probabilities stay over the N patches."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from agevlm_edge.export.onnx_export import export_run
+
+    run = _run_dir(tmp_path / "null", tokenizer, "xattn", xattn_null=True)
+    sd = load_file(run / "model.safetensors")
+    torch.manual_seed(3)
+    for k in sd:
+        if ".null_" in k:   # away from their zero start, so the parity sees them
+            sd[k] = torch.randn_like(sd[k])
+    save_file(sd, run / "model.safetensors")
+    for target in ("cpu", "mobile-gpu"):
+        export_run(run, tmp_path / target, data_dir=small_world, target=target,
+                   xattn_probs=target == "cpu")
+        man = _manifest(tmp_path / target)
+        assert man["parity"]["passed"] and man["parity"]["generations_identical"] >= 20
+    assert man["model"]["xattn_null"] is True
+    p = _manifest(tmp_path / "cpu")["parity"]
+    assert p["vision_shapes"]["cross_key_1"] == [2, 2, 65, 8] and p["xattn_probs_max_abs_diff"] <= 1e-4
+
+
 def test_mobile_gpu_export_uses_contrib_attention_and_ships_ort_files(exported):
     import onnx
 

@@ -186,3 +186,32 @@ def test_gqa_form_matches_eager_on_a_left_padded_batch_and_its_own_cache():
     assert not torch.allclose(k_eager[0, :, -4:], k_gqa[0, :, -4:], atol=1e-3)   # shifted by 3
     with pytest.raises(ValueError, match="concat pads mid-sequence"):
         _model(arch="concat")(ids, pixel_values=px, attention_mask=mask, attn_impl="gqa")
+
+
+def test_null_token_adds_one_learned_key_value_and_keeps_maps_over_the_patches():
+    """xattn_null: one more cross K/V entry per layer (zeros at the start, drawn from no RNG, so
+    every other weight initialises as without it); every attention path gives the same logits,
+    and the probabilities stay over the image's patches, summing to what the null leaves."""
+    plain, m = _model(), _model(xattn_null=True)
+    extra = sorted(set(m.state_dict()) - set(plain.state_dict()))
+    assert extra == [f"decoder.xattn.{i}.attn.null_{t}" for i in m.cfg.cross_layers for t in "kv"]
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in plain.state_dict().items())
+    _open_gates(m)
+    with torch.no_grad():
+        for i in m.cfg.cross_layers:
+            m.decoder.xattn[str(i)].attn.null_k.normal_()
+            m.decoder.xattn[str(i)].attn.null_v.normal_()
+    ids, px = torch.randint(3, 97, (2, 7)), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        img = m.image_tokens(px)
+        kv = m.cross_kv(img)
+        eager = m(ids, image_tokens=img, attn_impl="eager", output_xattn=True)
+        outs = [m(ids, image_tokens=img, attn_impl=impl).logits for impl in ("fused", "gqa", "mha")]
+        outs.append(m(ids, cross_kv=m.cross_kv(img, "mha"), attn_impl="gqa").logits)
+    layer = str(m.cfg.cross_layers[0])
+    assert kv[layer][0].shape[2] == kv[layer][1].shape[2] == img.shape[1] + 1
+    probs = eager.xattn_probs[m.cfg.cross_layers[0]]
+    assert probs.shape == (2, 4, 7, 16)
+    assert (probs.sum(-1) < 1 - 1e-3).all()
+    for o in outs:
+        assert (o - eager.logits).abs().max().item() < 1e-5

@@ -14,6 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from agevlm_edge.errors import BadInput
 from agevlm_edge.train.losses import dice_loss_sum, lm_loss_sum, phrase_maps
 from agevlm_edge.train.recipe import apply_sets, preset_recipe, recipe_from_dict
 from conftest import assert_one_line_error, run_cli
@@ -57,6 +58,13 @@ def test_dice_is_zero_exactly_when_attention_spreads_over_the_mask():
     assert losses[0] == pytest.approx(1 - 5 / 8.5, abs=1e-5)
     assert 0 < losses[0] and 0 < losses[1] < 1 and losses[2] == pytest.approx(1.0)
     assert dice_loss_sum(off, mask, torch.zeros(1, 1, dtype=torch.bool))[1].item() == 0
+    # an empty mask (an absent object, Stage.null_dice): the map's mass on the patches, which
+    # is below 1 only when the null token (model xattn_null) takes the rest
+    some = torch.tensor([[[0.1, 0.2, 0.0, 0.0]]], requires_grad=True)
+    s, n = dice_loss_sum(some, torch.zeros(1, 1, 4), valid)
+    assert n.item() == 1 and s.item() == pytest.approx(0.3)
+    s.backward()
+    assert torch.equal(some.grad, torch.ones(1, 1, 4))
 
 
 def test_per_sample_loss_weighs_every_sample_alike():
@@ -293,8 +301,9 @@ def test_length_buckets_change_no_loss_and_keep_every_sample():
 
 def test_question_phrases_are_the_asked_object_and_the_answer_position(world):
     """A question about a class in the image carries two phrases, the object word and the
-    prompt's last token, both toward the union mask of that class's instances; absent classes
-    and relation questions carry none."""
+    prompt's last token, both toward the union mask of that class's instances; an existence
+    question about an absent class carries the prompt's last token with an empty mask
+    (Stage.null_dice); other absent classes and relation questions carry none."""
     from agevlm_edge.data.datadir import decode_mask, load_split
     from agevlm_edge.data.tokenizer import load_tokenizer
     from agevlm_edge.eval.grounding import mask_to_grid
@@ -305,7 +314,7 @@ def test_question_phrases_are_the_asked_object_and_the_answer_position(world):
     data = load_split_data(world, "train", tok, 64, 8, limit=6)
     qs = [(rec, q) for rec in recs for q in rec["questions"]]
     assert len(qs) == len(data.questions)
-    checked = {"with": 0, "without": 0}
+    checked = {"with": 0, "absent": 0, "without": 0}
     for (rec, q), s in zip(qs, data.questions):
         present = [o for o in rec["objects"] if o["class"] == q.get("object")]
         if q["type"] in ("existence", "colour", "count") and present:
@@ -318,10 +327,14 @@ def test_question_phrases_are_the_asked_object_and_the_answer_position(world):
             np.testing.assert_allclose(g1, mask_to_grid(m, 8).reshape(-1))
             assert g2 is g1
             checked["with"] += 1
+        elif q["type"] == "existence":
+            [(ans, g)] = s.phrases
+            assert ans == [s.prompt_len - 1] and not g.any() and g.shape == (64,)
+            checked["absent"] += 1
         else:
             assert s.phrases == []
             checked["without"] += 1
-    assert checked["with"] and checked["without"]
+    assert checked["with"] and checked["absent"] and checked["without"]
 
 
 def test_question_dice_draws_only_when_on_and_attaches_question_phrases(tmp_path, world):
@@ -339,6 +352,17 @@ def test_question_dice_draws_only_when_on_and_attaches_question_phrases(tmp_path
     assert all(s.phrases == [] for s in off)
     with_phr = [s for s in on if s.phrases]
     assert with_phr and all(len(s.phrases) == 2 for s in with_phr)
+    # null_dice: the same draws, and the picked questions about absent objects keep their
+    # empty-mask phrase too (a model without the null token refuses it: Run's check)
+    big = dataclasses.replace(base, question_dice=1.0, batch_size=64)
+    on = run.vlm_samples(big, _generator(5, 0, 4))
+    null = run.vlm_samples(dataclasses.replace(big, null_dice=True), _generator(5, 0, 4))
+    assert [s.ids for s in null] == [s.ids for s in on]
+    absent = [s for s in null if len(s.phrases) == 1]
+    assert absent and all(not s.phrases[0][1].any() for s in absent)
+    assert [s.phrases for s in null if len(s.phrases) == 2] == [s.phrases for s in on if s.phrases]
+    with pytest.raises(BadInput, match="xattn_null"):
+        Run(world, tmp_path / "n", recipe_from_dict(_recipe([{**STAGES[2], "null_dice": True}])), limit=8)
     assert [s.ids for s in run.vlm_samples(dataclasses.replace(base, question_dice=0.5), _generator(5, 0, 3))] \
         == [s.ids for s in off]
     unguided = run.vlm_samples(dataclasses.replace(base, question_dice=1.0, dice_weight=0.0), _generator(5, 0, 3))
@@ -364,7 +388,6 @@ def test_val_every_validates_inside_a_stage_without_changing_training(tmp_path, 
 def test_bad_settings_and_damaged_runs_are_one_line_errors_that_lose_nothing(tmp_path, world):
     import shutil
 
-    from agevlm_edge.errors import BadInput
     from agevlm_edge.train.loop import train
 
     base = preset_recipe("tiny")
@@ -421,7 +444,6 @@ def test_bad_settings_and_damaged_runs_are_one_line_errors_that_lose_nothing(tmp
 
 
 def test_device_choice_is_one_line_error_before_anything_is_written(tmp_path, world):
-    from agevlm_edge.errors import BadInput
     from agevlm_edge.train.loop import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")

@@ -149,6 +149,8 @@ def load_split_data(data_dir: str | Path, split: str, tokenizer, image_size: int
                 if m.any():
                     g = mask_to_grid(m, grid).reshape(-1)
                     phrases = [(obj_toks, g), ([prompt_len - 1], g)]
+                elif q.get("type") == "existence" and not any(o["class"] == q["object"] for o in rec["objects"]):
+                    phrases = [([prompt_len - 1], np.zeros(grid * grid, np.float32))]   # absent: Stage.null_dice
             questions.append(Sample(i, ids, prompt_len, phrases))
     return SplitData(_load_images(data_dir, records, image_size), _labels(records, classes, colours),
                      captions, questions, records)

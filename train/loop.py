@@ -65,6 +65,11 @@ def lr_at(stage: Stage, step: int) -> float:
     return stage.lr * (stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def _absent(s) -> bool:
+    """A question sample about an absent object (its one phrase has an empty mask)."""
+    return len(s.phrases) == 1 and not s.phrases[0][1].any()
+
+
 def _generator(seed: int, stage_idx: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + stage_idx * 100_003 + step)
 
@@ -156,6 +161,9 @@ class Run:
         torch.manual_seed(recipe.seed)
         self.tok, self.model = _build(data_dir, recipe, size)
         self.cfg = self.model.cfg
+        if any(st.null_dice and st.dice_weight > 0 for st in recipe.stages) and not self.cfg.xattn_null:
+            raise BadInput("null_dice needs the null token: add --set model.xattn_null=true "
+                           "(or turn null_dice off)")
         self.pre = Preprocessor(self.cfg.image_size)
         if self.cfg.vision_hf_dir:   # pretrained HF tower: its weights and its normalisation
             try:
@@ -261,7 +269,8 @@ class Run:
         for pool, rows, picks in ((d.captions, caps, dice_pick.tolist()), (d.questions, qs, q_pick)):
             for i, pick in zip(rows.tolist(), picks):
                 s = pool[i]
-                samples.append(s if (pick and stage.dice_weight > 0) else type(s)(s.image, s.ids, s.prompt_len))
+                keep = pick and stage.dice_weight > 0 and (stage.null_dice or not _absent(s))
+                samples.append(s if keep else type(s)(s.image, s.ids, s.prompt_len))
         return [samples[i] for i in self._shard(torch.arange(len(samples)))]
 
     def step_vlm(self, ddp, stage: Stage, g: torch.Generator) -> dict:

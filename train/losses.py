@@ -60,9 +60,13 @@ def dice_loss_sum(maps: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor,
     """Mass-matched squared soft dice summed over valid phrases, and their count.
 
     maps [B,P,N] (attention, rows sum to 1), masks [B,P,N] in [0,1], valid [B,P] bool.
+    A phrase whose mask is empty (an absent object, Stage.null_dice) scores its map's mass on
+    the patches instead: 0 when all of its attention is on the null token (model xattn_null).
     """
-    scaled = maps * masks.sum(-1, keepdim=True)
+    mass = masks.sum(-1, keepdim=True)
+    scaled = maps * mass
     inter = (scaled * masks).sum(-1)
     denom = scaled.pow(2).sum(-1) + masks.pow(2).sum(-1)
     dice = 1 - 2 * inter / (denom + eps)
+    dice = torch.where(mass.squeeze(-1) > 0, dice, maps.sum(-1))
     return (dice * valid).sum(), valid.sum()

@@ -48,6 +48,9 @@ class Stage:
     question_dice: float = 0.0      # fraction of question samples that also get the dice loss:
                                     # the asked object's word and the answer position toward
                                     # its mask, when it is in the image (batches.question_object_tokens)
+    null_dice: bool = False         # and a picked question about an absent object too: the answer
+                                    # position's attention on the image's patches is its loss, so
+                                    # "no" is read from the null token (needs model.xattn_null)
     gate_lr_mult: float = 1.0       # LR multiplier for the tanh gates of cross-attention blocks
     context_qa: float = 0.0         # lm stage: fraction of each batch that is a question after
                                     # its image's caption, as text (reading comprehension)
