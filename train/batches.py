@@ -145,12 +145,13 @@ def load_split_data(data_dir: str | Path, split: str, tokenizer, image_size: int
             ids, prompt_len, obj_toks = q_cache[key]
             phrases = []
             if obj_toks and q.get("type") in QUESTION_PHRASE_TYPES:
-                m = union_mask([k for k, o in enumerate(rec["objects"]) if o["class"] == q["object"]])
+                objs = [k for k, o in enumerate(rec["objects"]) if o["class"] == q["object"]]
+                m = union_mask(objs)
                 if m.any():
                     g = mask_to_grid(m, grid).reshape(-1)
                     phrases = [(obj_toks, g), ([prompt_len - 1], g)]
-                elif q.get("type") == "existence" and not any(o["class"] == q["object"] for o in rec["objects"]):
-                    phrases = [([prompt_len - 1], np.zeros(grid * grid, np.float32))]   # absent: Stage.null_dice
+                elif not objs and q.get("type") == "existence":   # absent: Stage.null_dice
+                    phrases = [([prompt_len - 1], np.zeros(grid * grid, np.float32))]
             questions.append(Sample(i, ids, prompt_len, phrases))
     return SplitData(_load_images(data_dir, records, image_size), _labels(records, classes, colours),
                      captions, questions, records)
