@@ -32,9 +32,13 @@ def main() -> None:
     for rd in args.runs:
         if data is None:   # the split data once: every run of the preset reads it alike
             data = Run(args.data, rd, preset_recipe("tiny"), limit=args.train_images)
-        res = data.model.load_state_dict(load_file(rd / "model.safetensors"), strict=False)
-        if res.unexpected_keys or set(res.missing_keys) - {"lm_head.weight"}:   # tied to the embedding
-            raise SystemExit(f"{rd}: not a tiny-preset RUN DIR ({res})")
+        # the tower only: runs that differ elsewhere (model.xattn_null, say) share it
+        tower = {k[len("vision."):]: v for k, v in load_file(rd / "model.safetensors").items()
+                 if k.startswith("vision.")}
+        try:
+            data.model.vision.load_state_dict(tower)
+        except RuntimeError as e:
+            raise SystemExit(f"{rd}: not the tiny preset's vision tower ({e})") from None
         data.head.load_state_dict(load_file(rd / "training_state" / "head.safetensors"))
         data.model.eval()
         data.head.eval()
