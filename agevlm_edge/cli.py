@@ -108,7 +108,7 @@ def data() -> None:
 @data.command("synth")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="DATA DIR to write.")
 @click.option("--preset", default="easy", show_default=True,
-              help="World difficulty preset: easy or hard.")
+              help="World difficulty preset: easy, medium or hard (docs/synthetic-world.md).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Same seed, byte-identical files.")
 @click.option("--n-train", type=click.IntRange(min=1), default=None, help="Training images (preset default).")
 @click.option("--n-val", type=click.IntRange(min=0), default=None, help="Validation images (preset default).")
