@@ -265,6 +265,14 @@ def test_vqa_oracle_scores_one_per_type(data_dir):
     assert {t for t, d in res["types"].items() if d["n"]} == set(vqa.TYPES)
     by_hand = vqa.vqa_scores(["count", "count", "colour"], ["two", "one", "red"], [" Two ", "two", "red"])
     assert by_hand["types"]["count"]["accuracy"] == 0.5 and by_hand["accuracy"] == pytest.approx(2 / 3)
+    # Per reference answer, with what was said instead: "one" was answered "two".
+    assert by_hand["types"]["count"]["by_answer"] == {
+        "one": {"n": 1, "correct": 0, "predicted": {"two": 1}, "accuracy": 0.0},
+        "two": {"n": 1, "correct": 1, "predicted": {"two": 1}, "accuracy": 1.0}}
+    text = format_report({"data_dir": "d", "split": "test", "images": 2,
+                          "suites": {"vqa": by_hand}})
+    assert "count by answer: one 0.000 (1), two 1.000 (1)" in text
+    assert "colour by answer" not in text  # one reference answer: nothing to split
 
 
 def test_itm_separates_informative_layers_only(data_dir):

@@ -191,7 +191,12 @@ def _itm_lines(r: dict) -> list[str]:
 
 def _vqa_lines(r: dict) -> list[str]:
     rows = [[t, d["n"], d["accuracy"]] for t, d in r["types"].items()] + [["all", r["n"], r["accuracy"]]]
-    return ["VQA (exact match)"] + _table(["type", "n", "acc"], rows)
+    lines = ["VQA (exact match)"] + _table(["type", "n", "acc"], rows)
+    for t, d in r["types"].items():
+        parts = [f"{a} {_f(v['accuracy'])} ({v['n']})" for a, v in d.get("by_answer", {}).items()]
+        if 1 < len(parts) <= 10:  # the synthetic world's closed sets; a longer one stays in the JSON
+            lines.append(f"  {t} by answer: " + ", ".join(parts))
+    return lines
 
 
 FORMATTERS = {"pope": _pope_lines, "chair": _chair_lines, "grounding": _grounding_lines,

@@ -19,13 +19,23 @@ def normalize(answer: str) -> str:
 
 
 def vqa_scores(qtypes: list[str], answers: list[str], preds: list[str]) -> dict:
-    """Accuracy overall and per type, with counts."""
-    per = {t: {"n": 0, "correct": 0} for t in TYPES}
+    """Accuracy overall and per type, with counts; per type also per reference answer, with what
+    was said instead (``by_answer``: a type's accuracy can hide an answer never given, e.g. a
+    model that never counts past one scores 0.89 on count questions where 11% are two or more).
+    """
+    per = {t: {"n": 0, "correct": 0, "by_answer": {}} for t in TYPES}
     for t, a, p in zip(qtypes, answers, preds):
+        a, p = normalize(a), normalize(p)
         per[t]["n"] += 1
-        per[t]["correct"] += normalize(a) == normalize(p)
+        per[t]["correct"] += a == p
+        d = per[t]["by_answer"].setdefault(a, {"n": 0, "correct": 0, "predicted": {}})
+        d["n"] += 1
+        d["correct"] += a == p
+        d["predicted"][p] = d["predicted"].get(p, 0) + 1
     for d in per.values():
         d["accuracy"] = ratio(d["correct"], d["n"])
+        d["by_answer"] = {a: {**v, "accuracy": ratio(v["correct"], v["n"])}
+                          for a, v in sorted(d["by_answer"].items())}
     total = sum(d["n"] for d in per.values())
     return {"n": total, "accuracy": ratio(sum(d["correct"] for d in per.values()), total),
             "types": per}
