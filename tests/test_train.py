@@ -371,6 +371,50 @@ def test_question_dice_draws_only_when_on_and_attaches_question_phrases(tmp_path
         recipe_from_dict(_recipe([{**STAGES[2], "question_dice": 2.0}]))
 
 
+def test_question_weights_pick_by_type_and_answer():
+    from agevlm_edge.train.batches import question_weights
+
+    recs = [{"questions": [{"type": "count", "answer": "one"}, {"type": "count", "answer": "two"},
+                           {"type": "colour", "answer": "red"}]},
+            {"questions": [{"type": "existence", "answer": "yes"}]}]
+    assert question_weights(recs, {"count": 3, "count:two": 7}).tolist() == [3, 7, 1, 1]
+    assert question_weights(recs, {"colour:red": 0}).tolist() == [1, 1, 0, 1]
+    with pytest.raises(BadInput, match="'count:five', 'cout' match no train question.*types here: colour, count"):
+        question_weights(recs, {"cout": 2, "count:five": 2})
+    with pytest.raises(BadInput, match="weigh every train question 0"):
+        question_weights(recs, {"count": 0, "colour": 0, "existence": 0})
+
+
+def test_question_weights_steer_the_draw_and_bad_ones_fail_before_training(tmp_path, world):
+    from agevlm_edge.train.loop import Run, _generator
+
+    recipe = recipe_from_dict(_recipe([STAGES[2]]))
+    run = Run(world, tmp_path / "r", recipe, limit=32)
+    keys = [(q["type"], q["answer"]) for rec in run.train_data.records for q in rec["questions"]]
+    types = sorted({t for t, _ in keys})
+    assert len(types) > 1 and "count" in types
+    base = recipe.stages[0]
+    answers = {}      # a question sample's ids -> the (type, answer) it can stand for
+    for s, k in zip(run.train_data.questions, keys):
+        answers.setdefault(tuple(s.ids), set()).add(k)
+    only = dataclasses.replace(base, batch_size=64, captions=0.0,
+                               question_weights={t: 0 for t in types if t != "count"})
+    drawn = run.vlm_samples(only, _generator(5, 0, 3))
+    assert len(drawn) == 64 and all({t for t, _ in answers[tuple(s.ids)]} == {"count"} for s in drawn)
+    assert len({tuple(s.ids) for s in drawn}) > 4
+    # an answer's key wins over its type's: of the count questions only "zero" ones are left
+    zero = dataclasses.replace(only, question_weights={**only.question_weights, "count": 0, "count:zero": 1})
+    assert all(answers[tuple(s.ids)] == {("count", "zero")} for s in run.vlm_samples(zero, _generator(5, 0, 3)))
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump(_recipe(STAGES)))
+    for setting, msg in (("{cout: 2}", "'cout' match no train question"),
+                         ("{count: -1}", "question_weights maps TYPE or TYPE:ANSWER to a number >= 0"),
+                         ("[count]", "question_weights must be a mapping")):
+        assert_one_line_error(run_cli("train", "--data", world, "--out", tmp_path / "bad", "--config", cfg,
+                                      "--set", f"guided.question_weights={setting}"), msg)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_val_every_validates_inside_a_stage_without_changing_training(tmp_path, world):
     from agevlm_edge.train.loop import train
 

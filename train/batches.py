@@ -17,6 +17,7 @@ import torch
 
 from agevlm_edge.data.datadir import decode_mask, load_meta, load_split
 from agevlm_edge.data.tokenizer import span_tokens
+from agevlm_edge.errors import BadInput
 from agevlm_edge.eval.common import ImageStore
 from agevlm_edge.eval.grounding import mask_to_grid
 from agevlm_edge.text import encode_with_spans, prompt_ids
@@ -202,6 +203,27 @@ def context_questions(records: list[dict], tokenizer, bos: int = 1, eos: int = 2
     tails = tokenizer.encode_batch([target_text(a) for a in answers], add_special_tokens=False)
     return [Sample(i, [bos] + h.ids + t.ids + [eos], 1 + len(h.ids))
             for i, h, t in zip(rows, heads, tails)]
+
+
+def question_weights(records: list[dict], weights: dict) -> torch.Tensor:
+    """Sampling weight of each question sample (the order of SplitData.questions) under a
+    stage's ``question_weights``: a key ``TYPE`` weights every question of that type, a key
+    ``TYPE:ANSWER`` the questions of that type with that answer and wins over ``TYPE``;
+    unnamed questions weigh 1. A key no question matches is an error (a typo would otherwise
+    train the default mix without a word), and so is a mix that weighs every question 0."""
+    keys = [(str(q.get("type", "")), str(q.get("answer", "")))
+            for rec in records for q in rec.get("questions", [])]
+    types = {t for t, _ in keys}
+    pairs = {f"{t}:{a}" for t, a in keys}
+    unknown = sorted(k for k in weights if k not in types and k not in pairs)
+    if unknown:
+        raise BadInput(f"question_weights: {', '.join(map(repr, unknown))} match no train question; "
+                       f"keys are TYPE or TYPE:ANSWER, types here: {', '.join(sorted(types))}")
+    w = torch.tensor([float(weights.get(f"{t}:{a}", weights.get(t, 1.0))) for t, a in keys],
+                     dtype=torch.float64)
+    if not len(w) or w.sum() <= 0:
+        raise BadInput("question_weights weigh every train question 0; give some a weight > 0")
+    return w
 
 
 def length_buckets(samples: list[Sample], n: int) -> list[list[Sample]]:

@@ -28,7 +28,7 @@ from agevlm_edge.model import AgeVLM, build_config
 from agevlm_edge.preprocess import Preprocessor
 
 from .batches import (SplitData, collate, context_questions, length_buckets, load_split_data,
-                      token_labels)
+                      question_weights, token_labels)
 from .losses import lm_loss_sum
 from .recipe import Recipe, Stage
 from .steps import LMStep, VisionHead, VisionStep, VLMStep
@@ -182,6 +182,9 @@ class Run:
         self.train_data = load_split_data(data_dir, "train", *args, limit=limit, **ids)
         self.val_data = load_split_data(data_dir, "val", *args, limit=VAL_LIMIT, **ids) \
             if "val" in meta["splits"] else self.train_data
+        for st in recipe.stages:   # checked before any step, so that a typo fails at once
+            if st.kind == "vlm" and st.question_weights:
+                self.question_weights(st)
         self.feats: dict[str, torch.Tensor] = {}
         self.state = {"stage": 0, "step": 0, "global_step": 0}
         self.optimizer: torch.optim.Optimizer | None = None
@@ -194,6 +197,14 @@ class Run:
             data = self.train_data if split == "train" else self.val_data
             cache[split] = context_questions(data.records, self.tok, self.cfg.bos_id, self.cfg.eos_id)
         return cache[split]
+
+    def question_weights(self, stage: Stage) -> torch.Tensor:
+        """The stage's sampling weight per train question (batches.question_weights), cached."""
+        cache = self.__dict__.setdefault("_q_weights", {})
+        key = tuple(sorted(stage.question_weights.items()))
+        if key not in cache:
+            cache[key] = question_weights(self.train_data.records, stage.question_weights)
+        return cache[key]
 
     def token_labels(self) -> torch.Tensor:
         """Per-token train labels for the mask-supervised ablation, built on first use."""
@@ -256,11 +267,15 @@ class Run:
     def vlm_samples(self, stage: Stage, g: torch.Generator) -> list:
         """This rank's samples of one VLM step: captions (a dice_fraction of them with their
         phrases, when the stage has a dice loss) and questions (a question_dice fraction of
-        them with theirs), in the stage's mix."""
+        them with theirs), in the stage's mix; questions drawn by the stage's question_weights."""
         d = self.train_data
         n_cap = round(stage.batch_size * stage.captions / (stage.captions + stage.questions))
         caps = torch.randint(max(len(d.captions), 1), (n_cap,), generator=g) if n_cap else torch.zeros(0, dtype=torch.long)
-        qs = torch.randint(max(len(d.questions), 1), (stage.batch_size - n_cap,), generator=g)
+        n_q = stage.batch_size - n_cap
+        if stage.question_weights and n_q:   # without them the draw stays as it was (same batches)
+            qs = torch.multinomial(self.question_weights(stage), n_q, replacement=True, generator=g)
+        else:
+            qs = torch.randint(max(len(d.questions), 1), (n_q,), generator=g)
         dice_pick = torch.rand(n_cap, generator=g) < stage.dice_fraction
         # drawn only when used, so that recipes without question dice keep their batches
         q_pick = (torch.rand(len(qs), generator=g) < stage.question_dice).tolist() \

@@ -42,6 +42,10 @@ class Stage:
     weight_decay: float = 0.0
     captions: float = 1.0           # data mix (vlm): relative weight of caption samples
     questions: float = 0.0          #                  relative weight of question samples
+    question_weights: dict = field(default_factory=dict)
+                                    # within the questions: relative weight by TYPE or
+                                    # TYPE:ANSWER (e.g. {"count:two": 5}); others weigh 1
+                                    # (batches.question_weights); {}: uniform, as before
     dice_weight: float = 0.0        # SAM-guided loss weight (0: off)
     dice_fraction: float = 0.1      # fraction of caption samples that get the dice loss
     dice_layers: tuple = ()         # cross-attention layers the loss reads (): all
@@ -86,6 +90,11 @@ class Stage:
             raise BadInput(f"stage {self.name}: length_buckets must be >= 1")
         if self.gate_lr_mult <= 0:
             raise BadInput(f"stage {self.name}: gate_lr_mult must be > 0")
+        bad_w = [k for k, v in self.question_weights.items() if not isinstance(k, str) or not k
+                 or isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf")]
+        if bad_w:
+            raise BadInput(f"stage {self.name}: question_weights maps TYPE or TYPE:ANSWER to a "
+                           f"number >= 0; bad entries: {', '.join(map(repr, bad_w))}")
         if self.kind == "vlm" and self.captions + self.questions <= 0:
             raise BadInput(f"stage {self.name}: a vlm stage needs captions or questions > 0")
         return self
