@@ -27,6 +27,7 @@ from study_guidance import fmt, last_val, metrics, parse_pairs, stopped_run_of
 
 from agevlm_edge.errors import BadInput
 from agevlm_edge.eval.suite import evaluate
+from agevlm_edge.eval.vqa import balanced_accuracy
 from agevlm_edge.fsutil import write_json_atomic, write_text_atomic
 from agevlm_edge.train.loop import train
 from agevlm_edge.train.recipe import apply_sets, preset_recipe
@@ -41,6 +42,8 @@ def row_of(res: dict, run: Path) -> dict:
     row["val_caption_loss"] = last_val(run).get("val_caption_loss")
     for t, v in res["suites"]["vqa"]["types"].items():
         row[f"vqa_{t}"] = v["accuracy"]
+    for t, v in res["suites"]["vqa"]["types"].items():   # from by_answer: older results lack the key
+        row[f"vqa_{t}_balanced"] = balanced_accuracy(v.get("by_answer", {}))
     return row
 
 

@@ -269,9 +269,14 @@ def test_vqa_oracle_scores_one_per_type(data_dir):
     assert by_hand["types"]["count"]["by_answer"] == {
         "one": {"n": 1, "correct": 0, "predicted": {"two": 1}, "accuracy": 0.0},
         "two": {"n": 1, "correct": 1, "predicted": {"two": 1}, "accuracy": 1.0}}
+    assert by_hand["types"]["count"]["balanced_accuracy"] == 0.5
+    assert by_hand["types"]["existence"]["balanced_accuracy"] is None   # no such questions
+    skewed = vqa.vqa_scores(["count"] * 4, ["one", "one", "one", "two"], ["one"] * 4)["types"]["count"]
+    assert skewed["accuracy"] == 0.75 and skewed["balanced_accuracy"] == 0.5
     text = format_report({"data_dir": "d", "split": "test", "images": 2,
                           "suites": {"vqa": by_hand}})
     assert "count by answer: one 0.000 (1), two 1.000 (1)" in text
+    assert any(ln.split() == ["count", "2", "0.500", "0.500"] for ln in text.splitlines())
     assert "colour by answer" not in text  # one reference answer: nothing to split
 
 

@@ -190,8 +190,10 @@ def _itm_lines(r: dict) -> list[str]:
 
 
 def _vqa_lines(r: dict) -> list[str]:
-    rows = [[t, d["n"], d["accuracy"]] for t, d in r["types"].items()] + [["all", r["n"], r["accuracy"]]]
-    lines = ["VQA (exact match)"] + _table(["type", "n", "acc"], rows)
+    rows = [[t, d["n"], d["accuracy"], d.get("balanced_accuracy")] for t, d in r["types"].items()] \
+        + [["all", r["n"], r["accuracy"], None]]
+    lines = ["VQA (exact match; balanced: the mean of the accuracies per reference answer)"] + \
+        _table(["type", "n", "acc", "balanced"], rows)
     for t, d in r["types"].items():
         parts = [f"{a} {_f(v['accuracy'])} ({v['n']})" for a, v in d.get("by_answer", {}).items()]
         if 1 < len(parts) <= 10:  # the synthetic world's closed sets; a longer one stays in the JSON

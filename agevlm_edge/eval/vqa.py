@@ -18,10 +18,17 @@ def normalize(answer: str) -> str:
     return answer.strip().lower()
 
 
+def balanced_accuracy(by_answer: dict) -> float | None:
+    """The mean of the accuracies per reference answer (None without answers)."""
+    accs = [v["accuracy"] for v in by_answer.values()]
+    return sum(accs) / len(accs) if accs else None
+
+
 def vqa_scores(qtypes: list[str], answers: list[str], preds: list[str]) -> dict:
     """Accuracy overall and per type, with counts; per type also per reference answer, with what
     was said instead (``by_answer``: a type's accuracy can hide an answer never given, e.g. a
-    model that never counts past one scores 0.89 on count questions where 11% are two or more).
+    model that never counts past one scores 0.89 on count questions where 11% are two or more),
+    and ``balanced_accuracy``, the mean of the per-answer accuracies (that model: ~0.5 of 1).
     """
     per = {t: {"n": 0, "correct": 0, "by_answer": {}} for t in TYPES}
     for t, a, p in zip(qtypes, answers, preds):
@@ -36,6 +43,7 @@ def vqa_scores(qtypes: list[str], answers: list[str], preds: list[str]) -> dict:
         d["accuracy"] = ratio(d["correct"], d["n"])
         d["by_answer"] = {a: {**v, "accuracy": ratio(v["correct"], v["n"])}
                           for a, v in sorted(d["by_answer"].items())}
+        d["balanced_accuracy"] = balanced_accuracy(d["by_answer"])
     total = sum(d["n"] for d in per.values())
     return {"n": total, "accuracy": ratio(sum(d["correct"] for d in per.values()), total),
             "types": per}
