@@ -40,10 +40,10 @@ def step_of(run: Path) -> int:
 def row_of(res: dict, run: Path) -> dict:
     row = metrics(res, run)
     row["val_caption_loss"] = last_val(run).get("val_caption_loss")
-    for t, v in res["suites"]["vqa"]["types"].items():
-        row[f"vqa_{t}"] = v["accuracy"]
-    for t, v in res["suites"]["vqa"]["types"].items():   # from by_answer: older results lack the key
-        row[f"vqa_{t}_balanced"] = balanced_accuracy(v.get("by_answer", {}))
+    types = res["suites"]["vqa"]["types"]
+    row.update({f"vqa_{t}": v["accuracy"] for t, v in types.items()})
+    # from by_answer, since older results lack the balanced key
+    row.update({f"vqa_{t}_balanced": balanced_accuracy(v.get("by_answer", {})) for t, v in types.items()})
     return row
 
 
