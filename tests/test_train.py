@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -238,6 +239,51 @@ def test_mask_supervised_vision_ablation_changes_the_tower(tmp_path, world):
     assert runs["image"][0] != runs["mask"][0]
     with pytest.raises(Exception, match="vision_labels must be image or mask"):
         recipe_from_dict(_recipe([{**STAGES[1], "vision_labels": "boxes"}]))
+
+
+def test_count_labels_mark_each_class_seen_two_or_more_times():
+    from agevlm_edge.train.batches import count_labels
+
+    recs = [{"objects": [{"class": "a"}, {"class": "b"}, {"class": "a"}]},
+            {"objects": [{"class": "b"}, {"class": "b"}, {"class": "b"}, {"class": "z"}]},
+            {"objects": [{"class": "a"}]}, {"objects": []}]
+    assert count_labels(recs, ["a", "b"]).tolist() == [[1, 0], [0, 1], [0, 0], [0, 0]]
+
+
+def test_count_labels_widen_the_head_and_are_validated(tmp_path, world):
+    """count_labels adds C head columns and a count_f1; a later vision stage without them (and
+    the mask ablation's per-token loss) trains the first columns; default heads stay C+K."""
+    from agevlm_edge.data.datadir import load_meta
+    from agevlm_edge.train.loop import train
+
+    vocab = load_meta(world)["vocabulary"]
+    C, K = len(vocab["classes"]), len(vocab["colours"])
+    plain = {**STAGES[1], "steps": 2}
+    counted = {**plain, "name": "counted", "count_labels": True, "vision_labels": "mask"}
+    for name, stages, width in (("plain", [plain], C + K), ("count", [counted, plain], 2 * C + K)):
+        train(world, tmp_path / name, recipe_from_dict(_recipe(stages)), limit=32)
+        head = load_file(tmp_path / name / "training_state" / "head.safetensors")
+        assert head["fc.weight"].shape[0] == width
+        vals = {r["stage"]: r["val"] for r in map(json.loads, (tmp_path / name / "metrics.jsonl")
+                                                  .read_text().splitlines()) if "val" in r}
+        assert ("count_f1" in vals.get("counted", {})) == (name == "count")
+        assert "count_f1" not in vals["vision"]
+        assert 0 <= vals["vision"]["colour_f1"] <= 1
+    # A paired study resumes a shared pre-vision checkpoint with count_labels on; once the
+    # vision stage has begun, changing them is a one-line error.
+    lm = STAGES[0]
+    train(world, tmp_path / "pre", recipe_from_dict(_recipe([lm, plain])), stop_at_step=4, limit=32)
+    shutil.copytree(tmp_path / "pre", tmp_path / "wide")
+    train(world, tmp_path / "wide", recipe_from_dict(_recipe([lm, {**plain, "count_labels": True}])),
+          resume=True, limit=32)
+    assert load_file(tmp_path / "wide" / "training_state" / "head.safetensors")["fc.weight"].shape[0] == 2 * C + K
+    train(world, tmp_path / "mid", recipe_from_dict(_recipe([lm, plain])), stop_at_step=5, limit=32)
+    with pytest.raises(BadInput, match="vision head has .* labels where this recipe's has .*count_labels changed"):
+        train(world, tmp_path / "mid", recipe_from_dict(_recipe([lm, {**plain, "count_labels": True}])),
+              resume=True, limit=32)
+    for bad in ({**STAGES[2], "count_labels": True}, {**plain, "count_labels": "yes"}):
+        with pytest.raises(BadInput, match="count_labels (must be true or false|is true or false, and true only in a vision)"):
+            recipe_from_dict(_recipe([bad]))
 
 
 def test_context_questions_put_the_caption_before_the_question(world):

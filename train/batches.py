@@ -72,6 +72,20 @@ def _labels(records: list[dict], classes: list[str], colours: list[str]) -> torc
     return torch.from_numpy(y)
 
 
+def count_labels(records: list[dict], classes: list[str]) -> torch.Tensor:
+    """Image-level "two or more of this class" per class, float [n, C], from the object list
+    (no masks: like _labels, it says what is in the image, not where). Stage.count_labels adds
+    these to the vision stage, for the VQA count the presence labels do not teach.
+    """
+    ci = {c: i for i, c in enumerate(classes)}
+    n = np.zeros((len(records), len(classes)), np.int64)
+    for r, rec in enumerate(records):
+        for ob in rec["objects"]:
+            if ob["class"] in ci:
+                n[r, ci[ob["class"]]] += 1
+    return torch.from_numpy((n >= 2).astype(np.float32))
+
+
 def token_labels(records: list[dict], classes: list[str], colours: list[str], grid: int
                  ) -> torch.Tensor:
     """Per-token labels for the mask-supervised vision ablation: float16 [n, grid*grid, C+K],

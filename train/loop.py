@@ -27,8 +27,8 @@ from agevlm_edge.fsutil import check_out, read_json, staged_dir, write_json_atom
 from agevlm_edge.model import AgeVLM, build_config
 from agevlm_edge.preprocess import Preprocessor
 
-from .batches import (SplitData, collate, context_questions, length_buckets, load_split_data,
-                      question_weights, token_labels)
+from .batches import (SplitData, collate, context_questions, count_labels, length_buckets,
+                      load_split_data, question_weights, token_labels)
 from .losses import lm_loss_sum
 from .recipe import Recipe, Stage
 from .steps import LMStep, VisionHead, VisionStep, VLMStep
@@ -173,7 +173,10 @@ class Run:
             self.pre = Preprocessor.from_hf_dir(self.cfg.vision_hf_dir, self.cfg.image_size)
         self.classes = list(meta["vocabulary"]["classes"])
         self.colours = list(meta["vocabulary"].get("colours", []))
-        self.n_labels = len(self.classes) + len(self.colours)
+        # count columns only when a vision stage asks for them: other recipes keep their head
+        # (and with it every later random draw) as it was
+        counts = any(st.kind == "vision" and st.count_labels for st in recipe.stages)
+        self.n_labels = len(self.classes) * (2 if counts else 1) + len(self.colours)
         self.head = VisionHead(self.cfg.vision_out_width, self.n_labels)
         self.model.to(device)
         self.head.to(device)
@@ -213,6 +216,15 @@ class Run:
             self._token_labels = token_labels(self.train_data.records, self.classes,
                                               self.colours, grid)
         return self._token_labels
+
+    def image_labels(self, data: SplitData, stage: Stage) -> torch.Tensor:
+        """A vision stage's labels [n, C+K] (+ C count columns under Stage.count_labels)."""
+        if not stage.count_labels:
+            return data.labels
+        cache = self.__dict__.setdefault("_count_labels", {})
+        if id(data) not in cache:
+            cache[id(data)] = torch.cat([data.labels, count_labels(data.records, self.classes)], 1)
+        return cache[id(data)]
 
     def pixels(self, data: SplitData, rows: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.pre.normalize(data.images[rows].numpy())).to(self.device)
@@ -260,7 +272,8 @@ class Run:
     def step_vision(self, ddp, stage: Stage, g: torch.Generator) -> dict:
         idx = self._shard(torch.randint(len(self.train_data.images), (stage.batch_size,), generator=g))
         tok = self.token_labels()[idx].to(self.device) if stage.vision_labels == "mask" else None
-        out = ddp(self.pixels(self.train_data, idx), self.train_data.labels[idx].to(self.device), tok)
+        labels = self.image_labels(self.train_data, stage)[idx].to(self.device)
+        out = ddp(self.pixels(self.train_data, idx), labels, tok)
         n = _all_sum(out["count"])
         return {"loss": out["loss_sum"] / n * _world()[1], "bce": _all_sum(out["loss_sum"]) / n}
 
@@ -311,10 +324,14 @@ class Run:
         v = self.val_data
         if stage.kind == "vision":
             logits = self.head(self.vision_features(v)).cpu()
-            C = len(self.classes)
-            return {"class_f1": _f1(logits[:, :C] > 0, v.labels[:, :C] > 0),
-                    "colour_f1": _f1(logits[:, C:] > 0, v.labels[:, C:] > 0),
-                    "weakest_classes": weakest(logits[:, :C] > 0, v.labels[:, :C] > 0, self.classes)}
+            C, K = len(self.classes), len(self.colours)
+            res = {"class_f1": _f1(logits[:, :C] > 0, v.labels[:, :C] > 0),
+                   "colour_f1": _f1(logits[:, C:C + K] > 0, v.labels[:, C:C + K] > 0),
+                   "weakest_classes": weakest(logits[:, :C] > 0, v.labels[:, :C] > 0, self.classes)}
+            if stage.count_labels:   # "two or more of the class": rare, so F1 over all classes
+                y = self.image_labels(v, stage)[:, C + K:]
+                res["count_f1"] = _f1(logits[:, C + K:] > 0, y > 0)
+            return res
         res = {}
         feats = self.feats.get("val") if stage.kind == "vlm" else None
         for name, pool in (("caption", v.captions), ("question", v.questions)):
@@ -384,10 +401,10 @@ class Run:
             raise BadInput(f"--resume: {self.out} has no training_state/ to resume from")
         try:
             self.model.load_state_dict(read_safetensors(ts / "model.safetensors"), strict=False)
-            self.head.load_state_dict(read_safetensors(ts / "head.safetensors"))
             self.state = read_json(ts / "state.json", "training state")
             if not all(isinstance(self.state.get(k), int) for k in ("stage", "step", "global_step")):
                 raise ValueError("state.json needs integer stage, step and global_step")
+            self.load_head(read_safetensors(ts / "head.safetensors"))
             self._resume_opt = torch.load(ts / "optimizer.pt", weights_only=True, map_location="cpu") \
                 if (ts / "optimizer.pt").is_file() else None
         except (OSError, RuntimeError, ValueError, AttributeError) as e:
@@ -395,6 +412,22 @@ class Run:
             raise BadInput(f"--resume: the checkpoint in {ts} cannot be loaded ({msg}); start "
                            "again with --overwrite") from None
         _truncate_metrics(self.out / "metrics.jsonl", self.state["global_step"])
+
+    def load_head(self, sd: dict) -> None:
+        """The saved vision head; one without the count columns this recipe adds is taken into
+        the first columns while no vision stage has begun (a paired study resuming a shared
+        checkpoint with count_labels on: the class and colour columns start as in the reference)."""
+        have, want = sd["fc.weight"].shape[0] if "fc.weight" in sd else 0, self.head.fc.weight.shape[0]
+        if have == want or not have:   # (no fc.weight: load_state_dict names what is missing)
+            self.head.load_state_dict(sd)
+            return
+        first = next((i for i, st in enumerate(self.recipe.stages) if st.kind == "vision"), -1)
+        if have > want or (self.state["stage"], self.state["step"]) > (first, 0):
+            raise ValueError(f"its vision head has {have} labels where this recipe's has {want} "
+                             "(count_labels changed after the vision stage began)")
+        with torch.no_grad():
+            self.head.fc.weight[:have] = sd["fc.weight"]
+            self.head.fc.bias[:have] = sd["fc.bias"]
 
     def log(self, row: dict) -> None:
         if _world()[0] == 0:
@@ -411,7 +444,7 @@ class Run:
             for p in self.head.parameters():
                 p.requires_grad_(True)
             params += list(self.head.parameters())
-            freq = self.train_data.labels.mean(0)
+            freq = self.image_labels(self.train_data, stage).mean(0)
             module = VisionStep(self.model, self.head,
                                 ((1 - freq) / freq.clamp(min=1e-3)).clamp(1, 10)).to(self.device)
         elif stage.kind == "lm":

@@ -66,6 +66,8 @@ class Stage:
     val_every: int = 0              # also validate every this many steps (0: at the stage's end only)
     vision_labels: str = "image"    # vision stage: image (default) | mask (ablation: + per-token
                                     # labels from the object masks, which teach grounding to all)
+    count_labels: bool = False      # vision stage: also one image-level label per class, "two
+                                    # or more of it" (from the object list, no masks), for counting
 
     def validate(self) -> "Stage":
         if self.kind not in KINDS:
@@ -82,6 +84,9 @@ class Stage:
             raise BadInput(f"stage {self.name}: context_qa must be in 0..1")
         if self.vision_labels not in ("image", "mask"):
             raise BadInput(f"stage {self.name}: vision_labels must be image or mask")
+        if self.count_labels and self.kind != "vision":   # its type: recipe_from_dict
+            raise BadInput(f"stage {self.name}: count_labels is true or false, and true only in a "
+                           "vision stage")
         if self.loss_norm not in ("token", "sample"):
             raise BadInput(f"stage {self.name}: loss_norm must be token or sample")
         if self.val_every < 0:

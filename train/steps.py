@@ -50,12 +50,16 @@ class VisionStep(nn.Module):
         """labels [B,L] image-level; token_labels [B,N,L] (mask-supervised ablation only) add a
         per-token BCE on the head's token logits, weighted like the image-level one."""
         tokens = self.vision(pixels)
-        logits = self.head(tokens)
+        # a head with count columns (Stage.count_labels) trained by a stage without them: the
+        # stage's labels are the first columns
+        logits = self.head(tokens)[:, :labels.shape[1]]
         loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum",
                                                   pos_weight=self.pos_weight) / labels.shape[1]
-        if token_labels is not None:
+        if token_labels is not None:   # per class and colour; no per-token count labels
+            L = token_labels.shape[-1]
             per_token = F.binary_cross_entropy_with_logits(
-                self.head.fc(tokens), token_labels.float(), reduction="sum", pos_weight=self.pos_weight)
+                self.head.fc(tokens)[..., :L], token_labels.float(), reduction="sum",
+                pos_weight=self.pos_weight[:L])
             loss = loss + per_token / (labels.shape[1] * tokens.shape[1])
         return {"loss_sum": loss, "count": torch.tensor(labels.shape[0]), "logits": logits.detach()}
 
