@@ -217,14 +217,15 @@ class Run:
                                               self.colours, grid)
         return self._token_labels
 
-    def image_labels(self, data: SplitData, stage: Stage) -> torch.Tensor:
-        """A vision stage's labels [n, C+K] (+ C count columns under Stage.count_labels)."""
+    def train_labels(self, stage: Stage) -> torch.Tensor:
+        """A vision stage's train labels [n, C+K] (+ C count columns under Stage.count_labels,
+        built on first use)."""
         if not stage.count_labels:
-            return data.labels
-        cache = self.__dict__.setdefault("_count_labels", {})
-        if id(data) not in cache:
-            cache[id(data)] = torch.cat([data.labels, count_labels(data.records, self.classes)], 1)
-        return cache[id(data)]
+            return self.train_data.labels
+        if getattr(self, "_count_labels", None) is None:
+            d = self.train_data
+            self._count_labels = torch.cat([d.labels, count_labels(d.records, self.classes)], 1)
+        return self._count_labels
 
     def pixels(self, data: SplitData, rows: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.pre.normalize(data.images[rows].numpy())).to(self.device)
@@ -272,7 +273,7 @@ class Run:
     def step_vision(self, ddp, stage: Stage, g: torch.Generator) -> dict:
         idx = self._shard(torch.randint(len(self.train_data.images), (stage.batch_size,), generator=g))
         tok = self.token_labels()[idx].to(self.device) if stage.vision_labels == "mask" else None
-        labels = self.image_labels(self.train_data, stage)[idx].to(self.device)
+        labels = self.train_labels(stage)[idx].to(self.device)
         out = ddp(self.pixels(self.train_data, idx), labels, tok)
         n = _all_sum(out["count"])
         return {"loss": out["loss_sum"] / n * _world()[1], "bce": _all_sum(out["loss_sum"]) / n}
@@ -329,8 +330,7 @@ class Run:
                    "colour_f1": _f1(logits[:, C:C + K] > 0, v.labels[:, C:C + K] > 0),
                    "weakest_classes": weakest(logits[:, :C] > 0, v.labels[:, :C] > 0, self.classes)}
             if stage.count_labels:   # "two or more of the class": rare, so F1 over all classes
-                y = self.image_labels(v, stage)[:, C + K:]
-                res["count_f1"] = _f1(logits[:, C + K:] > 0, y > 0)
+                res["count_f1"] = _f1(logits[:, C + K:] > 0, count_labels(v.records, self.classes) > 0)
             return res
         res = {}
         feats = self.feats.get("val") if stage.kind == "vlm" else None
@@ -444,7 +444,7 @@ class Run:
             for p in self.head.parameters():
                 p.requires_grad_(True)
             params += list(self.head.parameters())
-            freq = self.image_labels(self.train_data, stage).mean(0)
+            freq = self.train_labels(stage).mean(0)
             module = VisionStep(self.model, self.head,
                                 ((1 - freq) / freq.clamp(min=1e-3)).clamp(1, 10)).to(self.device)
         elif stage.kind == "lm":
