@@ -4,41 +4,44 @@ train images and on val.
     python scripts/tower_fit.py --data DATA RUN [RUN ...] [--train-images 3000]
 
 Loads each RUN DIR's tower and the head of its vision stage (training_state/head.safetensors,
-which a finished run keeps) and prints, for the first --train-images train images and the val
-split, the mean over classes of each class's F1 and the per-class F1s (lowest first). Train close to val
-means more or better tower training pays, not regularisation. A diagnostic for README's
-"Known gap", not a test.
+which a finished run keeps) into the model of the first RUN's own recipe (its config.json, so
+model settings such as 16 px patches carry over) and prints, for the first --train-images train
+images and the val split, the mean over classes of each class's F1 and the per-class F1s (lowest
+first). Train close to val means more or better tower training pays, not regularisation. A
+diagnostic for README's "Known gap", not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from agevlm_edge.train.loop import Run, weakest
-from agevlm_edge.train.recipe import preset_recipe
+from agevlm_edge.train.recipe import recipe_from_dict
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True, help="the runs' DATA DIR")
-    ap.add_argument("runs", type=Path, nargs="+", help="RUN DIRs of the tiny recipe")
+    ap.add_argument("runs", type=Path, nargs="+", help="RUN DIRs with the same kind of tower")
     ap.add_argument("--train-images", type=int, default=3000)
     args = ap.parse_args()
     data = None
     for rd in args.runs:
-        if data is None:   # the split data once: every run of the preset reads it alike
-            data = Run(args.data, rd, preset_recipe("tiny"), limit=args.train_images)
+        if data is None:   # the split data once: every run given reads it alike
+            recipe = recipe_from_dict(json.loads((rd / "config.json").read_text())["recipe"])
+            data = Run(args.data, rd, recipe, limit=args.train_images)
         # the tower only: runs that differ elsewhere (model.xattn_null, say) share it
         tower = {k[len("vision."):]: v for k, v in load_file(rd / "model.safetensors").items()
                  if k.startswith("vision.")}
         try:
             data.model.vision.load_state_dict(tower)
         except RuntimeError as e:
-            raise SystemExit(f"{rd}: not the tiny preset's vision tower ({e})") from None
+            raise SystemExit(f"{rd}: not the vision tower of {args.runs[0]} ({e})") from None
         data.head.load_state_dict(load_file(rd / "training_state" / "head.safetensors"))
         data.model.eval()
         data.head.eval()
