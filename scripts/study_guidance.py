@@ -45,11 +45,17 @@ def val_yesno(run: Path) -> float | None:
     return last_val(run).get("val_yesno_acc")
 
 
+def saved_recipe(run: Path):
+    """The recipe a RUN DIR was trained with (its config.json), through recipe_from_dict, so
+    that fields added since the run took their defaults."""
+    return recipe_from_dict(json.loads((run / "config.json").read_text())["recipe"])
+
+
 def stopped_run_of(run: Path, recipe) -> bool:
     """True when ``run`` holds a checkpoint of this very recipe (a study stopped mid-run), so
     training resumes it (bit-exactly) instead of starting again."""
-    try:   # through recipe_from_dict, so that fields added since the run took their defaults
-        saved = recipe_from_dict(json.loads((run / "config.json").read_text())["recipe"])
+    try:
+        saved = saved_recipe(run)
     except (OSError, ValueError, KeyError, BadInput):
         return False
     return (run / "training_state" / "state.json").is_file() and saved == recipe

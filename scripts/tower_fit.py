@@ -14,14 +14,13 @@ diagnostic for README's "Known gap", not a test.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from study_guidance import saved_recipe
 
 from agevlm_edge.train.loop import Run, weakest
-from agevlm_edge.train.recipe import recipe_from_dict
 
 
 def main() -> None:
@@ -33,8 +32,7 @@ def main() -> None:
     data = None
     for rd in args.runs:
         if data is None:   # the split data once: every run given reads it alike
-            recipe = recipe_from_dict(json.loads((rd / "config.json").read_text())["recipe"])
-            data = Run(args.data, rd, recipe, limit=args.train_images)
+            data = Run(args.data, rd, saved_recipe(rd), limit=args.train_images)
         # the tower only: runs that differ elsewhere (model.xattn_null, say) share it
         tower = {k[len("vision."):]: v for k, v in load_file(rd / "model.safetensors").items()
                  if k.startswith("vision.")}
