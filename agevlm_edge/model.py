@@ -495,8 +495,8 @@ class VisionTower(nn.Module):
     object's colour from its patch's RGB mean at 0.99 and from the first layer at 1.00, but
     from the tower's tokens at 0.48 (easy world, seed 0; 0.96 for seed 1). The skip restores
     it in the tokens (1.00) and the projected tokens (0.89), yet the cross-attention values,
-    which the text reads, kept 0.30 and that run's answers stayed at chance (one run; README,
-    "Known gap"), so it stays an option.
+    which the text reads, kept 0.30 and that run's answers stayed at chance (one run;
+    docs/tiny-recipe.md), so it stays an option.
     """
 
     def __init__(self, cfg: AgeVLMConfig):

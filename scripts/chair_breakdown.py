@@ -10,7 +10,7 @@ made up beside the real ones); how many hallucinated classes are the planted pri
 a present trigger object (the world's `priors`, as POPE's false-yes split counts them),
 against the number expected if each wrong name were drawn uniformly from the classes absent
 from its image; and the commonest (missed present class -> hallucinated class) pairs of a
-caption. Used for README's "Known gap"; a diagnostic, not a test.
+caption. Used for docs/tiny-recipe.md; a diagnostic, not a test.
 """
 
 from __future__ import annotations

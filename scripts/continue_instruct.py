@@ -5,8 +5,8 @@
 Copies RUN to OUT and resumes it with the tiny recipe (the run's seed and variant) plus a
 stage `instruct2`: the recipe's instruct stage with a new warmup + cosine schedule of --steps
 at --lr. Prints the stage's validation metrics. Used to measure whether a seed whose yes/no
-answers stayed at chance after the recipe's 600 instruct steps leaves chance with more (README,
-"Known gap"); evaluate OUT with `agevlm eval --model OUT --data DATA`.
+answers stayed at chance after the recipe's 600 instruct steps leaves chance with more
+(docs/tiny-recipe.md); evaluate OUT with `agevlm eval --model OUT --data DATA`.
 """
 
 from __future__ import annotations

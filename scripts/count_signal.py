@@ -7,7 +7,7 @@ the log-probability margin of the first answer token, log p(" two") - log p(" on
 image; per reference answer its median and how often it is above 0 (the model would say
 "two"), and the AUROC of the margin between two-or-more and one. An AUROC near 0.5 says the
 answer position holds no count; well above 0.5 with the margin below 0 says the count is
-there and the commoner "one" wins the argmax. Used for README's "Known gap"; a diagnostic,
+there and the commoner "one" wins the argmax. Used for docs/tiny-recipe.md; a diagnostic,
 not a test.
 """
 

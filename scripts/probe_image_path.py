@@ -9,7 +9,7 @@ key and value vectors of every cross-attention layer (keys: what a text query ca
 values: what it reads). A linear softmax probe
 per stage (70% of the objects to fit, 30% to score, features standardised) prints the held-out
 accuracy for the object's colour and its class; chance is 1/8 and 1/14 on the synthetic
-worlds. Used for README's "Known gap" (colour answers at chance); a diagnostic, not a test.
+worlds. Used for docs/tiny-recipe.md (colour answers at chance); a diagnostic, not a test.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ which a finished run keeps) into the model of the first RUN's own recipe (its co
 model settings such as 16 px patches carry over) and prints, for the first --train-images train
 images and the val split, the mean over classes of each class's F1 and the per-class F1s (lowest
 first). Train close to val means more or better tower training pays, not regularisation. A
-diagnostic for README's "Known gap", not a test.
+diagnostic for docs/tiny-recipe.md, not a test.
 """
 
 from __future__ import annotations

@@ -677,17 +677,18 @@ def _synthetic_search(fp32, tmp_path, monkeypatch, severity, confirm_severity=No
 
 
 def _int4_severity(assign: dict) -> float:
-    """Each part alone on int4 as measured on the second smol VLM (README): lm_head 6.0,
-    MLP 2.6, self-attention 1.7, the rest inside."""
+    """Each part alone on int4 as measured on the second smol VLM
+    (docs/quantization-results.md): lm_head 6.0, MLP 2.6, self-attention 1.7, the rest inside."""
     return max([{"lm_head": 6.0, "mlp": 2.6, "self_attn": 1.7}.get(p, 0.4)
                 for p, s in assign.items() if s == "int4"] + [0.1])
 
 
 def test_search_up_is_round_robin(fp32, tmp_path, monkeypatch):
-    """The smol VLM's shape (README): self-attention on int8 fails (by 4%) beside an fp32 MLP
-    or lm_head. Raising one part all the way first sent lm_head and mlp to fp32, self_attn
-    could then not pass on int8, and the search chose 0.389x while 0.328x passes. Round-robin
-    raises lm_head, mlp and self_attn one rung each and passes there, with nothing to lower."""
+    """The smol VLM's shape (docs/quantization-results.md): self-attention on int8 fails (by
+    4%) beside an fp32 MLP or lm_head. Raising one part all the way first sent lm_head and mlp
+    to fp32, self_attn could then not pass on int8, and the search chose 0.389x while 0.328x
+    passes. Round-robin raises lm_head, mlp and self_attn one rung each and passes there, with
+    nothing to lower."""
     def sev(a):
         s = _int4_severity(a)
         if a["self_attn"] == "int8-dynamic" and "fp32" in (a["mlp"], a["lm_head"]):

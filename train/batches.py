@@ -249,7 +249,7 @@ def length_buckets(samples: list[Sample], n: int) -> list[list[Sample]]:
     Sorting is stable, so the split is a pure function of the batch (resume stays exact).
     It is not bit-identical to one bucket: the float sums run in another order, and that
     alone moved one full `tiny` run off the trajectory on which yes/no answers leave chance
-    (README, "Known gap"), so the default stays 1 and more buckets are opt-in.
+    (docs/tiny-recipe.md), so the default stays 1 and more buckets are opt-in.
     """
     n = max(1, min(n, len(samples)))
     if n == 1:

@@ -136,12 +136,12 @@ def _tiny_stages(scale: float) -> list[Stage]:
     # 64 samples ~0.53 s, an instruct step ~0.57 s, a CNN vision step of 128 images ~0.2 s;
     # the whole recipe 15m54s). The text stages run each batch as 3 length-sorted buckets
     # (the same samples and loss, less padding): 1.4-1.6x the LM stage's samples/s inside
-    # `agevlm train`, POPE F1 within the seeds' spread over three seeds (README, "Known gap",
+    # `agevlm train`, POPE F1 within the seeds' spread over three seeds (docs/tiny-recipe.md,
     # which also says why an earlier comparison of whole runs saw only ~1.05x).
     # The CNN tower reaches class F1 0.95
     # in 800 steps (0.98 in 1000). Once yes/no answers break away from chance, more instruct
     # steps keep paying (continuing a trained run: 0.74 -> 0.86 after 300 more steps, 0.90
-    # after 700), but whether they break is chance: README, "Known gap".
+    # after 700), but whether they break is chance: docs/tiny-recipe.md.
     # Cross-attention gates start at 0 (the LM starts unchanged), which makes every other
     # cross-attention weight's gradient 0: at the base LR the gates random-walk around 0 and
     # the fusion barely starts (measured: matched-vs-shuffled-image caption loss gap 0.035
@@ -153,15 +153,15 @@ def _tiny_stages(scale: float) -> list[Stage]:
     # What breaks the chance plateau is guidance on the questions (`question_dice`): the dice
     # loss pulls the asked object's word and the answer position toward that object's mask,
     # so the query that decides the answer must carry the object (seed 1, stuck at val yes/no
-    # 0.544 after instruct: 0.820 with it, from the same checkpoint; README, "Known gap").
+    # 0.544 after instruct: 0.820 with it, from the same checkpoint; docs/tiny-recipe.md).
     # Every question about a present object gets it (question_dice 1.0), not half: from the
     # same pre-instruct checkpoints of seeds 0-2, val yes/no +0.03-0.05 on each seed, mean
-    # POPE F1 +0.015-0.022 per split (README, "Known gap").
+    # POPE F1 +0.015-0.022 per split (docs/tiny-recipe.md).
     # Half of instruct's captions get the dice loss (0.1, the paper's fraction for its guided
     # stage, before): from the same pre-instruct checkpoints of seeds 0-3, mask IoU 0.533 ->
     # 0.630 on the mean (higher on every seed), CHAIR_i 0.302 -> 0.272 (lower on three of
     # four), POPE F1 flat; 1.0 did as well on CHAIR_i over seeds 0-2 but doubled one seed's
-    # false yeses to absent prior partners (README, "Known gap").
+    # false yeses to absent prior partners (docs/tiny-recipe.md).
     # The budget is what holds the recipe short of F1 0.95 / CHAIR_i 0.05: twice these steps
     # (--scale 2, ~5 minutes on a GPU) reached F1 0.91-0.98 and CHAIR_i 0.05-0.10 over three
     # seeds, and instruct alone at 1200 steps took seeds 0 and 1 from 0.85-0.91 to 0.91-0.95
@@ -170,14 +170,14 @@ def _tiny_stages(scale: float) -> list[Stage]:
     # 491 / 491 / 491 s against 500 / 485 / 492 s, three seeds): from scratch, three paired
     # seeds, POPE F1 +0.03..+0.06 on the mean (0.870 / 0.886 / 0.842 -> 0.904 / 0.922 / 0.900),
     # CHAIR_i 0.297 -> 0.171, VQA colour 0.17 -> 0.75 (read on every seed), mask IoU +0.10,
-    # false yeses to absent prior partners 0.25 -> 0.09 (README, "Known gap": "Where the 15
+    # false yeses to absent prior partners 0.25 -> 0.09 (docs/tiny-recipe.md: "Where the 15
     # minutes go"). The same extra instruct samples in batches of 32 (1400 steps): F1 lower on
     # seed 0, higher on seed 1 (two seeds), not taken.
     # And most of the rest (250 -> 50, instruct 800 -> 970; the steps took 490-503 s against
     # 481-484 s, +1-5%): from scratch, four paired seeds, POPE F1 higher and CHAIR_i lower on
     # every one (means 0.899 / 0.914 / 0.897 -> 0.940 / 0.953 / 0.935, CHAIR_i 0.161 -> 0.047;
     # seed 0 meets both targets: 0.961-0.977, 0.040), VQA colour 0.74 -> 0.92, mask IoU
-    # 0.73 -> 0.82 (README, "Where the 15 minutes go"). A shorter LM stage leaves
+    # 0.73 -> 0.82 (docs/tiny-recipe.md, "Where the 15 minutes go"). A shorter LM stage leaves
     # less of the captions' co-occurrence prior for the image to override (100 steps: between
     # the two; none at all, instruct 1010: yes/no near 50's, but colour left at chance on one
     # seed of three and CHAIR_i 0.12); the stage stays, short, as the place where the language
@@ -188,12 +188,12 @@ def _tiny_stages(scale: float) -> list[Stage]:
     # scripts/tower_fit.py) and reach 0.97-0.98 on every seed. Four paired seeds from the
     # LM-stage checkpoint: POPE F1 +0.011 / +0.006 / +0.007 and CHAIR_i 0.047 -> 0.038 on the
     # mean; seeds 0 and 3 meet both targets (seed 0 alone before); seed 2's CHAIR_i,
-    # colour, relation and partner false yeses worse on some seeds (README, "The tower,
-    # then").
+    # colour, relation and partner false yeses worse on some seeds
+    # (docs/tiny-recipe.md, "The tower, then").
     # Not taken, measured on the same four seeds: a learned null key/value in every
     # cross-attention (model.xattn_null, for the fusion's false yeses on objects the tower
     # reads at F1 0.98-1.00) and instruct LR 2e-3; each moved single seeds by up to 0.03
-    # either way and mean POPE F1 by 0.005 at most (README, "Whose false yeses").
+    # either way and mean POPE F1 by 0.005 at most (docs/tiny-recipe.md, "Whose false yeses").
     # Then instruct 953 -> 1500 steps, the first change here that costs time: every move above
     # was time-neutral against hosts that took 13m42s-15m46s for the recipe, while the hosts of
     # the last sessions run its steps in 519-557 s, six minutes under the budget. From the same
@@ -203,8 +203,8 @@ def _tiny_stages(scale: float) -> list[Stage]:
     # before; of two fresh seeds from scratch, seed 4 does too, seed 5 falls short: F1
     # 0.941-0.947, CHAIR_i 0.050); relation 0.82 -> 0.94, colour, IoU and partner false yeses
     # better too. Instruct took 475-525 s of steps (0.32-0.35 s each), the recipe's steps
-    # ~700-780 s here; hosts as slow as those earlier ones would go over 15 minutes (README,
-    # "More instruct steps").
+    # ~700-780 s here; hosts as slow as those earlier ones would go over 15 minutes
+    # (docs/tiny-recipe.md, "More instruct steps").
     # Then the tower's batches halved at twice the steps (128 x 1000 -> 64 x 2000: the same
     # images, so the same time; the vision stage ran at 637-775 images/s either way): twice
     # the updates for a tower that underfits (scripts/tower_fit.py). Seed 5, the fresh seed
@@ -216,10 +216,10 @@ def _tiny_stages(scale: float) -> list[Stage]:
     # CHAIR_i 0.021 -> 0.029, colour 0.86 -> 0.94). Tower only, seed 5:
     # LR 2e-2, 5e-3 or a floor of 0.01 x LR in 1000 steps of 128 left it at 0.940-0.950
     # (mean per-class val F1; 0.951 -> 0.967 with this), seeds 1 / 2 0.971 -> 0.981 / 0.973
-    # -> 0.972 (README, "Smaller tower batches"). The smol recipe shares this stage.
+    # -> 0.972 (docs/tiny-recipe.md, "Smaller tower batches"). The smol recipe shares this stage.
     # Seeds 1-4 from scratch with it: POPE F1 0.958-0.980, CHAIR_i 0.023-0.028, so all six
     # seeds meet both targets (mean 0.972 / 0.974 / 0.967, CHAIR_i 0.027; 593-622 s of
-    # training on one host; README, "Six seeds with today's recipe").
+    # training on one host; docs/tiny-recipe.md, "Six seeds with today's recipe").
     s = lambda n: max(1, int(n * scale))  # noqa: E731
     g = 30.0
     b = 3   # length_buckets of the text stages
@@ -260,7 +260,7 @@ def _smol_stages(scale: float) -> list[Stage]:
     # instruct (a pretrained LM already carries the question); smaller batches (a step of 16 costs
     # 2.5-3 s on 2 CPU cores, so these 5000 fusion steps are sized for GPU users; CI runs a few
     # steps). Measured on the easy world with align / guided / instruct cut to 250 / 150 / 600
-    # steps (53 min on this CPU): val yes/no 0.86, POPE F1 0.87-0.90 (README, "The smol preset").
+    # steps (53 min on this CPU): val yes/no 0.86, POPE F1 0.87-0.90 (docs/smol.md).
     s = lambda n: max(1, int(n * scale))  # noqa: E731
     tiny = {st.name: st for st in _tiny_stages(scale)}
     # question_dice 0.5 and dice_fraction 0.1 here: what the smol runs above were measured
