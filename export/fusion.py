@@ -6,7 +6,7 @@ its probabilities, which need the unfused chain; self-attention with `--kv-cache
 where GroupQueryAttention does not fit, else com.microsoft `GroupQueryAttention` from
 export.contrib, for the runtime's in-place cache) and
 its onnxscript optimizer fuses our RMSNorm and HF-style rotary into `RMSNormalization` and
-`RotaryEmbedding` (model.apply_rope is written in the form that rule matches). Here we only
+`RotaryEmbedding` (ops.apply_rope is written in the form that rule matches). Here we only
 count them, so a model change that silently breaks a fusion shows up in the manifest and in
 tests.
 

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from agevlm_edge.model import XATTN_QK_PAD as PAD
+from agevlm_edge.ops import XATTN_QK_PAD as PAD
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_PY = ROOT / ".venv-webgpu" / "bin" / "python"
@@ -93,7 +93,7 @@ def main() -> None:
             q = rng.standard_normal((1, S, N * H)).astype(np.float32)
             k, v = (rng.standard_normal(kv).astype(np.float32) for _ in range(2))
             name = f"{tmp}/c{i}"
-            if padded:                       # the export's form (model.cross_mha)
+            if padded:                       # the export's form (ops.cross_mha)
                 onnx.save(mha_model(S, L, N, H, bnsh, H ** -0.5, PAD), name + ".onnx")
                 np.savez(name + ".npz", q=pad_heads(q, N, H), k=pad_heads(k, N, H), v=v)
             else:

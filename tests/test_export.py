@@ -191,14 +191,14 @@ def test_null_token_exports_in_the_cross_kv_and_passes_parity(tokenizer, small_w
 def test_mobile_gpu_export_uses_contrib_attention_and_ships_ort_files(exported):
     import onnx
 
-    from agevlm_edge.model import XATTN_QK_PAD
+    from agevlm_edge.ops import XATTN_QK_PAD
     from agevlm_edge.runtime import Runtime
 
     man = _manifest(exported["mobile"])
     ops = man["graphs"]["decoder"]["ops"]
     assert man["opset"] == 18 and "Attention" not in ops
     # Each self-attention one GroupQueryAttention (rotary inside, K/V not expanded), each
-    # cross-attention one MultiHeadAttention (query and key padded: model.XATTN_QK_PAD)
+    # cross-attention one MultiHeadAttention (query and key padded: ops.XATTN_QK_PAD)
     n_layers = man["model"]["n_layers"]
     n_cross = sum(i["name"].startswith("cross_key_") for i in man["graphs"]["decoder"]["inputs"])
     assert man["self_attention"] == "GroupQueryAttention"

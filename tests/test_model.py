@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agevlm_edge.model import (XATTN_QK_PAD, AgeVLM, AgeVLMConfig, attention, build_config,
-                               from_pretrained_lm)
+from agevlm_edge.hf_llama import from_pretrained_lm
+from agevlm_edge.model import AgeVLM, AgeVLMConfig, build_config
+from agevlm_edge.ops import XATTN_QK_PAD, attention
 
 TINY = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
             vocab_size=97, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=64)

@@ -137,7 +137,7 @@ def test_smol_preset_trains_a_few_steps_with_the_lm_frozen(smol_dir, small_world
 
     from safetensors.torch import load_file
 
-    from agevlm_edge.model import hf_llama_state_dict
+    from agevlm_edge.hf_llama import hf_llama_state_dict
     from agevlm_edge.train.loop import train
     from agevlm_edge.train.recipe import preset_recipe
 

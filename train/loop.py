@@ -90,7 +90,7 @@ def _build(data_dir: Path, recipe: Recipe, image_size: int):
     """(tokenizer, model): from scratch with the DATA DIR's tokenizer, or around a local
     pretrained Llama (recipe.lm_dir) with its own tokenizer and weights."""
     if recipe.lm_dir:
-        from agevlm_edge.model import hf_llama_state_dict, load_llama_weights
+        from agevlm_edge.hf_llama import hf_llama_state_dict, load_llama_weights
         from agevlm_edge.smol import smol_config
 
         cfg = smol_config(recipe.lm_dir, image_size=image_size, **recipe.model)
