@@ -524,6 +524,10 @@ def report_cmd(dirs, data_dir, out, limit, bench_rounds, bnb, overwrite) -> None
                f"{', '.join(rep['plots'])})")
 
 
+# onnxruntime starts every intra-op thread it is given: a typo like 100000 would hang the host
+THREADS = click.IntRange(min=1, max=256)
+
+
 @cli.command("infer")
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="EXPORT DIR (made by `agevlm export`).")
@@ -537,10 +541,10 @@ def report_cmd(dirs, data_dir, out, limit, bench_rounds, bnb, overwrite) -> None
 @click.option("--temperature", default=0.0, show_default=True, help="0: greedy.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0: no top-k cut.")
 @click.option("--top-p", default=1.0, show_default=True, help="1: no nucleus cut.")
-@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed for sampling.")
 @click.option("--provider", type=click.Choice(["cpu", "webgpu", "cuda", "coreml", "nnapi", "xnnpack"]),
               default="cpu", show_default=True, help="onnxruntime execution provider.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: all cores).")
+@click.option("--threads", type=THREADS, default=None, help="Intra-op threads (default: all cores).")
 @click.option("--graph-format", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True,
               help="ort: the ORT-format copies a --target mobile-gpu export ships (what "
                    "onnxruntime's minimal mobile builds load).")
@@ -563,12 +567,14 @@ def infer_cmd(model_dir, image, prompts, heatmap, max_new_tokens, temperature, t
 
 @cli.command("bench")
 @click.argument("export_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--prompt-len", default=32, show_default=True, help="Prompt tokens (one image).")
-@click.option("--new-tokens", default=64, show_default=True, help="Greedy decode steps timed.")
+@click.option("--prompt-len", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Prompt tokens (one image).")
+@click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Greedy decode steps timed.")
 @click.option("--repeats", default=2, show_default=True, type=click.IntRange(min=1), help="Timed runs per process (median).")
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1),
               help="Round-robin rounds, one process per export each (median across rounds).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: all cores).")
+@click.option("--threads", type=THREADS, default=None, help="Intra-op threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def bench_cmd(export_dirs, prompt_len, new_tokens, repeats, rounds, threads, as_json) -> None:
     """Time to first token, decode tokens/s and peak RSS of EXPORT DIRs on the device runtime.

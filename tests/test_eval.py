@@ -324,8 +324,72 @@ def test_bad_input_is_one_clear_error(data_dir, tmp_path):
     with pytest.raises(BadInput, match="line 1 needs image_id, text and a yes/no label"):
         run_suite(Oracle(data_dir), broken, suites="pope")
     (broken / "test.jsonl").write_text("[1, 2, 3]\n")
-    with pytest.raises(BadInput, match="record 1 of .*test.jsonl needs image_id, file and objects"):
+    with pytest.raises(BadInput, match="record 1 of .*test.jsonl needs image_id, file, objects"):
         run_suite(Oracle(data_dir), broken, suites="pope")
+    (broken / "test.jsonl").write_text('{"image_id": "a", "file": "a.png", "objects": [{"id": 0}]}\n')
+    with pytest.raises(BadInput, match="record 1 of .*each with a class"):
+        run_suite(Oracle(data_dir), broken, suites="pope")
+    rec = load_split(data_dir, "test")[0]
+    (broken / "test.jsonl").write_text(json.dumps(
+        {**rec, "questions": [{"type": "colour", "question": "What colour is the star?"}]}) + "\n")
+    with pytest.raises(BadInput, match="record 1 of .*each with a question and an answer"):
+        run_suite(Exploding(), broken, suites="pope,vqa")
+    meta = json.loads((broken / "dataset.json").read_text())
+    (broken / "dataset.json").write_text(json.dumps({**meta, "vocabulary": {}}))
+    shutil.copy(data_dir / "test.jsonl", broken / "test.jsonl")
+    with pytest.raises(BadInput, match="no vocabulary classes.*--suite"):   # before pope runs
+        run_suite(Exploding(), broken, suites="pope,chair")
+    for bad in ([1], {**meta, "splits": {"test": {}}}, {**meta, "vocabulary": {"classes": ["x"]}}):
+        (broken / "dataset.json").write_text(json.dumps(bad))
+        with pytest.raises(BadInput, match="dataset.json (is malformed|has schema_version None)"):
+            run_suite(Oracle(data_dir), broken, suites="pope")
+
+
+def test_an_image_too_large_to_decode_is_one_clear_error(data_dir, tmp_path):
+    """A PNG whose header claims 20000 x 20000 pixels: Pillow's DecompressionBombError, not an
+    OSError, must still become BadInput."""
+    import struct
+    import zlib
+
+    broken = tmp_path / "bomb"
+    shutil.copytree(data_dir, broken)
+    first = load_split(broken, "test")[0]["file"]
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    chunk = lambda kind, body: (struct.pack(">I", len(body)) + kind + body
+                                + struct.pack(">I", zlib.crc32(kind + body)))
+    (broken / first).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    with pytest.raises(BadInput, match=f"image .*{first}.* cannot be read"):
+        ImageStore(broken, S).get(first)
+
+
+def test_pope_questions_without_an_object_count_in_the_metrics_only(data_dir, tmp_path):
+    """An imported POPE question whose text names no object in POPE's form has no `object`:
+    it is scored, and left out of the false-yes split and the errors by object."""
+    part = tmp_path / "part"
+    shutil.copytree(data_dir, part)
+    rows = [json.loads(line) for line in (part / "pope_random.jsonl").read_text().splitlines()]
+    for r in rows[::2]:
+        del r["object"]
+    (part / "pope_random.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    full = run_suite(PriorHallucinator(data_dir), data_dir, suites="pope")["suites"]["pope"]
+    res = run_suite(PriorHallucinator(data_dir), part, suites="pope")["suites"]["pope"]
+    f, g = res["files"]["random"], full["files"]["random"]
+    assert f["n"] == g["n"] and f["accuracy"] == g["accuracy"] and f["fp"] == g["fp"]
+    with_object = [r for r in rows if "object" in r and r["label"] == "no"]
+    assert sum(d["n"] for d in f["false_yes"].values()) == len(with_object) < g["tn"] + g["fp"]
+    assert sum(a["object"] is None for a in f["answers"]) == len(rows[::2])
+    assert all(o for o in res["summary"]["by_object"])
+
+
+class Exploding:
+    """A backend that fails the test if any suite asks it anything."""
+
+    image_size, grid = S, G
+
+    def answer(self, *a, **k):
+        raise AssertionError("a suite ran before the data was checked")
+
+    caption = xattn_maps = answer
 
 
 # ----------------------------------------------------------------------------- TorchBackend

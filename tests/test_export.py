@@ -420,7 +420,8 @@ def test_runtime_image_inputs(exported, tmp_path):
     text.write_text("not an image")
     huge = _save(tmp_path / "huge.png", Image.new("1", (9000, 9000)))
     for path, msg in ((empty, "empty"), (truncated, "truncated|decode"), (text, "not an image"),
-                      (huge, "pixel limit"), (tmp_path / "none.png", "not found")):
+                      (huge, "pixel limit"), (tmp_path / "none.png", "not found"),
+                      (tmp_path, "is a directory")):
         with pytest.raises(BadInput, match=msg):
             rt.load_image(path)
 
@@ -462,6 +463,14 @@ def test_generation_options(exported, small_world):
         rt.prompt_ids("  ")
     with pytest.raises(BadInput, match="maximum context of 128"):
         rt.generate(state, [rt.prompt_ids("Caption: " + "red " * 130)], GenerationConfig(max_new_tokens=8))
+    # a temperature so small that logits / T overflow samples the argmax, not NaN
+    assert rt.generate(state, seq, GenerationConfig(max_new_tokens=8, temperature=1e-320,
+                                                    seed=0)).ids[0] == greedy
+    for bad, why in ((dict(temperature=float("nan")), "finite temperature"),
+                     (dict(temperature=float("inf")), "finite temperature"),
+                     (dict(seed=-1), "non-negative")):
+        with pytest.raises(BadInput, match=why):
+            rt.generate(state, seq, GenerationConfig(max_new_tokens=8, **bad))
     concat = Runtime(exported["concat"])
     with pytest.raises(BadInput, match="no cross-attention probabilities"):
         concat.generate(concat.encode_images([img]), seq, with_maps=True)
@@ -580,6 +589,25 @@ def test_infer_cli_streams_answers_and_writes_a_heatmap(exported, small_world, t
                    "--heatmap", heat)
     assert_one_line_error(proc, "no cross-attention probabilities")
     assert proc.stdout == ""                                     # refused before any output
+    proc = run_cli("infer", "--model", exported["xattn"], "--image", img, "--prompt", "Caption:",
+                   "--prompt", "Caption: " + "red " * 130)
+    assert_one_line_error(proc, "maximum context of 128")
+    assert proc.stdout == ""                                     # every prompt checked first
+    assert_one_line_error(run_cli("infer", "--model", exported["xattn"], "--image", img,
+                                  "--prompt", "Caption:", "--temperature", "nan"),
+                          "finite temperature")
+    for flag, value in (("--seed", "-1"), ("--threads", "100000")):
+        proc = run_cli("infer", "--model", exported["xattn"], "--image", img, "--prompt",
+                       "Caption:", flag, value)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and flag in proc.stderr
+
+
+def test_bench_refuses_lengths_beyond_the_context(exported):
+    proc = run_cli("bench", exported["xattn"], "--prompt-len", "100", "--new-tokens", "64",
+                   "--rounds", "1")
+    assert_one_line_error(proc, "--prompt-len 100 and --new-tokens 64", "at most 127")
+    proc = run_cli("bench", exported["xattn"], "--new-tokens", "0")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--new-tokens" in proc.stderr
 
 
 def test_infer_says_on_stderr_when_it_prefills_token_by_token(exported, small_world, monkeypatch,

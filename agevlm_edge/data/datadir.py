@@ -56,10 +56,16 @@ def pope_question(name: str) -> str:
 def load_meta(data_dir: str | os.PathLike) -> dict:
     data_dir = require_dir(data_dir, "data directory", "create one with `agevlm data synth`")
     meta = read_json(data_dir / "dataset.json", "dataset.json")
-    version = meta.get("schema_version")
+    version = meta.get("schema_version") if isinstance(meta, dict) else None
     if version != SCHEMA_VERSION:
         raise BadInput(f"{data_dir}/dataset.json has schema_version {version!r}, this agevlm "
                        f"reads {SCHEMA_VERSION}; regenerate the data directory")
+    splits, vocab = meta.get("splits", {}), meta.get("vocabulary") or {}
+    if not (isinstance(splits, dict) and all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                                             for e in splits.values())
+            and isinstance(vocab, dict) and isinstance(vocab.get("classes", {}), dict)):
+        raise BadInput(f"{data_dir}/dataset.json is malformed (splits need a file each, "
+                       "vocabulary.classes is a mapping); regenerate or re-import the DATA DIR")
     return meta
 
 
@@ -72,8 +78,13 @@ def load_split(data_dir: str | os.PathLike, split: str) -> list[dict]:
     records = read_jsonl(path, f"split {split}")
     for n, r in enumerate(records, 1):
         if not (isinstance(r, dict) and isinstance(r.get("objects"), list)
-                and all(isinstance(r.get(k), str) for k in ("image_id", "file"))):
-            raise BadInput(f"split {split}: record {n} of {path} needs image_id, file and objects; "
+                and all(isinstance(r.get(k), str) for k in ("image_id", "file"))
+                and all(isinstance(o, dict) and isinstance(o.get("class"), str) for o in r["objects"])
+                and isinstance(r.get("questions", []), list)
+                and all(isinstance(q, dict) and isinstance(q.get("question"), str)
+                        and isinstance(q.get("answer"), str) for q in r.get("questions", []))):
+            raise BadInput(f"split {split}: record {n} of {path} needs image_id, file, objects "
+                           "(each with a class) and questions (each with a question and an answer); "
                            "regenerate or re-import the DATA DIR")
     return records
 

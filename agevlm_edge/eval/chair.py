@@ -22,7 +22,8 @@ def word_map(vocabulary: dict) -> dict[str, str]:
     """Every object word (lower case) -> its class, from dataset.json ``vocabulary``."""
     classes = vocabulary.get("classes", {})
     if not classes:
-        raise BadInput("dataset.json has no vocabulary classes; CHAIR needs the object words")
+        raise BadInput("dataset.json has no vocabulary classes, and CHAIR needs the object words; "
+                       "leave chair out with --suite (e.g. --suite pope)")
     out: dict[str, str] = {}
     for name, entry in classes.items():
         words = [name, entry.get("plural", ""), *entry.get("synonyms", []),

@@ -59,8 +59,9 @@ class ImageStore:
             except FileNotFoundError:
                 raise BadInput(f"image {path} is missing; the data directory is incomplete, "
                                "regenerate it with `agevlm data synth`") from None
-            except OSError as e:
-                raise BadInput(f"image {path} cannot be read ({e})") from None
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                raise BadInput(f"image {path} cannot be read ({e}); replace it or regenerate "
+                               "the DATA DIR") from None
         return self._cache[file]
 
     def many(self, files: list[str]) -> list[np.ndarray]:

@@ -6,6 +6,8 @@ class = yes. The key hallucination number is the false-yes rate on absent object
                  (dataset.json generator.config.priors, e.g. star -> moon): a model that
                  learnt the language prior instead of looking says yes here;
   other_absent:  every other absent object.
+A question without ``object`` (an imported file's text that does not ask "is there a/an X in
+the image?") counts in the metrics, not in the false-yes split or the errors by object.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def false_yes(rows: list[dict], preds: list[str], present: dict[str, set[str]],
     """False-yes rate on the absent-object (label no) questions, per absent kind."""
     out = {k: {"n": 0, "yes": 0} for k in ("prior_partner", "other_absent")}
     for row, pred in zip(rows, preds):
-        if row["label"] == "no":
+        if row["label"] == "no" and row.get("object"):
             d = out[absent_kind(row["object"], present[row["image_id"]], partners)]
             d["n"] += 1
             d["yes"] += pred == "yes"
@@ -89,6 +91,8 @@ def per_object(rows: list[dict], preds: list[str]) -> dict:
     where it is present: which objects a model errs on, which the aggregate F1 hides."""
     out: dict[str, dict] = {}
     for row, pred in zip(rows, preds):
+        if not row.get("object"):
+            continue
         d = out.setdefault(row["object"], {"absent": 0, "false_yes": 0, "present": 0, "false_no": 0})
         if row["label"] == "no":
             d["absent"] += 1
@@ -108,7 +112,7 @@ def score_pope_file(rows: list[dict], raw: list[str], present: dict[str, set[str
     res = binary_metrics([r["label"] for r in rows], preds)
     res["false_yes"] = false_yes(rows, preds, present, partners)
     res["answers"] = [{"question_id": r["question_id"], "image_id": r["image_id"],
-                       "object": r["object"], "label": r["label"], "prediction": p, "raw": a}
+                       "object": r.get("object"), "label": r["label"], "prediction": p, "raw": a}
                       for r, p, a in zip(rows, preds, raw)]
     return res
 
@@ -152,7 +156,8 @@ def run_pope(backend: EvalBackend, data_dir: str | os.PathLike, meta: dict, reco
 def _summary(files: dict, rows: dict, answers: dict, present: dict, partners: dict) -> dict:
     """Mean of the per-file metrics; the false-yes split and the errors by object over
     distinct questions (the files share their present-object questions)."""
-    unique = list({(r["image_id"], r["object"]): r for rs in rows.values() for r in rs}.values())
+    unique = list({(r["image_id"], r.get("object") or r["text"]): r
+                   for rs in rows.values() for r in rs}.values())
     preds = [parse_yes_no(answers[(r["image_id"], r["text"])]) for r in unique]
     neg = [(r, p) for r, p in zip(unique, preds) if r["label"] == "no"]
     mean = lambda k: ratio(sum(f[k] or 0.0 for f in files.values()), len(files))

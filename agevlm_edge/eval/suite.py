@@ -18,7 +18,7 @@ from ..data.datadir import as_jsonable, load_meta, load_split
 from ..errors import BadInput
 from ..fsutil import write_json_atomic
 from .backend import EvalBackend
-from .chair import run_chair
+from .chair import run_chair, word_map
 from .common import select_records
 from .grounding import run_grounding
 from .itm import run_itm
@@ -53,6 +53,8 @@ def run_suite(backend: EvalBackend, data_dir: str | os.PathLike,
     """Run ``suites`` on the first ``limit`` images of ``split``; returns the results dict."""
     names = parse_suites(suites)
     meta = load_meta(data_dir)
+    if "chair" in names:                  # its data need, checked before any suite runs
+        word_map(meta.get("vocabulary") or {})
     records = select_records(load_split(data_dir, split), limit)
     if not records:
         raise BadInput(f"split {split!r} of {data_dir} has no records to evaluate")

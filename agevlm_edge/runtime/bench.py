@@ -58,6 +58,11 @@ def measure(export_dir: str | os.PathLike, prompt_len: int = 32, new_tokens: int
 def measure_runtime(rt, prompt_len: int = 32, new_tokens: int = 64, repeats: int = 3) -> dict:
     """``measure`` on a loaded Runtime (one warm-up run, then ``repeats`` timed ones)."""
     export_dir = rt.dir
+    room = rt.max_seq_len - rt.context_image_tokens - 1    # the last step's position included
+    if prompt_len < 1 or new_tokens < 1 or prompt_len + new_tokens > room:
+        raise BadInput(f"--prompt-len {prompt_len} and --new-tokens {new_tokens} must each be at "
+                       f"least 1 and together at most {room} ({export_dir}'s maximum context); "
+                       "lower them")
     image = np.random.default_rng(0).integers(0, 256, (3, rt.image_size, rt.image_size), dtype=np.uint8)
     prompt = [prompt_of(rt.tokenizer, prompt_len, rt.bos_id)]
     ttft, per_token = [], []
@@ -136,6 +141,7 @@ def round_robin(commands: dict[str, list[str]], rounds: int = 3) -> dict[str, di
             proc = subprocess.run(args, capture_output=True, text=True)
             if proc.returncode:
                 last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                last = last.removeprefix("agevlm: error: ")
                 raise BadInput(f"benchmarking {name} failed: {last}")
             runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     out = {}

@@ -38,6 +38,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def load_image(path: str | os.PathLike, pre: Preprocessor) -> np.ndarray:
     """Decode, convert and resize an image file to the model's uint8 [3, S, S]."""
     path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"image {path} is a directory; give one image file")
     if not path.is_file():
         raise BadInput(f"image not found: {path}")
     if path.stat().st_size == 0:

@@ -22,6 +22,7 @@ def run_infer(export_dir: str | os.PathLike, image: str | os.PathLike, prompts: 
     """
     if not prompts:
         raise BadInput("give at least one --prompt")
+    gen = gen.validate()
     if heatmap is not None and os.path.isdir(heatmap):
         raise BadInput(f"--heatmap {heatmap} is a directory; give a .png file path")
     rt = Runtime(export_dir, provider=provider, threads=threads, graph_format=graph_format)
@@ -33,6 +34,7 @@ def run_infer(export_dir: str | os.PathLike, image: str | os.PathLike, prompts: 
                        "exported with --no-xattn-probs); re-export without it for --heatmap")
     pixels = rt.load_image(image)
     seqs = [rt.prompt_ids(p) for p in prompts]          # every prompt checked before any work
+    rt.check_length(max(map(len, seqs)), gen.max_new_tokens)
     state = rt.encode_images([pixels])                  # once, reused by every prompt
     answers = []
     for k, (prompt, seq) in enumerate(zip(prompts, seqs)):

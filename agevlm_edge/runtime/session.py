@@ -11,6 +11,7 @@ other exports copy the whole cache into a grown tensor every step.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +51,10 @@ class GenerationConfig:
     def validate(self) -> "GenerationConfig":
         if self.max_new_tokens < 1:
             raise BadInput("max_new_tokens must be at least 1")
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise BadInput("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        if not 0 <= self.temperature < math.inf or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise BadInput("need a finite temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        if self.seed is not None and self.seed < 0:
+            raise BadInput(f"the seed must be a non-negative integer, not {self.seed}")
         return self
 
 
@@ -80,7 +83,10 @@ def sample_next(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Genera
     """logits [B, V] -> next ids [B]: argmax at temperature 0, else temperature/top-k/top-p."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
-    x = logits.astype(np.float64) / cfg.temperature
+    # the max subtracted first: x <= 0, so a tiny temperature gives -inf, never inf - inf
+    x = logits.astype(np.float64)
+    with np.errstate(over="ignore"):
+        x = (x - x.max(-1, keepdims=True)) / cfg.temperature
     if cfg.top_k and cfg.top_k < x.shape[-1]:
         kth = np.partition(x, -cfg.top_k, axis=-1)[:, -cfg.top_k][:, None]
         x = np.where(x < kth, -np.inf, x)
@@ -144,7 +150,7 @@ class Runtime:
             self.eos_id, self.bos_id, self.pad_id = (int(self.cfg[k]) for k in ("eos_id", "bos_id", "pad_id"))
             self.n_layers = int(self.cfg["n_layers"])
             self.kv_heads, self.head_dim = int(self.cfg["n_kv_heads"]), int(self.cfg["head_dim"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
             raise BadInput(f"{self.dir}/manifest.json has no valid model config ({e!r}); re-export") from None
         self.pre = Preprocessor.load(self.dir / "preprocessor.json")
         self.tokenizer = load_tokenizer(self.dir / "tokenizer.json")
@@ -386,8 +392,13 @@ class Runtime:
             raise BadInput("the prompt is empty; give a question or 'Caption:'")
         return [self.bos_id] + self.tokenizer.encode(prompt, add_special_tokens=False).ids
 
-    def _check_length(self, n_prompt: int, max_new: int) -> None:
-        n_img = (self.image_size // int(self.cfg["patch_size"])) ** 2 if self.arch == "concat" else 0
+    @property
+    def context_image_tokens(self) -> int:
+        """Positions of the context the image takes (concat models prepend it), else 0."""
+        return self.grid ** 2 if self.arch == "concat" else 0
+
+    def check_length(self, n_prompt: int, max_new: int) -> None:
+        n_img = self.context_image_tokens
         if n_img + n_prompt + max_new > self.max_seq_len:
             raise BadInput(f"prompt of {n_prompt} tokens + {max_new} new tokens"
                            + (f" + {n_img} image tokens" if n_img else "")
@@ -433,7 +444,7 @@ class Runtime:
         B = len(prompts)
         if image.batch != B:
             raise BadInput(f"{image.batch} images for {B} prompts")
-        self._check_length(max(len(p) for p in prompts), cfg.max_new_tokens)
+        self.check_length(max(len(p) for p in prompts), cfg.max_new_tokens)
         rng = np.random.default_rng(cfg.seed)
         stops = {self.eos_id, *cfg.stop_ids}
         # room for the prompt, the new tokens and the extra step that maps may take
