@@ -56,6 +56,11 @@ class _Group(click.Group):
         sys.exit(0)
 
 
+# thread and process counts: every one asked for is started, so a typo like 100000 would
+# hang the host
+CORES = click.IntRange(min=1, max=256)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="agevlm")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
@@ -117,7 +122,7 @@ def data() -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a world setting, e.g. --set image_size=96 --set max_objects=8 "
                    "(see docs/synthetic-world.md; unknown keys are an error).")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Render processes (default: all cores).")
+@click.option("--workers", type=CORES, default=None, help="Render processes (default: all cores).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 def data_synth(out, preset, seed, n_train, n_val, n_test, sets, workers, overwrite) -> None:
     """Generate the grounded synthetic world (images, masks, captions, questions, POPE)."""
@@ -524,10 +529,6 @@ def report_cmd(dirs, data_dir, out, limit, bench_rounds, bnb, overwrite) -> None
                f"{', '.join(rep['plots'])})")
 
 
-# onnxruntime starts every intra-op thread it is given: a typo like 100000 would hang the host
-THREADS = click.IntRange(min=1, max=256)
-
-
 @cli.command("infer")
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="EXPORT DIR (made by `agevlm export`).")
@@ -544,7 +545,7 @@ THREADS = click.IntRange(min=1, max=256)
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed for sampling.")
 @click.option("--provider", type=click.Choice(["cpu", "webgpu", "cuda", "coreml", "nnapi", "xnnpack"]),
               default="cpu", show_default=True, help="onnxruntime execution provider.")
-@click.option("--threads", type=THREADS, default=None, help="Intra-op threads (default: all cores).")
+@click.option("--threads", type=CORES, default=None, help="Intra-op threads (default: all cores).")
 @click.option("--graph-format", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True,
               help="ort: the ORT-format copies a --target mobile-gpu export ships (what "
                    "onnxruntime's minimal mobile builds load).")
@@ -574,7 +575,7 @@ def infer_cmd(model_dir, image, prompts, heatmap, max_new_tokens, temperature, t
 @click.option("--repeats", default=2, show_default=True, type=click.IntRange(min=1), help="Timed runs per process (median).")
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1),
               help="Round-robin rounds, one process per export each (median across rounds).")
-@click.option("--threads", type=THREADS, default=None, help="Intra-op threads (default: all cores).")
+@click.option("--threads", type=CORES, default=None, help="Intra-op threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def bench_cmd(export_dirs, prompt_len, new_tokens, repeats, rounds, threads, as_json) -> None:
     """Time to first token, decode tokens/s and peak RSS of EXPORT DIRs on the device runtime.

@@ -93,6 +93,10 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise BadInput(f"{what} not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadInput(f"{what} {path} is not valid JSON ({e}); fix or regenerate it") from None
+    except RecursionError:
+        raise BadInput(f"{what} {path} nests too deep to read; fix or regenerate it") from None
+    except IsADirectoryError:
+        raise BadInput(f"{what} {path} is a directory; give the JSON file") from None
 
 
 try:  # DATA DIR records are large (RLE masks): orjson parses them ~5x faster when installed

@@ -85,6 +85,9 @@ class AgeVLMConfig:
         self.xattn_heads = self.xattn_heads or self.n_heads
         self.xattn_kv_heads = self.xattn_kv_heads or self.n_kv_heads
         self.xattn_layers = tuple(int(i) for i in self.xattn_layers)
+        if any(not 0 <= i < self.n_layers for i in self.xattn_layers):
+            raise ValueError(f"xattn_layers {list(self.xattn_layers)}: each must be a decoder "
+                             f"layer index in 0..{self.n_layers - 1}")
         if self.vision_hf_dir or self.vision_hf_config:
             from .hf_vision import normalize_vision_config, tower_geometry, vision_config_from_dir
 

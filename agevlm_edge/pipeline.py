@@ -52,7 +52,10 @@ def run_pipeline(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, sh
     if short and scale is not None:
         raise BadInput("--short sets its own schedule; pass --short or --scale, not both")
     resolve_device(device)                 # a GPU this machine lacks: before anything is written
+    recipe = preset_recipe(preset, "guided", seed=seed, scale=SHORT_SCALE if short else scale or 1.0)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"pipeline --out {out} is a file; choose a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise BadInput(f"pipeline output {out} already exists and is not empty; "
                        "pass --overwrite or choose another --out")
@@ -64,7 +67,6 @@ def run_pipeline(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, sh
            **sizes)
     _stage(log, out, "data masks", make_masks, data, seed=seed)
     _stage(log, out, "data tokenizer", build_tokenizer, data)
-    recipe = preset_recipe(preset, "guided", seed=seed, scale=SHORT_SCALE if short else scale or 1.0)
     _stage(log, out, "train", train, data, out / "run", recipe, overwrite=True, device=device)
     results = {}
 

@@ -15,6 +15,7 @@ on onnxruntime's CPU provider: the same inputs give the same drift.json.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,15 +64,16 @@ def load_budget(path: str | os.PathLike | None = None, **overrides) -> Budget:
             raise BadInput(f"budget file {p} must hold a mapping of limits")
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(Budget)} - {"version"}
-    bad = sorted(set(values) - known)
+    bad = sorted(map(str, set(values) - known))
     if bad:
         raise BadInput(f"unknown budget key {', '.join(bad)}; known: {', '.join(sorted(known))}")
     try:
         budget = Budget(**{k: float(v) for k, v in values.items()})
     except (TypeError, ValueError):
         raise BadInput(f"budget limits must be numbers, got {values}") from None
-    if any(getattr(budget, k) < 0 for k in known):
-        raise BadInput("budget limits must be >= 0")
+    if any(not 0 <= getattr(budget, k) < math.inf for k in known):   # NaN fails too
+        raise BadInput(f"budget limits must be finite numbers >= 0 (percentage points), got "
+                       f"{ {k: getattr(budget, k) for k in sorted(known)} }")
     return budget
 
 

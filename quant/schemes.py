@@ -300,6 +300,8 @@ def parse_layer_options(items) -> dict[int, str]:
         first, last = int(lo), int(hi) if dash else int(lo)
         if last < first:
             raise BadInput(f"--layer {item!r}: the range {first}-{last} is empty")
+        if last >= 10_000:   # checked against the model's layer count later; this keeps the range small
+            raise BadInput(f"--layer {item!r}: layer {last} is beyond any decoder's layers")
         out.update({i: spec.strip() for i in range(first, last + 1)})
     return out
 

@@ -269,7 +269,8 @@ def test_noise_on_sam_masks(data_dir: Path) -> None:
 def test_parse_noise() -> None:
     assert parse_noise("dilate:2, erode:1,shift:3,drop:0.1") == [
         ("dilate", 2), ("erode", 1), ("shift", 3), ("drop", 0.1)]
-    for bad in ("dilate", "dilate:x", "drop:1.5", "erode:-1", "shift:2.5", "dilate:2,"):
+    for bad in ("dilate", "dilate:x", "drop:1.5", "erode:-1", "shift:2.5", "dilate:2,", "drop:nan",
+                "shift:1000000000"):
         with pytest.raises(BadInput, match="bad token"):
             parse_noise(bad)
 

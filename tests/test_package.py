@@ -90,3 +90,15 @@ def test_an_output_file_where_none_can_be_made_fails_before_any_work(tmp_path):
     assert_one_line_error(run_cli("eval", "--model", str(tmp_path / "absent"), "--data",
                                   str(tmp_path), "--out", "/proc/agevlm-eval.json"),
                           "cannot write /proc/agevlm-eval.json", "no file can be created in /proc")
+
+
+def test_json_too_deep_or_a_directory_is_one_clear_error(tmp_path):
+    from agevlm_edge.errors import BadInput
+    from agevlm_edge.fsutil import read_json
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(BadInput, match="nests too deep"):
+        read_json(deep)
+    with pytest.raises(BadInput, match="is a directory"):
+        read_json(tmp_path)

@@ -46,4 +46,11 @@ def test_pipeline_settings_are_checked_before_anything_is_written(tmp_path):
                           "--short or --scale")
     if not torch.cuda.is_available():
         assert_one_line_error(run_cli("pipeline", "--out", out, "--device", "cuda"), "no CUDA GPU")
+    for scale in ("nan", "inf"):
+        assert_one_line_error(run_cli("pipeline", "--out", out, "--scale", scale),
+                              "--scale must be a finite number")
     assert not out.exists()
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    assert_one_line_error(run_cli("pipeline", "--out", afile, "--short"), "is a file")
+    assert afile.read_text() == "keep"

@@ -193,7 +193,8 @@ def test_per_layer_schemes_override_the_parts_inside_those_layers(fp32, tmp_path
     man = json.loads((tmp_path / "l0" / "manifest.json").read_text())
     assert man["scheme"]["recipe"]["layers"]["0"]["name"] == "fp32"
     for layer, msg in (("2=int4", "has 2 decoder layers"), ("a=int4", "LAYER=SCHEME"),
-                       ("1-0=int4", "is empty"), ("1=fp16", "per-layer schemes")):
+                       ("1-0=int4", "is empty"), ("1=fp16", "per-layer schemes"),
+                       ("0-10000000000=int4", "beyond any decoder's layers")):
         assert_one_line_error(run_cli("quantize", "--model", fp32, "--scheme", "int4", "--layer",
                                       layer, "--out", tmp_path / "bad"), msg)
     assert not (tmp_path / "bad").exists()
@@ -546,8 +547,9 @@ def test_drift_compare_arithmetic_and_budget_loading(tmp_path):
     (tmp_path / "bad.json").write_text('{"chair_rise": 1}')
     with pytest.raises(BadInput, match="unknown budget key"):
         load_budget(tmp_path / "bad.json")
-    with pytest.raises(BadInput):
-        load_budget(None, chair_i_rise=-1)
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(BadInput, match="finite numbers >= 0"):
+            load_budget(None, chair_i_rise=bad)
 
 
 # ----------------------------------------------------------------------- search and report

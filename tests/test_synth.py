@@ -149,6 +149,11 @@ def test_bad_settings_and_existing_output(tmp_path, small_world):
                                   "max_objects=many"), "max_objects")
     assert_one_line_error(run_cli("data", "synth", "--out", tmp_path / "x", "--preset", "nope"),
                           "unknown world preset")
+    for sets, msg in (("priors=star", "TRIGGER:PARTNER pairs"), ("priors=star:moon:heart", "pairs"),
+                      ("n_train=inf", "n_train='inf' is not a valid int")):
+        assert_one_line_error(run_cli("data", "synth", "--out", tmp_path / "x", "--set", sets), msg)
+    proc = run_cli("data", "synth", "--out", tmp_path / "x", "--workers", "100000")
+    assert proc.returncode == 2 and "--workers" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x").exists()
     keep = tmp_path / "keep"
     keep.mkdir()

@@ -61,5 +61,8 @@ def test_bad_tokenizer_inputs(tmp_path, small_world):
     (bad / "tokenizer.json").write_text("{not json")
     assert_one_line_error(run_cli("data", "tokenizer", "--data", small_world, "--pretrained", bad),
                           "not a valid tokenizer.json")
-    assert_one_line_error(run_cli("data", "tokenizer", "--data", small_world, "--vocab-size", "50"),
-                          "too small")
+    for size in ("50", "100000000000000000000000"):
+        assert_one_line_error(run_cli("data", "tokenizer", "--data", small_world, "--vocab-size",
+                                      size), "is outside 300..1000000")
+    assert_one_line_error(run_cli("data", "tokenizer", "--data", tmp_path / "nope", "--pretrained",
+                                  small_world), "data directory not found")

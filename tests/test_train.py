@@ -486,9 +486,21 @@ def test_bad_settings_and_damaged_runs_are_one_line_errors_that_lose_nothing(tmp
                       ({"lm.batch_size": "1.5"}, "batch_size must be an integer"),
                       ({"model": "5"}, "model must be a mapping"),
                       ({"log_every": "0"}, "log_every and checkpoint_every must be >= 1"),
-                      ({"variant": "best"}, "variant must be guided, ca or concat")):
+                      ({"variant": "best"}, "variant must be guided, ca or concat"),
+                      ({"lm.lr": ".nan"}, "lr must be a finite number"),
+                      ({"instruct.min_lr_ratio": ".inf"}, "min_lr_ratio must be a finite number"),
+                      ({"lm.weight_decay": "-1"}, "weight_decay >= 0"),
+                      ({"lm.min_lr_ratio": "2"}, "min_lr_ratio in 0..1"),
+                      ({"instruct.captions": "-1"}, "mix weights >= 0"),
+                      ({"guided.dice_layers": "[-1]"}, "dice_layers lists decoder layer indices"),
+                      ({"seed": "["}, "not valid YAML"),
+                      ({"stages": "5"}, "stages must be a list")):
         with pytest.raises(BadInput, match=msg):
             apply_sets(base, sets)
+    with pytest.raises(BadInput, match="unknown recipe keys: 1, x"):
+        recipe_from_dict({**base.to_dict(), 1: 2, "x": 3})
+    with pytest.raises(BadInput, match="--scale must be a finite number"):
+        preset_recipe("tiny", scale=float("nan"))
     assert apply_sets(base, {"instruct.lr": "1e-3"}).stages[-1].lr == 1e-3   # YAML 1.1's string
     out = tmp_path / "r"
     assert_one_line_error(run_cli("train", "--data", world, "--out", out, "--set", "=5"), "key is empty")
@@ -508,6 +520,14 @@ def test_bad_settings_and_damaged_runs_are_one_line_errors_that_lose_nothing(tmp
     assert_one_line_error(run_cli("train", "--data", world, "--out", run, "--config", cfg,
                                   "--set", "mask_source=sam:nope", "--overwrite"), "sam:nope")
     assert (run / "model.safetensors").read_bytes() == weights
+    for sets, msg in ((["lm.lr=.nan"], "finite number"),
+                      (["model.vocab_size=10"], "smaller than the tokenizer"),
+                      (["vision.dice_weight=1", "vision.dice_layers=[2]"],   # cross layers: 1, 3
+                       "not all cross-attention layers"),
+                      (["model.xattn_layers=[99]"], "decoder layer index")):
+        assert_one_line_error(run_cli("train", "--data", world, "--out", run, "--config", cfg,
+                                      *[a for kv in sets for a in ("--set", kv)], "--overwrite"), msg)
+        assert (run / "model.safetensors").read_bytes() == weights
     n_files = len(list(world.rglob("*")))
     assert_one_line_error(run_cli("train", "--data", world, "--out", world, "--config", cfg,
                                   "--overwrite"), "would replace the DATA DIR")
@@ -531,6 +551,22 @@ def test_bad_settings_and_damaged_runs_are_one_line_errors_that_lose_nothing(tmp
     assert_one_line_error(run_cli("eval", "--model", run, "--data", world, "--out",
                                   run / "config.json" / "r.json"), "is a file")
     assert (run / "model.safetensors").read_bytes() == weights
+
+
+def test_resume_drops_a_torn_metrics_line_and_refuses_a_changed_recipe(tmp_path, world):
+    from agevlm_edge.train.loop import train
+
+    recipe = recipe_from_dict(_recipe(STAGES[:1]))
+    out = tmp_path / "r"
+    train(world, out, recipe, stop_at_step=2, limit=32)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"global_step": 3, "loss"')                  # the kill came mid-line
+    changed = apply_sets(recipe, {"lm.train": "[lm, xattn]"})
+    with pytest.raises(BadInput, match="optimizer state .* does not fit stage lm"):
+        train(world, out, changed, resume=True, limit=32)
+    train(world, out, recipe, resume=True, limit=32)
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and rows[-1]["global_step"] == STAGES[0]["steps"]
 
 
 def test_device_choice_is_one_line_error_before_anything_is_written(tmp_path, world):

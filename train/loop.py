@@ -107,6 +107,10 @@ def _build(data_dir: Path, recipe: Recipe, image_size: int):
     ids = {k: tok.token_to_id(f"<|{k}|>") for k in ("pad", "bos", "eos")}
     overrides = {"vocab_size": tok.get_vocab_size(), "image_size": image_size,
                  "pad_id": ids["pad"], "bos_id": ids["bos"], "eos_id": ids["eos"], **recipe.model}
+    if overrides["vocab_size"] < tok.get_vocab_size():
+        raise BadInput(f"model.vocab_size {overrides['vocab_size']} is smaller than the "
+                       f"tokenizer's {tok.get_vocab_size()} tokens; leave it out (it follows "
+                       "the tokenizer) or make it larger")
     try:
         return tok, AgeVLM(build_config("tiny", **overrides))
     except (TypeError, ValueError) as e:
@@ -161,6 +165,10 @@ class Run:
         torch.manual_seed(recipe.seed)
         self.tok, self.model = _build(data_dir, recipe, size)
         self.cfg = self.model.cfg
+        for st in recipe.stages:
+            if st.dice_weight > 0 and not set(st.dice_layers) <= set(self.cfg.cross_layers):
+                raise BadInput(f"stage {st.name}: dice_layers {list(st.dice_layers)} are not all "
+                               f"cross-attention layers (this model's: {list(self.cfg.cross_layers)})")
         if any(st.null_dice and st.dice_weight > 0 for st in recipe.stages) and not self.cfg.xattn_null:
             raise BadInput("null_dice needs the null token: add --set model.xattn_null=true "
                            "(or turn null_dice off)")
@@ -459,7 +467,13 @@ class Run:
         self.optimizer = torch.optim.AdamW([gr for gr in groups if gr["params"]], lr=stage.lr,
                                            weight_decay=stage.weight_decay, betas=(0.9, 0.95))
         if getattr(self, "_resume_opt", None) is not None:
-            self.optimizer.load_state_dict(self._resume_opt)
+            try:
+                self.optimizer.load_state_dict(self._resume_opt)
+            except ValueError:
+                raise BadInput(f"--resume: the optimizer state in {self.out}/training_state does "
+                               f"not fit stage {stage.name}'s trained groups {list(stage.train)}; "
+                               "resume with the recipe the run started with, or start again "
+                               "with --overwrite") from None
             self._resume_opt = None
         ddp = DDP(module) if _world()[1] > 1 else module
         step_fn = {"lm": self.step_lm, "vision": self.step_vision, "vlm": self.step_vlm}[stage.kind]
@@ -520,8 +534,14 @@ def _truncate_metrics(path: Path, global_step: int) -> None:
     """Drop log lines written after the checkpoint we resume from (they will be redone)."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines()
-            if ln.strip() and json.loads(ln).get("global_step", 0) <= global_step]
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:      # a line torn by the kill that stopped the run
+            continue
+        if isinstance(row, dict) and row.get("global_step", 0) <= global_step:
+            keep.append(ln)
     from agevlm_edge.fsutil import write_text_atomic
 
     write_text_atomic(path, "".join(ln + "\n" for ln in keep))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,14 @@ class Stage:
             raise BadInput(f"stage {self.name}: train must list groups from {', '.join(GROUPS)}")
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise BadInput(f"stage {self.name}: steps >= 0, batch_size >= 1 and lr > 0 required")
+        if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0:
+            raise BadInput(f"stage {self.name}: warmup >= 0, min_lr_ratio in 0..1 and "
+                           "weight_decay >= 0 required")
+        if self.captions < 0 or self.questions < 0:
+            raise BadInput(f"stage {self.name}: captions and questions are mix weights >= 0")
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.dice_layers):
+            raise BadInput(f"stage {self.name}: dice_layers lists decoder layer indices, got "
+                           f"{list(self.dice_layers)}")
         if not 0 <= self.dice_fraction <= 1 or not 0 <= self.question_dice <= 1 or self.dice_weight < 0:
             raise BadInput(f"stage {self.name}: dice_fraction and question_dice in 0..1 and "
                            "dice_weight >= 0 required")
@@ -278,6 +287,8 @@ def preset_recipe(preset: str = "tiny", variant: str = "guided", seed: int = 0,
 
     `smol` needs ``lm_dir``: a local HF directory made by `agevlm lm import-gguf`.
     """
+    if not 0 < scale < math.inf:
+        raise BadInput(f"--scale must be a finite number > 0, got {scale}")
     if preset not in ("tiny", "smol"):
         raise BadInput(f"unknown training preset {preset!r}; available: tiny, smol (or pass --config)")
     if preset == "smol" and not lm_dir:
@@ -304,6 +315,8 @@ def _check_types(cls, d: dict, where: str) -> dict:
         if kind is float and isinstance(v, str):      # YAML 1.1 reads 1e-3 as a string
             with contextlib.suppress(ValueError):
                 v = float(v)
+        if kind is float and isinstance(v, float) and not math.isfinite(v):
+            raise BadInput(f"{where}{f.name} must be a finite number, got {v!r}")
         ok = {bool: lambda: isinstance(v, bool),
               int: lambda: isinstance(v, int) and not isinstance(v, bool),
               float: lambda: isinstance(v, (int, float)) and not isinstance(v, bool),
@@ -326,15 +339,17 @@ def _check_types(cls, d: dict, where: str) -> dict:
 def recipe_from_dict(d: dict) -> Recipe:
     """A recipe from parsed YAML/JSON; unknown keys anywhere are an error."""
     known = {f.name for f in dataclasses.fields(Recipe)}
-    unknown = sorted(set(d) - known)
+    unknown = sorted(map(str, set(d) - known))
     if unknown:
         raise BadInput(f"unknown recipe keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     stage_keys = {f.name for f in dataclasses.fields(Stage)}
     stages = []
+    if not isinstance(d.get("stages", []), list):
+        raise BadInput(f"recipe stages must be a list of stage mappings, got {d['stages']!r}")
     for i, sd in enumerate(d.get("stages", [])):
         if not isinstance(sd, dict):
             raise BadInput(f"recipe stage {i} must be a mapping")
-        bad = sorted(set(sd) - stage_keys)
+        bad = sorted(map(str, set(sd) - stage_keys))
         if bad:
             raise BadInput(f"recipe stage {sd.get('name', i)}: unknown keys {', '.join(bad)}")
         sd = _check_types(Stage, sd, f"recipe stage {sd.get('name', i)}: ")
@@ -372,7 +387,11 @@ def apply_sets(recipe: Recipe, sets: dict[str, str]) -> Recipe:
     d = recipe.to_dict()
     names = [s["name"] for s in d["stages"]]
     for key, raw in sets.items():
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise BadInput(f"--set {key}={raw}: the value is not valid YAML "
+                           f"({str(e).splitlines()[0]}); quote strings, e.g. '[1, 3]'") from None
         head, _, rest = key.partition(".")
         if not head or (not rest and "." in key):
             raise BadInput(f"--set {key}={raw}: the key is empty; write KEY=VALUE, e.g. seed=3 "

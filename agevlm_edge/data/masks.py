@@ -33,8 +33,9 @@ from .datadir import decode_mask, encode_mask, load_meta, load_split
 
 EXACT_SOURCES = ("rendered", "annotation")  # mask_source values that count as ground truth
 NOISE_OPS = {"dilate": int, "erode": int, "shift": int, "drop": float}
+MAX_NOISE_PX = 1024
 _NOISE_HELP = ("expected OP:AMOUNT[,OP:AMOUNT] with dilate:PX, erode:PX, shift:PX (whole "
-               "pixels >= 0) or drop:FRACTION (0 to 1), e.g. dilate:2,drop:0.1")
+               f"pixels, 0 to {MAX_NOISE_PX}) or drop:FRACTION (0 to 1), e.g. dilate:2,drop:0.1")
 
 
 # ----------------------------------------------------------------------------- SAM models
@@ -241,7 +242,7 @@ def parse_noise(spec: str) -> list[tuple[str, float]]:
             value = kind(amount.strip()) if kind and sep else None
         except ValueError:
             value = None
-        if value is None or value < 0 or (kind is float and value > 1):
+        if value is None or not 0 <= value <= (1 if kind is float else MAX_NOISE_PX):
             raise BadInput(f"--mask-noise: bad token {token.strip()!r}; {_NOISE_HELP}")
         ops.append((name.strip().lower(), value))
     return ops

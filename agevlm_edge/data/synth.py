@@ -73,9 +73,10 @@ class WorldConfig:
             (all(0 <= p <= 1 for p in (self.low_contrast_p, self.contrast, self.confusable_p,
                                        self.repeat_p, self.noise, self.texture, self.shape_jitter)),
              "probabilities, contrast, noise, texture and shape_jitter must be in 0..1"),
-            (all(a in CLASSES and b in CLASSES and a != b for a, b in self.priors),
-             f"priors must be pairs of distinct classes from: {', '.join(CLASSES)}"),
-            (len({a for a, _ in self.priors}) == len(self.priors), "each trigger may have one partner"),
+            (all(len(p) == 2 and p[0] in CLASSES and p[1] in CLASSES and p[0] != p[1]
+                 for p in self.priors),
+             f"priors must be TRIGGER:PARTNER pairs of distinct classes from: {', '.join(CLASSES)}"),
+            (len({p[0] for p in self.priors}) == len(self.priors), "each trigger may have one partner"),
             (self.captions_per_image >= 1, "captions_per_image must be >= 1"),
             (min(self.n_train, self.n_val, self.n_test) >= 0, "split sizes must be >= 0"),
         ]
@@ -119,7 +120,7 @@ def _parse_value(key: str, value, current):
         if key == "priors":  # "star:moon,heart:arrow" or "" for none
             return tuple(tuple(p.split(":")) for p in value.split(",") if p) if value else ()
         return type(current)(float(value)) if isinstance(current, int) else type(current)(value)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise BadInput(f"world setting {key}={value!r} is not a valid {type(current).__name__}") from None
 
 

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import BadInput
-from ..fsutil import write_text_atomic
+from ..fsutil import require_dir, write_text_atomic
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|image|>"]
 
@@ -35,9 +35,9 @@ def train_bpe(texts: list[str], vocab_size: int = 512):
     """Byte-level BPE (GPT-2 style) with our special tokens; deterministic for fixed input."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    if vocab_size < 300:
-        raise BadInput(f"vocab size {vocab_size} is too small for byte-level BPE (256 bytes + "
-                       "special tokens); use at least 300")
+    if not 300 <= vocab_size <= 1_000_000:
+        raise BadInput(f"vocab size {vocab_size} is outside 300..1000000 (byte-level BPE needs "
+                       "256 bytes + special tokens; the synthetic world needs about 500)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -67,7 +67,7 @@ def load_tokenizer(path: str | os.PathLike):
 def build_tokenizer(data_dir: str | os.PathLike, vocab_size: int = 512,
                     pretrained: str | os.PathLike | None = None) -> str:
     """Write ``tokenizer.json`` into the DATA DIR; returns a one-line summary."""
-    data_dir = Path(data_dir)
+    data_dir = require_dir(data_dir, "data directory", "create one with `agevlm data synth`")
     if pretrained is not None:
         tok = load_tokenizer(pretrained)
         src = Path(pretrained) / "tokenizer.json" if Path(pretrained).is_dir() else Path(pretrained)

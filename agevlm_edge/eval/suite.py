@@ -83,7 +83,7 @@ def load_backend(model_dir: str | os.PathLike, batch_size: int = 64,
 
         if model_transform is not None:
             raise BadInput(f"{model_dir} is an EXPORT DIR; bitsandbytes variants need the RUN DIR")
-        if device not in (None, "auto", "cpu"):
+        if (device or "auto").strip().lower() not in ("auto", "cpu"):
             raise BadInput(f"--device {device}: {model_dir} is an EXPORT DIR, which runs on "
                            "onnxruntime; --device places a RUN DIR's torch model")
         rt = Runtime(model_dir)
