@@ -8,6 +8,8 @@ is fast and the device runtime's commands work without the toolchain installed.
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -593,7 +595,20 @@ def bench_cmd(export_dirs, prompt_len, new_tokens, repeats, rounds, threads, as_
     click.echo(_json.dumps(rows, indent=2) if as_json else format_table(rows))
 
 
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM (a job killed by its scheduler, `timeout`) as SystemExit in this process, so
+    the cleanup that Ctrl-C gets runs too: staged_dir removes its .partial directory. Forked
+    workers just exit."""
+    if os.getpid() != _MAIN_PID:
+        os._exit(128 + signum)
+    raise SystemExit(128 + signum)
+
+
+_MAIN_PID = os.getpid()
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
     cli(prog_name="agevlm")
 
 

@@ -164,3 +164,22 @@ def test_bad_settings_and_existing_output(tmp_path, small_world):
             "--overwrite", check_rc=0)
     assert not (keep / "precious.txt").exists() and (keep / "dataset.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_sigterm_leaves_no_partial_directory(tmp_path):
+    """A synth killed by SIGTERM (a scheduler, `timeout`) cleans up like one stopped by Ctrl-C."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "agevlm_edge.cli", "data", "synth", "--out",
+                             str(tmp_path / "w"), "--n-train", "5000", "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".w.*.partial")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert list(tmp_path.glob(".w.*.partial")), "synth never started writing"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
