@@ -432,7 +432,7 @@ def drift_cmd(reference, candidate, data_dir, budget_file, pope_f1_drop, chair_i
 
     out_json = out_json or Path("drift.json")
     check_out_file(out_json, [("reference", reference), ("candidate", candidate),
-                              ("DATA DIR", data_dir)])
+                              ("DATA DIR", data_dir)] + [("budget file", budget_file)] * bool(budget_file))
     budget = load_budget(budget_file, pope_f1_drop=pope_f1_drop, chair_i_rise=chair_i_rise,
                          yes_ratio_shift=yes_ratio_shift)
     res = run_drift(reference, candidate, data_dir, budget, split=split, limit=limit,

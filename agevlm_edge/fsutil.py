@@ -91,7 +91,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BadInput(f"{what} not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError; an int past 4300 digits
         raise BadInput(f"{what} {path} is not valid JSON ({e}); fix or regenerate it") from None
     except RecursionError:
         raise BadInput(f"{what} {path} nests too deep to read; fix or regenerate it") from None
@@ -130,6 +130,9 @@ def check_out(out: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathL
     for what, d in inputs:
         if out.resolve() == Path(d).resolve() or out.resolve() in Path(d).resolve().parents:
             raise BadInput(f"--out {out} would replace the {what} {d}; choose another --out")
+        if Path(d).resolve() in out.resolve().parents and out.is_dir() and any(out.iterdir()):
+            raise BadInput(f"--out {out} is a directory inside the {what} {d}, and replacing it "
+                           "would delete part of it; choose another --out")
     if out.exists() and not out.is_dir():
         raise BadInput(f"output path {out} exists and is not a directory; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -164,14 +167,16 @@ def check_out_file(out: str | os.PathLike, inputs: Iterable[tuple[str, str | os.
 
 
 @contextlib.contextmanager
-def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def staged_dir(out: str | os.PathLike, overwrite: bool = False,
+               inputs: Iterable[tuple[str, str | os.PathLike]] = ()) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces ``out`` only if the block succeeds.
 
-    Refuses to touch an existing non-empty ``out`` unless ``overwrite``; even then the old
-    directory is removed only after the new one is complete.
+    Refuses to touch an existing non-empty ``out`` unless ``overwrite``, or one that holds or
+    lies in one of ``inputs`` (check_out); even then the old directory is removed only after
+    the new one is complete.
     """
     out = Path(out)
-    check_out(out, overwrite=overwrite)
+    check_out(out, inputs, overwrite=overwrite)
     _make_parent(out)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))

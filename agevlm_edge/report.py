@@ -281,7 +281,20 @@ def check_report_args(dirs: list, out: str | os.PathLike, data_dir: str | os.Pat
         raise BadInput(f"--data {data_dir} is not a DATA DIR (no dataset.json)")
     kinds = [(Path(d), classify(Path(d))) for d in dirs]
     check_out(out, [("input", d) for d, _ in kinds] + [("DATA DIR", data_dir)], overwrite)
+    for d, kind in kinds:
+        if kind == "search":
+            read_search(d)
     return kinds
+
+
+def read_search(d: Path) -> dict:
+    """search.json of a search OUT, with the keys the report reads."""
+    s = read_json(d / "search.json", "search.json")
+    shape = {"method": str, "sensitivity": list, "path": list, "chosen": dict}
+    if not isinstance(s, dict) or any(not isinstance(s.get(k), t) for k, t in shape.items()):
+        raise BadInput(f"{d}/search.json lacks {', '.join(shape)} in the form `agevlm search` "
+                       "writes; run the search again")
+    return {**s, "file": str(d / "search.json")}
 
 
 def build_report(dirs: list[str | os.PathLike], out: str | os.PathLike, data_dir: str | os.PathLike,
@@ -297,7 +310,7 @@ def build_report(dirs: list[str | os.PathLike], out: str | os.PathLike, data_dir
     rows, searches = [], []
     for d, kind in kinds:
         if kind == "search":
-            searches.append({**read_json(d / "search.json", "search.json"), "file": str(d / "search.json")})
+            searches.append(read_search(d))
         else:
             rows.append(_export_row(d, data_dir, limit, (profiles or {}).get(str(d)))
                         if kind == "export" else _run_row(d, data_dir, limit))

@@ -164,7 +164,7 @@ def import_gguf(out_dir: str | os.PathLike, gguf_path: str | os.PathLike | None 
     src = dict(pretrained_model_name_or_path=str(gguf_path.parent), gguf_file=gguf_path.name,
                local_files_only=True)
     # Entered first so an existing --out fails before the slow load, not after it.
-    with staged_dir(out_dir, overwrite=overwrite) as tmp:
+    with staged_dir(out_dir, overwrite=overwrite, inputs=[("GGUF file", gguf_path)]) as tmp:
         tok = AutoTokenizer.from_pretrained(**src)
         fixes = _repair_tokenizer(tok, meta)
         model = AutoModelForCausalLM.from_pretrained(**src, dtype=torch.float32)

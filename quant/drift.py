@@ -55,8 +55,8 @@ def load_budget(path: str | os.PathLike | None = None, **overrides) -> Budget:
             import yaml
 
             try:
-                values = yaml.safe_load(p.read_text()) or {}
-            except yaml.YAMLError as e:
+                values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
                 raise BadInput(f"budget file {p} is not valid YAML ({e})") from None
         else:
             values = read_json(p, "budget file")
@@ -69,8 +69,8 @@ def load_budget(path: str | os.PathLike | None = None, **overrides) -> Budget:
         raise BadInput(f"unknown budget key {', '.join(bad)}; known: {', '.join(sorted(known))}")
     try:
         budget = Budget(**{k: float(v) for k, v in values.items()})
-    except (TypeError, ValueError):
-        raise BadInput(f"budget limits must be numbers, got {values}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise BadInput(f"budget limits must be numbers, got {str(values)[:200]}") from None
     if any(not 0 <= getattr(budget, k) < math.inf for k in known):   # NaN fails too
         raise BadInput(f"budget limits must be finite numbers >= 0 (percentage points), got "
                        f"{ {k: getattr(budget, k) for k in sorted(known)} }")

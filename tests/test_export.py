@@ -382,6 +382,13 @@ def test_runtime_refuses_tampered_missing_and_foreign_dirs(exported, tmp_path):
     (bad / "manifest.json").write_text(json.dumps({**man, "format_version": 99}))
     with pytest.raises(BadInput, match="format version 99"):
         Runtime(bad)
+    shutil.rmtree(bad)
+    shutil.copytree(exported["xattn"], bad)
+    (bad / "manifest.json").write_text(json.dumps({**man, "rewrites": None}))
+    Runtime(bad)                                              # a null entry reads as none
+    (bad / "manifest.json").write_text(json.dumps({**man, "model": {**man["model"], "patch_size": 0}}))
+    with pytest.raises(BadInput, match="no valid model config"):
+        Runtime(bad)
     with pytest.raises(BadInput, match="manifest.json is missing"):
         Runtime(tmp_path)
     with pytest.raises(BadInput, match="no XnnpackExecutionProvider|no NnapiExecutionProvider"):

@@ -102,3 +102,45 @@ def test_json_too_deep_or_a_directory_is_one_clear_error(tmp_path):
         read_json(deep)
     with pytest.raises(BadInput, match="is a directory"):
         read_json(tmp_path)
+
+
+def test_an_out_never_replaces_part_of_an_input(tmp_path):
+    """--out inside an input (an existing, non-empty directory there) is refused even with
+    --overwrite; a new directory inside it is fine. A drift --out naming its budget file too."""
+    from agevlm_edge.errors import BadInput
+    from agevlm_edge.fsutil import check_out
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "images" / "a.png").write_bytes(b"x")
+    with pytest.raises(BadInput, match="inside the DATA DIR"):
+        check_out(data / "images", [("DATA DIR", data)], overwrite=True)
+    check_out(data / "new", [("DATA DIR", data)], overwrite=True)
+    budget = tmp_path / "budget.json"
+    budget.write_text('{"chair_i_rise": 1}')
+    proc = run_cli("drift", "--reference", data / "new", "--candidate", data / "new", "--data", data,
+                   "--budget", budget, "--out", budget)
+    assert_one_line_error(proc, "would replace the budget file")
+    assert budget.read_text() == '{"chair_i_rise": 1}'
+    from agevlm_edge.fsutil import staged_dir
+
+    gdir = tmp_path / "g"
+    gdir.mkdir()
+    (gdir / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(BadInput, match="would replace the GGUF file"):
+        with staged_dir(gdir, overwrite=True, inputs=[("GGUF file", gdir / "m.gguf")]):
+            pass
+    assert (gdir / "m.gguf").read_bytes() == b"GGUF"
+
+
+def test_report_refuses_a_damaged_search_json_before_measuring(tmp_path):
+    from agevlm_edge.errors import BadInput
+    from agevlm_edge.report import check_report_args
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "dataset.json").write_text("{}")
+    (tmp_path / "s").mkdir()
+    for bad in ("[]", '{"method": "m", "sensitivity": [], "path": []}'):
+        (tmp_path / "s" / "search.json").write_text(bad)
+        with pytest.raises(BadInput, match="search.json lacks method, sensitivity, path, chosen"):
+            check_report_args([tmp_path / "s"], tmp_path / "out", tmp_path / "d", False)

@@ -550,6 +550,15 @@ def test_drift_compare_arithmetic_and_budget_loading(tmp_path):
     for bad in (-1, float("nan"), float("inf")):
         with pytest.raises(BadInput, match="finite numbers >= 0"):
             load_budget(None, chair_i_rise=bad)
+    (tmp_path / "big.json").write_text('{"chair_i_rise": 1' + "0" * 400 + "}")
+    with pytest.raises(BadInput, match="must be numbers"):
+        load_budget(tmp_path / "big.json")
+    (tmp_path / "huge.json").write_text('{"chair_i_rise": 1' + "0" * 5000 + "}")
+    with pytest.raises(BadInput, match="not valid JSON"):
+        load_budget(tmp_path / "huge.json")
+    (tmp_path / "latin1.yaml").write_bytes(b"chair_i_rise: 1 # caf\xe9\n")
+    with pytest.raises(BadInput, match="not valid YAML"):
+        load_budget(tmp_path / "latin1.yaml")
 
 
 # ----------------------------------------------------------------------- search and report

@@ -157,7 +157,7 @@ class Runtime:
         if graph_format not in GRAPH_FORMATS:
             raise BadInput(f"unknown graph format {graph_format!r}; choose one of {', '.join(GRAPH_FORMATS)}")
         files = [self.dir / f"{g}.{graph_format}" for g in ("vision", "decoder")]
-        ort_info = self.manifest.get("rewrites", {}).get("ort_format") or {}
+        ort_info = (self.manifest.get("rewrites") or {}).get("ort_format") or {}
         if graph_format == "ort":
             if not all(f.name in self.manifest.get("files", {}) for f in files):
                 raise BadInput(f"{self.dir} has no ORT-format graphs (vision.ort, decoder.ort); only "
