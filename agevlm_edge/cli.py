@@ -315,7 +315,7 @@ def eval_cmd(model_dir, data_dir, suite, split, limit, out_json, bnb, device) ->
                    "the cross-attention then runs unfused.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
               help="DATA DIR for parity pairs and object words (default: the run's own data).")
-@click.option("--pairs", default=20, show_default=True, type=click.IntRange(min=1), help="Image/prompt pairs whose greedy "
+@click.option("--pairs", default=20, show_default=True, type=click.IntRange(1, 10_000), help="Image/prompt pairs whose greedy "
               "generations must match PyTorch token for token.")
 @click.option("--kv-cache", type=click.Choice(["inplace", "concat"]), default="inplace",
               show_default=True,

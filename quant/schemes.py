@@ -176,8 +176,8 @@ def parse_scheme(spec: str) -> Scheme:
     if not 0.0 <= kwargs.get("smooth", 0.0) <= 1.0:
         raise BadInput(f"scheme option smooth={kwargs['smooth']} is the SmoothQuant alpha: "
                        "give a value in (0, 1] (0.5 is the paper's default), or 0 for off")
-    if kwargs.get("calib_samples", 1) < 1:
-        raise BadInput(f"scheme option calib_samples must be at least 1, got {kwargs['calib_samples']}")
+    if not 1 <= kwargs.get("calib_samples", 1) <= 100_000:
+        raise BadInput(f"scheme option calib_samples must be in 1..100000, got {kwargs['calib_samples']}")
     return cls(**kwargs)
 
 

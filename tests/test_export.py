@@ -341,6 +341,12 @@ def test_export_cli_bad_inputs(tmp_path, runs, small_world):
     assert_one_line_error(run_cli("export", "--model", runs["xattn"], "--data", data, "--out", data,
                                   "--overwrite"), "would replace the DATA DIR")
     assert (data / "dataset.json").is_file()
+    images = sorted((data / "images").rglob("*.png"))
+    assert_one_line_error(run_cli("export", "--model", runs["xattn"], "--data", data, "--out",
+                                  data / "images", "--overwrite"), "inside the DATA DIR")
+    assert sorted((data / "images").rglob("*.png")) == images
+    proc = run_cli("export", "--model", runs["xattn"], "--out", tmp_path / "p", "--pairs", "100000000")
+    assert proc.returncode == 2 and "--pairs" in proc.stderr and "Traceback" not in proc.stderr
 
 
 # ----------------------------------------------------------------------------- runtime

@@ -81,8 +81,9 @@ def test_scheme_specs_parse_into_frozen_versioned_dataclasses():
         make_recipe("int4", {"vision": "fp16"})
     with pytest.raises(BadInput, match="whole graphs"):
         make_recipe("int8-qdq:ops=all", {"embed": "fp32"})
-    with pytest.raises(BadInput, match="calib_samples"):
-        parse_scheme("int4:algo=gptq,calib_samples=0")
+    for n in ("0", "1000000000"):
+        with pytest.raises(BadInput, match="calib_samples must be in 1..100000"):
+            parse_scheme(f"int4:algo=gptq,calib_samples={n}")
     with pytest.raises(BadInput, match="unknown model part"):
         make_recipe("int4", {"gates": "fp32"})
     assert part_of("decoder.xattn.1.attn.k_proj/MatMul_0", "vision") == "xattn"
