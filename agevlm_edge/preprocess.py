@@ -19,6 +19,10 @@ from PIL import Image
 from .errors import BadInput
 from .fsutil import read_json
 
+# What Pillow raises for a file it cannot decode: truncated or not an image (OSError,
+# SyntaxError), bad data (ValueError), more pixels than it will decode safely.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
 # Mean/std that the published checkpoints of each tower family ship in their
 # preprocessor_config.json (openai/clip-*, google/siglip-*, facebook/convnext-*), for a dir
 # without that file. ConvNeXt's is ImageNet's, not ConvNextImageProcessor's 0.5 default.

@@ -29,6 +29,7 @@ from pycocotools import mask as mask_utils
 
 from ..errors import BadInput
 from ..fsutil import check_out, read_json, sha256_file, staged_dir
+from ..preprocess import DECODE_ERRORS
 from . import datadir
 from .pope import build_pope
 
@@ -524,7 +525,7 @@ def _load_image(path: Path, rec: dict) -> Image.Image:
             rgb = img.convert("RGB")  # decodes every pixel, so truncation shows here
     except FileNotFoundError:
         raise _Bad("missing image", f"image {path} does not exist") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except DECODE_ERRORS as e:
         raise _Bad("unreadable image", f"cannot read image {path} ({e})") from None
     if rec["width"] is not None and rgb.size != (rec["width"], rec["height"]):
         raise _Bad("image size mismatch", f"image {path} is {rgb.size[0]}x{rgb.size[1]}, "

@@ -52,6 +52,8 @@ class ImageStore:
         if file not in self._cache:
             from PIL import Image
 
+            from ..preprocess import DECODE_ERRORS
+
             path = self.root / file
             try:
                 with Image.open(path) as im:
@@ -59,7 +61,7 @@ class ImageStore:
             except FileNotFoundError:
                 raise BadInput(f"image {path} is missing; the data directory is incomplete, "
                                "regenerate it with `agevlm data synth`") from None
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            except DECODE_ERRORS as e:
                 raise BadInput(f"image {path} cannot be read ({e}); replace it or regenerate "
                                "the DATA DIR") from None
         return self._cache[file]
