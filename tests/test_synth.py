@@ -150,8 +150,14 @@ def test_bad_settings_and_existing_output(tmp_path, small_world):
     assert_one_line_error(run_cli("data", "synth", "--out", tmp_path / "x", "--preset", "nope"),
                           "unknown world preset")
     for sets, msg in (("priors=star", "TRIGGER:PARTNER pairs"), ("priors=star:moon:heart", "pairs"),
-                      ("n_train=inf", "n_train='inf' is not a valid int")):
+                      ("n_train=inf", "n_train='inf' is not a valid int"),
+                      ("max_objects=1", "priors= (none)")):
         assert_one_line_error(run_cli("data", "synth", "--out", tmp_path / "x", "--set", sets), msg)
+    # the way out the message names works: one object per scene, no prior (this hung before)
+    run_cli("data", "synth", "--out", tmp_path / "one", "--n-train", "6", "--n-val", "0",
+            "--n-test", "2", "--set", "max_objects=1", "--set", "priors=", "--workers", "1",
+            check_rc=0)
+    assert {len(r["objects"]) for r in load_split(tmp_path / "one", "train")} == {1}
     proc = run_cli("data", "synth", "--out", tmp_path / "x", "--workers", "100000")
     assert proc.returncode == 2 and "--workers" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x").exists()

@@ -77,6 +77,11 @@ class WorldConfig:
                  for p in self.priors),
              f"priors must be TRIGGER:PARTNER pairs of distinct classes from: {', '.join(CLASSES)}"),
             (len({p[0] for p in self.priors}) == len(self.priors), "each trigger may have one partner"),
+            # one object per scene leaves no room for a partner; fitting the planting rate
+            # towards the target would then redraw every trigger forever
+            (self.max_objects >= 2 or not self.priors or self.prior_strength == 0,
+             "a planted prior needs two objects in a scene: with max_objects=1 also set "
+             "priors= (none) or prior_strength=0"),
             (self.captions_per_image >= 1, "captions_per_image must be >= 1"),
             (min(self.n_train, self.n_val, self.n_test) >= 0, "split sizes must be >= 0"),
         ]
