@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from agevlm_edge.errors import BadInput
 from agevlm_edge.train.losses import dice_loss_sum, lm_loss_sum, phrase_maps
-from agevlm_edge.train.recipe import apply_sets, preset_recipe, recipe_from_dict
+from agevlm_edge.train.recipe import apply_sets, preset_recipe, recipe_changes, recipe_from_dict
 from conftest import assert_one_line_error, run_cli
 
 SMALL_MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 64,
@@ -497,6 +497,10 @@ def test_bad_settings_and_damaged_runs_are_one_line_errors_that_lose_nothing(tmp
                       ({"stages": "5"}, "stages must be a list")):
         with pytest.raises(BadInput, match=msg):
             apply_sets(base, sets)
+    saved = json.loads(json.dumps(base.to_dict()))              # as config.json holds it
+    assert recipe_changes(saved, base) == []
+    assert recipe_changes(saved, apply_sets(base, {"seed": "3", "instruct.steps": "7"})) == [
+        "seed: 0 -> 3", f"instruct.steps: {base.stages[-1].steps} -> 7"]
     with pytest.raises(BadInput, match="unknown recipe keys: 1, x"):
         recipe_from_dict({**base.to_dict(), 1: 2, "x": 3})
     with pytest.raises(BadInput, match="--scale must be a finite number"):
@@ -553,7 +557,7 @@ def test_bad_settings_and_damaged_runs_are_one_line_errors_that_lose_nothing(tmp
     assert (run / "model.safetensors").read_bytes() == weights
 
 
-def test_resume_drops_a_torn_metrics_line_and_refuses_a_changed_recipe(tmp_path, world):
+def test_resume_drops_a_torn_metrics_line_and_refuses_a_changed_recipe(tmp_path, world, capsys):
     from agevlm_edge.train.loop import train
 
     recipe = recipe_from_dict(_recipe(STAGES[:1]))
@@ -564,7 +568,9 @@ def test_resume_drops_a_torn_metrics_line_and_refuses_a_changed_recipe(tmp_path,
     changed = apply_sets(recipe, {"lm.train": "[lm, xattn]"})
     with pytest.raises(BadInput, match="optimizer state .* does not fit stage lm"):
         train(world, out, changed, resume=True, limit=32)
+    assert "lm.train: ['lm'] -> ['lm', 'xattn']" in capsys.readouterr().err   # said first
     train(world, out, recipe, resume=True, limit=32)
+    assert "differs" not in capsys.readouterr().err
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows and rows[-1]["global_step"] == STAGES[0]["steps"]
 

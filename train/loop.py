@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from agevlm_edge.preprocess import Preprocessor
 from .batches import (SplitData, collate, context_questions, count_labels, length_buckets,
                       load_split_data, question_weights, token_labels)
 from .losses import lm_loss_sum
-from .recipe import Recipe, Stage
+from .recipe import Recipe, Stage, recipe_changes
 from .steps import LMStep, VisionHead, VisionStep, VLMStep
 
 VAL_LIMIT = 300
@@ -410,6 +411,9 @@ class Run:
         try:
             self.model.load_state_dict(read_safetensors(ts / "model.safetensors"), strict=False)
             self.state = read_json(ts / "state.json", "training state")
+            cfg = read_json(self.out / "config.json", "RUN DIR config") \
+                if (self.out / "config.json").is_file() else {}
+            self.saved_recipe = cfg.get("recipe") if isinstance(cfg.get("recipe"), dict) else {}
             if not all(isinstance(self.state.get(k), int) for k in ("stage", "step", "global_step")):
                 raise ValueError("state.json needs integer stage, step and global_step")
             self.load_head(read_safetensors(ts / "head.safetensors"))
@@ -571,6 +575,10 @@ def train(data_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, r
     run = Run(data_dir, out, recipe, limit, dev)
     if resume:
         run.load()
+        changes = recipe_changes(run.saved_recipe, recipe) if run.saved_recipe else []
+        if changes and rank == 0:
+            print(f"[train] --resume continues with a recipe that differs from the run's: "
+                  f"{'; '.join(changes[:6])}{' ...' if len(changes) > 6 else ''}", file=sys.stderr)
     run.note_environment()
     if replace and rank == 0:
         shutil.rmtree(out)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -361,6 +362,25 @@ def recipe_from_dict(d: dict) -> Recipe:
         raise BadInput("a recipe needs at least one stage")
     d = _check_types(Recipe, {k: v for k, v in d.items() if k != "stages"}, "recipe ")
     return Recipe(**{**d, "stages": tuple(stages)}).validate()
+
+
+def recipe_changes(old: dict, new: Recipe) -> list[str]:
+    """What ``new`` changes against a saved recipe (config.json's ``recipe``), as ``key: old ->
+    new`` strings, stage fields as ``stage.key``: a resumed run continues with ``new``, which
+    may be meant (a paired study) or a slip (another --scale or preset) the user should see."""
+    nd = new.to_dict()
+    flat = [(k, old.get(k), v) for k, v in nd.items() if k != "stages"]
+    old_stages = {s.get("name"): s for s in old.get("stages", []) if isinstance(s, dict)}
+    for st in nd["stages"]:
+        was = old_stages.pop(st["name"], None)
+        if was is None:
+            flat.append((st["name"], "(no such stage)", "(added)"))
+            continue
+        flat += [(f"{st['name']}.{k}", was.get(k), v) for k, v in st.items()]
+    flat += [(name, "(stage)", "(removed)") for name in old_stages]
+    # JSON turned the saved tuples into lists
+    norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731
+    return [f"{k}: {norm(a)} -> {norm(b)}" for k, a, b in flat if norm(a) != norm(b)]
 
 
 def load_recipe(path: str | Path) -> Recipe:
