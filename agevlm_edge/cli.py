@@ -369,7 +369,7 @@ def export_cmd(model_dir, out, target, fuse, xattn_probs, data_dir, pairs, kv_ca
               help="UTF-8 file, one text per line: the decoder calibrates (and the quality "
                    "check reads) these texts instead of the DATA DIR's captions and questions, "
                    "e.g. prose like your users' prompts. Images still come from --calib.")
-@click.option("--quality-texts", default=16, show_default=True, type=click.IntRange(min=1),
+@click.option("--quality-texts", default=16, show_default=True, type=click.IntRange(1, 100000),
               help="Teacher-forced texts for the top-1 agreement / KL check vs fp32.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed for picking calibration samples.")
@@ -504,7 +504,7 @@ def search_cmd(model_dir, data_dir, out, budget_file, pope_f1_drop, chair_i_rise
               help="DATA DIR every variant is evaluated on (test split).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="REPORT DIR to write.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N test images.")
-@click.option("--bench-rounds", default=1, show_default=True, type=click.IntRange(min=0),
+@click.option("--bench-rounds", default=1, show_default=True, type=click.IntRange(0, 1000),
               help="Round-robin speed rounds over the exports (0: no speed columns).")
 @click.option("--bnb", is_flag=True, help="Also evaluate bitsandbytes int8 and nf4 variants of "
               "each RUN DIR (PyTorch reference points for GPU users).")
@@ -520,7 +520,7 @@ def report_cmd(dirs, data_dir, out, limit, bench_rounds, bnb, overwrite) -> None
     if bnb:
         from .quant.bnb import bnb_report_rows
 
-        for d, kind in kinds:
+        for d, kind, _ in kinds:
             if kind == "run":
                 extra += bnb_report_rows(d, data_dir, limit)
     rep = build_report(list(dirs), out, data_dir, limit=limit, bench_rounds=bench_rounds,

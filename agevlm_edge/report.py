@@ -274,17 +274,21 @@ def html(md_text: str, out_dir: Path) -> str:
 
 
 def check_report_args(dirs: list, out: str | os.PathLike, data_dir: str | os.PathLike,
-                      overwrite: bool) -> list[tuple[Path, str]]:
-    """Every input classified and --out checked before anything is measured."""
+                      overwrite: bool) -> list[tuple[Path, str, dict | None]]:
+    """Every input classified (with its search.json read, for a search OUT) and --out checked
+    before anything is measured."""
     data_dir, out = Path(data_dir), Path(out)
     if not (data_dir / "dataset.json").is_file():
         raise BadInput(f"--data {data_dir} is not a DATA DIR (no dataset.json)")
+    seen: dict[Path, Path] = {}
+    for d in map(Path, dirs):
+        if d.resolve() in seen:   # it would be measured twice and shown as two rows
+            raise BadInput(f"{d} is given twice (also as {seen[d.resolve()]}); give each "
+                           "directory once")
+        seen[d.resolve()] = d
     kinds = [(Path(d), classify(Path(d))) for d in dirs]
     check_out(out, [("input", d) for d, _ in kinds] + [("DATA DIR", data_dir)], overwrite)
-    for d, kind in kinds:
-        if kind == "search":
-            read_search(d)
-    return kinds
+    return [(d, kind, read_search(d) if kind == "search" else None) for d, kind in kinds]
 
 
 def read_search(d: Path) -> dict:
@@ -308,9 +312,9 @@ def build_report(dirs: list[str | os.PathLike], out: str | os.PathLike, data_dir
     kinds = check_report_args(dirs, out, data_dir, overwrite)
     data_dir, out = Path(data_dir), Path(out)
     rows, searches = [], []
-    for d, kind in kinds:
-        if kind == "search":
-            searches.append(read_search(d))
+    for d, kind, search in kinds:
+        if search is not None:
+            searches.append(search)
         else:
             rows.append(_export_row(d, data_dir, limit, (profiles or {}).get(str(d)))
                         if kind == "export" else _run_row(d, data_dir, limit))

@@ -133,7 +133,7 @@ def test_an_out_never_replaces_part_of_an_input(tmp_path):
     assert (gdir / "m.gguf").read_bytes() == b"GGUF"
 
 
-def test_report_refuses_a_damaged_search_json_before_measuring(tmp_path):
+def test_report_refuses_a_damaged_search_json_or_a_repeated_dir_before_measuring(tmp_path):
     from agevlm_edge.errors import BadInput
     from agevlm_edge.report import check_report_args
 
@@ -144,3 +144,6 @@ def test_report_refuses_a_damaged_search_json_before_measuring(tmp_path):
         (tmp_path / "s" / "search.json").write_text(bad)
         with pytest.raises(BadInput, match="search.json lacks method, sensitivity, path, chosen"):
             check_report_args([tmp_path / "s"], tmp_path / "out", tmp_path / "d", False)
+    with pytest.raises(BadInput, match="given twice"):   # before search.json is read
+        check_report_args([tmp_path / "s", tmp_path / "d" / ".." / "s"], tmp_path / "out",
+                          tmp_path / "d", False)

@@ -198,6 +198,10 @@ def test_per_layer_schemes_override_the_parts_inside_those_layers(fp32, tmp_path
                        ("0-10000000000=int4", "beyond any decoder's layers")):
         assert_one_line_error(run_cli("quantize", "--model", fp32, "--scheme", "int4", "--layer",
                                       layer, "--out", tmp_path / "bad"), msg)
+    for cmd in (["quantize", "--model", fp32, "--scheme", "int4", "--quality-texts", "1000000"],
+                ["report", fp32, "--data", fp32, "--bench-rounds", "1000000"]):
+        proc = run_cli(*cmd, "--out", tmp_path / "bad")
+        assert proc.returncode == 2 and cmd[-2] in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "bad").exists()
 
 
