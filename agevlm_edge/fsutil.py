@@ -99,6 +99,25 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise BadInput(f"{what} {path} is a directory; give the JSON file") from None
 
 
+def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
+    """A YAML (or JSON, its subset) file through yaml.safe_load; BadInput naming ``what`` for a
+    missing, unreadable or malformed one. None for an empty file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadInput(f"{what} not found: {path}") from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise BadInput(f"{what} {path} is not a YAML text file ({type(e).__name__}); give a "
+                       ".yaml file") from None
+    except yaml.YAMLError as e:
+        raise BadInput(f"{what} {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise BadInput(f"{what} {path} nests too deep to read; fix or regenerate it") from None
+
+
 try:  # DATA DIR records are large (RLE masks): orjson parses them ~5x faster when installed
     from orjson import loads as _loads
 except ImportError:  # the lean device install

@@ -28,7 +28,7 @@ from agevlm_edge.eval.chair import run_chair
 from agevlm_edge.eval.common import ImageStore, chunks, select_records
 from agevlm_edge.eval.grounding import run_grounding
 from agevlm_edge.eval.pope import pope_files, run_pope
-from agevlm_edge.fsutil import read_json, read_jsonl, write_json_atomic
+from agevlm_edge.fsutil import read_json, read_jsonl, read_yaml, write_json_atomic
 from agevlm_edge.runtime.backend import OnnxBackend
 from agevlm_edge.runtime.session import Runtime
 
@@ -51,15 +51,8 @@ def load_budget(path: str | os.PathLike | None = None, **overrides) -> Budget:
         p = Path(path)
         if not p.is_file():
             raise BadInput(f"budget file {p} not found")
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            try:
-                values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-            except (yaml.YAMLError, UnicodeDecodeError) as e:
-                raise BadInput(f"budget file {p} is not valid YAML ({e})") from None
-        else:
-            values = read_json(p, "budget file")
+        values = (read_yaml(p, "budget file") or {}) if p.suffix in (".yaml", ".yml") \
+            else read_json(p, "budget file")
         if not isinstance(values, dict):
             raise BadInput(f"budget file {p} must hold a mapping of limits")
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -562,8 +562,11 @@ def test_drift_compare_arithmetic_and_budget_loading(tmp_path):
     with pytest.raises(BadInput, match="not valid JSON"):
         load_budget(tmp_path / "huge.json")
     (tmp_path / "latin1.yaml").write_bytes(b"chair_i_rise: 1 # caf\xe9\n")
-    with pytest.raises(BadInput, match="not valid YAML"):
+    with pytest.raises(BadInput, match="not a YAML text file"):
         load_budget(tmp_path / "latin1.yaml")
+    (tmp_path / "torn.yaml").write_text("chair_i_rise: [1\n")
+    with pytest.raises(BadInput, match="budget file .* is not valid YAML"):
+        load_budget(tmp_path / "torn.yaml")
 
 
 # ----------------------------------------------------------------------- search and report

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agevlm_edge.errors import BadInput
+from agevlm_edge.fsutil import read_yaml
 
 GROUPS = ("vision", "projector", "xattn", "lm")
 KINDS = ("lm", "vision", "vlm")
@@ -384,17 +385,7 @@ def recipe_changes(old: dict, new: Recipe) -> list[str]:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    import yaml
-
-    try:
-        d = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise BadInput(f"recipe file not found: {path}") from None
-    except (IsADirectoryError, UnicodeDecodeError) as e:
-        raise BadInput(f"--config {path} is not a YAML text file ({type(e).__name__}); pass a "
-                       "recipe .yaml file") from None
-    except yaml.YAMLError as e:
-        raise BadInput(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    d = read_yaml(path, "recipe file")
     if not isinstance(d, dict):
         raise BadInput(f"recipe {path} must be a mapping with a `stages` list")
     return recipe_from_dict(d)
