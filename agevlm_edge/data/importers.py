@@ -32,28 +32,12 @@ from ..fsutil import check_out, read_json, sha256_file, staged_dir
 from ..preprocess import DECODE_ERRORS
 from . import datadir
 from .pope import build_pope
+from .vocab import coco_vocabulary, grounded_phrases, term_matcher
 
 SKIP_HINT = "fix it or pass --skip-bad"
 # Annotators' clicks on the image border sometimes land a fraction of a pixel outside it.
 POLYGON_TOLERANCE = 1.0
 POPE_SEED = 0
-
-# Words captions use for COCO categories (in the spirit of CHAIR's synonym list). The name and
-# its plural always match; the COCO supercategory is deliberately not a synonym.
-COCO_SYNONYMS = {
-    "person": ["man", "woman", "boy", "girl", "child", "kid", "baby", "lady", "guy", "player"],
-    "bicycle": ["bike"], "motorcycle": ["motorbike"], "airplane": ["plane", "jet"],
-    "car": ["automobile"], "tv": ["television"], "couch": ["sofa"],
-    "cell phone": ["phone", "cellphone", "mobile phone"], "dining table": ["table"],
-    "sports ball": ["ball", "soccer ball", "tennis ball"], "hair drier": ["hair dryer"],
-    "donut": ["doughnut"], "potted plant": ["plant", "houseplant"], "fire hydrant": ["hydrant"],
-    "handbag": ["purse"], "teddy bear": ["teddy"], "skis": ["ski"], "laptop": ["notebook"],
-}
-IRREGULAR_PLURALS = {
-    "person": "people", "man": "men", "woman": "women", "child": "children", "mouse": "mice",
-    "knife": "knives", "sheep": "sheep", "skis": "skis", "scissors": "scissors",
-}
-
 
 class _Bad(Exception):
     """One malformed record; ``reason`` is the short key counted under --skip-bad."""
@@ -120,9 +104,9 @@ def import_dataset(out: str | os.PathLike, images: str | os.PathLike, *,
     imp = _Import(Path(images), split, skip_bad)
     with staged_dir(out, overwrite) as root:
         classes = _load_instances(imp, Path(coco_instances)) if coco_instances else []
-        vocab = _vocabulary(classes)
+        vocab = coco_vocabulary(classes)
         if coco_captions:
-            _load_captions(imp, Path(coco_captions), _term_matcher(vocab))
+            _load_captions(imp, Path(coco_captions), term_matcher(vocab))
         for path in map(Path, pope_files):
             _load_pope(imp, path)
         if llava_json:
@@ -349,68 +333,6 @@ def _rle_string_counts(text: str) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- captions
-def _plural(word: str) -> str:
-    """Plural of a (possibly multi-word) class name: irregular table, then simple rules."""
-    head, _, last = word.rpartition(" ")
-    if last in IRREGULAR_PLURALS:
-        plural = IRREGULAR_PLURALS[last]
-    elif re.search(r"(s|x|z|ch|sh)$", last):
-        plural = last + "es"
-    elif re.search(r"[^aeiou]y$", last):
-        plural = last[:-1] + "ies"
-    else:
-        plural = last + "s"
-    return f"{head} {plural}" if head else plural
-
-
-def _vocabulary(classes: list[str]) -> dict[str, dict]:
-    """{name: {plural, synonyms}}; synonyms carry their plurals so readers need no rules."""
-    taken = set(classes) | {_plural(c) for c in classes}
-    vocab = {}
-    for name in classes:
-        words = []
-        for syn in COCO_SYNONYMS.get(name, []):
-            words += [syn, _plural(syn)]
-        # A word that is another class's own name belongs to that class.
-        vocab[name] = {"plural": _plural(name),
-                       "synonyms": [s for s in dict.fromkeys(words) if s not in taken]}
-    return vocab
-
-
-def _words(term: str) -> str:
-    """Lower case, words joined by one space: "Hot-Dog" and "hot  dog" are one term."""
-    return " ".join(re.split(r"[\s-]+", term.strip().lower()))
-
-
-def _term_matcher(vocab: dict[str, dict]) -> tuple[re.Pattern, dict[str, str]] | None:
-    """One case-insensitive whole-word regex over every class word, longest first."""
-    term_class: dict[str, str] = {}
-    for name, entry in vocab.items():
-        for term in (name, entry["plural"], *entry["synonyms"]):
-            term_class.setdefault(_words(term), name)
-    if not term_class:
-        return None
-    # Longest first, so "hot dog" wins over "dog" and "dining table" over "table".
-    terms = sorted(term_class, key=lambda t: (-len(t), t))
-    alternation = "|".join(r"[\s-]+".join(map(re.escape, t.split())) for t in terms)
-    return re.compile(rf"\b(?:{alternation})\b", re.IGNORECASE), term_class
-
-
-def _phrases(text: str, matcher: tuple[re.Pattern, dict[str, str]] | None,
-             objects: list[dict]) -> list[dict]:
-    """Spans of class words in ``text`` that name instances present in the image."""
-    if matcher is None:
-        return []
-    pattern, term_class = matcher
-    phrases = []
-    for m in pattern.finditer(text):
-        name = term_class[_words(m.group(0))]
-        ids = [o["id"] for o in objects if o["class"] == name]
-        if ids:  # a word for an absent class grounds nothing (a hallucination in the text)
-            phrases.append({"start": m.start(), "end": m.end(), "objects": ids})
-    return phrases
-
-
 def _load_captions(imp: _Import, path: Path,
                    matcher: tuple[re.Pattern, dict[str, str]] | None) -> None:
     """Read a COCO captions file; ground each caption's class words in the image's objects."""
@@ -425,7 +347,7 @@ def _load_captions(imp: _Import, path: Path,
                 raise _Bad("unknown image", f"names image id {image_id}, which is not in 'images'")
             rec = by_id[image_id]
             rec["captions"].append({"text": text,
-                                    "phrases": _phrases(text, matcher, rec["objects"])})
+                                    "phrases": grounded_phrases(text, matcher, rec["objects"])})
         except _Bad as err:
             imp.reject(path, _where("caption", ann, i), err)
 
