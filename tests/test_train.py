@@ -576,7 +576,7 @@ def test_resume_drops_a_torn_metrics_line_and_refuses_a_changed_recipe(tmp_path,
 
 
 def test_device_choice_is_one_line_error_before_anything_is_written(tmp_path, world):
-    from agevlm_edge.train.loop import resolve_device
+    from agevlm_edge.train.devices import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

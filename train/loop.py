@@ -9,7 +9,6 @@ across ranks and normalises losses by global counts.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -30,42 +29,16 @@ from agevlm_edge.preprocess import Preprocessor
 
 from .batches import (SplitData, collate, context_questions, count_labels, length_buckets,
                       load_split_data, question_weights, token_labels)
+from .devices import (all_sum, environment, maybe_init_distributed, resolve_device,
+                      world_info)
 from .losses import lm_loss_sum
-from .recipe import Recipe, Stage, recipe_changes
+from .recipe import Recipe, Stage, lr_at, recipe_changes
 from .steps import LMStep, VisionHead, VisionStep, VLMStep
 
 VAL_LIMIT = 300
 
 
-# ----------------------------------------------------------------------------- distributed
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_sum(x: torch.Tensor) -> torch.Tensor:
-    x = x.detach().clone().float()
-    if _world()[1] > 1:
-        dist.all_reduce(x)
-    return x
-
-
-def _maybe_init_distributed() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-        torch.set_num_threads(1)
-
-
-# ----------------------------------------------------------------------------- schedule
-def lr_at(stage: Stage, step: int) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio (a pure function of the step)."""
-    if stage.warmup and step < stage.warmup:
-        return stage.lr * (step + 1) / stage.warmup
-    t = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
-    return stage.lr * (stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
+# ---------------------------------------------------------- sampling, parameter groups
 def _absent(s) -> bool:
     """A question sample about an absent object (its one phrase has an empty mask)."""
     return len(s.phrases) == 1 and not s.phrases[0][1].any()
@@ -116,38 +89,6 @@ def _build(data_dir: Path, recipe: Recipe, image_size: int):
         return tok, AgeVLM(build_config("tiny", **overrides))
     except (TypeError, ValueError) as e:
         raise BadInput(f"model settings: {e}") from None
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``auto`` (CUDA when there is one and the run is one process), ``cpu``, ``cuda`` or
-    ``cuda:N``; a device this machine lacks is one clear error."""
-    device = (device or "cpu").strip().lower()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() and _world()[1] == 1 else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise BadInput(f"--device {device!r} is not a device; use auto, cpu or cuda[:N]") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise BadInput(f"--device {device!r}: training runs on cpu or cuda")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise BadInput(f"--device {device}: this torch build sees no CUDA GPU; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise BadInput(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-        if _world()[1] > 1:
-            raise BadInput("multi-process training (torchrun) runs on CPU with gloo; use --device cpu")
-    return dev
-
-
-def environment(device: torch.device) -> dict:
-    """What decides a run's floating-point path: the same seeds give bit-identical weights only
-    under the same torch build, kernel set and thread count. (Measured: 90 steps with
-    ATEN_CPU_CAPABILITY=avx2 against this host's AVX512 kernels differ by 3e-3 in the weights,
-    and over a whole recipe the runs part ways.) Kept in the run's state, one entry per stretch
-    of training that ran somewhere else."""
-    return {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 class Run:
@@ -257,7 +198,7 @@ class Run:
                       "val": self.vision_features(self.val_data)}
 
     def _shard(self, idx: torch.Tensor) -> torch.Tensor:
-        rank, world = _world()
+        rank, world = world_info()
         return idx[rank::world]
 
     # -- one step per stage kind -------------------------------------------------------
@@ -275,17 +216,17 @@ class Run:
         samples = self.lm_samples(stage, g)
         out = ddp([self.to_device(collate(b, self.cfg.pad_id, self.cfg.n_image_tokens, lm_only=True))
                    for b in length_buckets(samples, stage.length_buckets)])
-        n = _all_sum(out["lm_count"])
-        loss = out["lm_sum"] / n * _world()[1]
-        return {"loss": loss, "lm_loss": _all_sum(out["lm_sum"]) / n}
+        n = all_sum(out["lm_count"])
+        loss = out["lm_sum"] / n * world_info()[1]
+        return {"loss": loss, "lm_loss": all_sum(out["lm_sum"]) / n}
 
     def step_vision(self, ddp, stage: Stage, g: torch.Generator) -> dict:
         idx = self._shard(torch.randint(len(self.train_data.images), (stage.batch_size,), generator=g))
         tok = self.token_labels()[idx].to(self.device) if stage.vision_labels == "mask" else None
         labels = self.train_labels(stage)[idx].to(self.device)
         out = ddp(self.pixels(self.train_data, idx), labels, tok)
-        n = _all_sum(out["count"])
-        return {"loss": out["loss_sum"] / n * _world()[1], "bce": _all_sum(out["loss_sum"]) / n}
+        n = all_sum(out["count"])
+        return {"loss": out["loss_sum"] / n * world_info()[1], "bce": all_sum(out["loss_sum"]) / n}
 
     def vlm_samples(self, stage: Stage, g: torch.Generator) -> list:
         """This rank's samples of one VLM step: captions (a dice_fraction of them with their
@@ -317,14 +258,14 @@ class Run:
         buckets = [self.to_device(collate(b, self.cfg.pad_id, self.cfg.n_image_tokens))
                    for b in length_buckets(samples, stage.length_buckets)]
         out = ddp([(self.feats["train"][b["image"]], b) for b in buckets], with_dice)
-        n = _all_sum(out["lm_count"])
-        loss = out["lm_sum"] / n * _world()[1]
-        logs = {"lm_loss": _all_sum(out["lm_sum"]) / n}
+        n = all_sum(out["lm_count"])
+        loss = out["lm_sum"] / n * world_info()[1]
+        logs = {"lm_loss": all_sum(out["lm_sum"]) / n}
         if with_dice:
-            nd = _all_sum(out["dice_count"])
+            nd = all_sum(out["dice_count"])
             if nd > 0:
-                loss = loss + stage.dice_weight * out["dice_sum"] / nd * _world()[1]
-                logs["dice_loss"] = _all_sum(out["dice_sum"]) / nd
+                loss = loss + stage.dice_weight * out["dice_sum"] / nd * world_info()[1]
+                logs["dice_loss"] = all_sum(out["dice_sum"]) / nd
         return {"loss": loss, **logs}
 
     # -- validation --------------------------------------------------------------------
@@ -385,7 +326,7 @@ class Run:
             envs.append({**env, "from_step": self.state["global_step"]})
 
     def save(self, final: bool = False) -> None:
-        if _world()[0] != 0:
+        if world_info()[0] != 0:
             return
         from safetensors.torch import save_file
 
@@ -442,7 +383,7 @@ class Run:
             self.head.fc.bias[:have] = sd["fc.bias"]
 
     def log(self, row: dict) -> None:
-        if _world()[0] == 0:
+        if world_info()[0] == 0:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row, sort_keys=True) + "\n")
 
@@ -479,7 +420,7 @@ class Run:
                                "resume with the recipe the run started with, or start again "
                                "with --overwrite") from None
             self._resume_opt = None
-        ddp = DDP(module) if _world()[1] > 1 else module
+        ddp = DDP(module) if world_info()[1] > 1 else module
         step_fn = {"lm": self.step_lm, "vision": self.step_vision, "vlm": self.step_vlm}[stage.kind]
         t0, seen = time.perf_counter(), 0
         while self.state["step"] < stage.steps:
@@ -558,10 +499,10 @@ def train(data_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, r
     one-line summary."""
     from tqdm import tqdm
 
-    _maybe_init_distributed()
+    maybe_init_distributed()
     dev = resolve_device(device)
     data_dir, out = Path(data_dir), Path(out)
-    rank, world = _world()
+    rank, world = world_info()
     if any(st.batch_size % world for st in recipe.stages):
         raise BadInput(f"every stage's batch_size must be divisible by the {world} processes")
     # never replace an input, and check everything else (data, model, checkpoint) before an

@@ -142,6 +142,14 @@ class Recipe:
         return d
 
 
+def lr_at(stage: Stage, step: int) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio (a pure function of the step)."""
+    if stage.warmup and step < stage.warmup:
+        return stage.lr * (step + 1) / stage.warmup
+    t = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+    return stage.lr * (stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
 def _tiny_stages(scale: float) -> list[Stage]:
     # Sized for the 15-minute budget on 2 CPU cores (measured alone, one bucket: an LM step of
     # 64 samples ~0.53 s, an instruct step ~0.57 s, a CNN vision step of 128 images ~0.2 s;
