@@ -173,11 +173,13 @@ def compare(ref: dict, cand: dict, budget: Budget) -> dict:
             "checks": checks, "passed": all(c["passed"] for c in checks)}
 
 
-def same_model(reference: str | os.PathLike, candidate: str | os.PathLike) -> None:
-    """Both exports must be the same network (quantized from it): same model config."""
+def same_model(reference: str | os.PathLike, candidate: str | os.PathLike,
+               verify: tuple[bool, bool] = (False, False)) -> None:
+    """Both exports must be the same network (quantized from it): same model config.
+    ``verify``: check the files' hashes of (reference, candidate) too."""
     from agevlm_edge.runtime.manifest import load_manifest
 
-    a, b = load_manifest(reference, verify=False), load_manifest(candidate, verify=False)
+    a, b = (load_manifest(d, verify=v) for d, v in zip((reference, candidate), verify))
     if a.get("model") != b.get("model"):
         raise BadInput(f"{candidate} is not a variant of {reference} (their model configs differ); "
                        "compare a quantized export with the fp32 export it came from")
@@ -191,7 +193,8 @@ def run_drift(reference: str | os.PathLike, candidate: str | os.PathLike,
     ``ref_profile`` / ``cand_profile``: profiles already measured on these images."""
     if not (Path(data_dir) / "dataset.json").is_file():
         raise BadInput(f"--data {data_dir} is not a DATA DIR (no dataset.json)")
-    same_model(reference, candidate)
+    # a damaged export (either) fails here, not after the reference's whole evaluation
+    same_model(reference, candidate, verify=(ref_profile is None, cand_profile is None))
     ref = ref_profile or profile(reference, data_dir, split, limit)
     res = compare(ref, cand_profile or profile(candidate, data_dir, split, limit), budget)
     if out_json is not None:

@@ -495,7 +495,8 @@ def test_quantize_bad_inputs_one_line_exit_2(fp32, tmp_path, small_world):
 
 
 # ------------------------------------------------------------------------------------ drift
-def test_drift_gate_passes_fp16_and_fails_int2_with_exit_codes(fp32, tmp_path, small_world):
+def test_drift_gate_passes_fp16_and_fails_int2_with_exit_codes(fp32, tmp_path, small_world,
+                                                              monkeypatch):
     from agevlm_edge.quant.quantize import quantize_export
     from agevlm_edge.quant.schemes import make_recipe
 
@@ -516,6 +517,18 @@ def test_drift_gate_passes_fp16_and_fails_int2_with_exit_codes(fp32, tmp_path, s
                     small_world, "--limit", "30", "--out", tmp_path / "bad2.json", check_rc=1)
     assert again.stdout == bad.stdout                                  # deterministic
     assert json.loads((tmp_path / "bad2.json").read_text()) == res
+    # a damaged candidate is refused before the reference's evaluation, not after it
+    data = tmp_path / "int2" / "decoder.onnx.data"
+    data.write_bytes(data.read_bytes()[:-1] + b"\0")
+    from agevlm_edge.errors import BadInput
+    from agevlm_edge.quant import drift
+
+    def measured(*a, **k):
+        raise AssertionError("an export was evaluated before the candidate was checked")
+
+    monkeypatch.setattr(drift, "profile", measured)
+    with pytest.raises(BadInput, match="decoder.onnx.data does not match its sha256"):
+        drift.run_drift(fp32, tmp_path / "int2", small_world)
 
 
 def test_drift_compare_arithmetic_and_budget_loading(tmp_path):
