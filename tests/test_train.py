@@ -499,6 +499,9 @@ def test_bad_settings_and_damaged_runs_are_one_line_errors_that_lose_nothing(tmp
             apply_sets(base, sets)
     saved = json.loads(json.dumps(base.to_dict()))              # as config.json holds it
     assert recipe_changes(saved, base) == []
+    older = {**saved, "stages": [{k: v for k, v in st.items() if k != "count_labels"}
+                                 for st in saved["stages"]]}   # saved before the field existed
+    assert recipe_changes(older, base) == []
     assert recipe_changes(saved, apply_sets(base, {"seed": "3", "instruct.steps": "7"})) == [
         "seed: 0 -> 3", f"instruct.steps: {base.stages[-1].steps} -> 7"]
     with pytest.raises(BadInput, match="unknown recipe keys: 1, x"):

@@ -377,6 +377,10 @@ def recipe_changes(old: dict, new: Recipe) -> list[str]:
     """What ``new`` changes against a saved recipe (config.json's ``recipe``), as ``key: old ->
     new`` strings, stage fields as ``stage.key``: a resumed run continues with ``new``, which
     may be meant (a paired study) or a slip (another --scale or preset) the user should see."""
+    try:    # a run saved before a field existed: compare with that field's default
+        old = recipe_from_dict(old).to_dict()
+    except BadInput:
+        pass
     nd = new.to_dict()
     flat = [(k, old.get(k), v) for k, v in nd.items() if k != "stages"]
     old_stages = {s.get("name"): s for s in old.get("stages", []) if isinstance(s, dict)}
