@@ -192,7 +192,7 @@ def report_cmd(dirs, data_dir, out, limit, bench_rounds, bnb, overwrite) -> None
             if kind == "run":
                 extra += bnb_report_rows(d, data_dir, limit)
     rep = build_report(list(dirs), out, data_dir, limit=limit, bench_rounds=bench_rounds,
-                       extra_rows=extra, overwrite=overwrite,
+                       extra_rows=extra, overwrite=overwrite, checked=kinds,
                        command=" ".join(["agevlm"] + sys.argv[1:]))
     click.echo((Path(out) / "report.md").read_text())
     click.echo(f"report written to {out} (report.md, report.html, report.json, "

@@ -109,11 +109,18 @@ def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BadInput(f"{what} not found: {path}") from None
-    except (IsADirectoryError, UnicodeDecodeError) as e:
-        raise BadInput(f"{what} {path} is not a YAML text file ({type(e).__name__}); give a "
-                       ".yaml file") from None
+    except IsADirectoryError:
+        raise BadInput(f"{what} {path} is a directory; give the YAML file") from None
+    except UnicodeDecodeError:
+        raise BadInput(f"{what} {path} is not a UTF-8 text file; give a .yaml file") from None
     except yaml.YAMLError as e:
-        raise BadInput(f"{what} {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise BadInput(f"{what} {path} is not valid YAML ({why}"
+                       f"{f', line {mark.line + 1}' if mark else ''})") from None
+    except (ValueError, TypeError) as e:   # a tag's constructor: 2020-13-45, !!int abc
+        raise BadInput(f"{what} {path} holds a value YAML cannot read ({e}); quote it or fix "
+                       "it") from None
     except RecursionError:
         raise BadInput(f"{what} {path} nests too deep to read; fix or regenerate it") from None
 

@@ -46,7 +46,8 @@ def run_pipeline(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, sh
     from .eval.suite import evaluate, format_report
     from .export.onnx_export import export_run
     from .runtime.infer import run_infer
-    from .train.loop import resolve_device, train
+    from .train.devices import resolve_device
+    from .train.loop import train
     from .train.recipe import preset_recipe
 
     if short and scale is not None:

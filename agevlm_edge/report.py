@@ -280,13 +280,13 @@ def check_report_args(dirs: list, out: str | os.PathLike, data_dir: str | os.Pat
     data_dir, out = Path(data_dir), Path(out)
     if not (data_dir / "dataset.json").is_file():
         raise BadInput(f"--data {data_dir} is not a DATA DIR (no dataset.json)")
-    seen: dict[Path, Path] = {}
-    for d in map(Path, dirs):
-        if d.resolve() in seen:   # it would be measured twice and shown as two rows
-            raise BadInput(f"{d} is given twice (also as {seen[d.resolve()]}); give each "
-                           "directory once")
-        seen[d.resolve()] = d
     kinds = [(Path(d), classify(Path(d))) for d in dirs]
+    seen: dict[str, Path] = {}
+    for d, _ in kinds:
+        real = os.path.realpath(d)
+        if real in seen:   # it would be measured twice and shown as two rows
+            raise BadInput(f"{d} is given twice (also as {seen[real]}); give each directory once")
+        seen[real] = d
     check_out(out, [("input", d) for d, _ in kinds] + [("DATA DIR", data_dir)], overwrite)
     return [(d, kind, read_search(d) if kind == "search" else None) for d, kind in kinds]
 
@@ -303,13 +303,15 @@ def read_search(d: Path) -> dict:
 
 def build_report(dirs: list[str | os.PathLike], out: str | os.PathLike, data_dir: str | os.PathLike,
                  limit: int | None = None, bench_rounds: int = 1, extra_rows: list[dict] = (),
-                 overwrite: bool = False, command: str = "", profiles: dict | None = None) -> dict:
+                 overwrite: bool = False, command: str = "", profiles: dict | None = None,
+                 checked: list | None = None) -> dict:
     """Measure every dir, then write report.{md,html,json} and the plots into ``out``.
     ``profiles``: {export dir: quant.drift.profile on this data's test split with ``limit``},
-    used instead of evaluating those exports again."""
+    used instead of evaluating those exports again. ``checked``: check_report_args' answer
+    for these very arguments, when the caller has it already."""
     from .runtime.bench import bench_dirs
 
-    kinds = check_report_args(dirs, out, data_dir, overwrite)
+    kinds = checked or check_report_args(dirs, out, data_dir, overwrite)
     data_dir, out = Path(data_dir), Path(out)
     rows, searches = [], []
     for d, kind, search in kinds:

@@ -147,3 +147,6 @@ def test_report_refuses_a_damaged_search_json_or_a_repeated_dir_before_measuring
     with pytest.raises(BadInput, match="given twice"):   # before search.json is read
         check_report_args([tmp_path / "s", tmp_path / "d" / ".." / "s"], tmp_path / "out",
                           tmp_path / "d", False)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(BadInput, match="loop is not an EXPORT DIR"):
+        check_report_args([tmp_path / "loop"], tmp_path / "out", tmp_path / "d", False)

@@ -575,11 +575,17 @@ def test_drift_compare_arithmetic_and_budget_loading(tmp_path):
     with pytest.raises(BadInput, match="not valid JSON"):
         load_budget(tmp_path / "huge.json")
     (tmp_path / "latin1.yaml").write_bytes(b"chair_i_rise: 1 # caf\xe9\n")
-    with pytest.raises(BadInput, match="not a YAML text file"):
+    with pytest.raises(BadInput, match="not a UTF-8 text file"):
         load_budget(tmp_path / "latin1.yaml")
     (tmp_path / "torn.yaml").write_text("chair_i_rise: [1\n")
-    with pytest.raises(BadInput, match="budget file .* is not valid YAML"):
+    with pytest.raises(BadInput, match="budget file .* is not valid YAML .*, line 2"):
         load_budget(tmp_path / "torn.yaml")
+    (tmp_path / "date.yaml").write_text("chair_i_rise: 2020-13-45\n")
+    with pytest.raises(BadInput, match="holds a value YAML cannot read"):
+        load_budget(tmp_path / "date.yaml")
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(BadInput, match="is a directory"):
+        load_budget(tmp_path / "dir.yaml")
 
 
 # ----------------------------------------------------------------------- search and report

@@ -494,6 +494,7 @@ def test_bad_settings_and_damaged_runs_are_one_line_errors_that_lose_nothing(tmp
                       ({"instruct.captions": "-1"}, "mix weights >= 0"),
                       ({"guided.dice_layers": "[-1]"}, "dice_layers lists decoder layer indices"),
                       ({"seed": "["}, "not valid YAML"),
+                      ({"seed": "2020-13-45"}, "not valid YAML .month must be in 1..12"),
                       ({"stages": "5"}, "stages must be a list")):
         with pytest.raises(BadInput, match=msg):
             apply_sets(base, sets)
@@ -502,6 +503,13 @@ def test_bad_settings_and_damaged_runs_are_one_line_errors_that_lose_nothing(tmp
     older = {**saved, "stages": [{k: v for k, v in st.items() if k != "count_labels"}
                                  for st in saved["stages"]]}   # saved before the field existed
     assert recipe_changes(older, base) == []
+    # stages pair by position, as resuming does: a new order is a change, not silence
+    swapped = {**saved, "stages": [saved["stages"][1], saved["stages"][0], *saved["stages"][2:]]}
+    names = [st.name for st in base.stages]
+    assert recipe_changes(swapped, base) == [
+        f"stages: {[names[1], names[0], *names[2:]]} -> {names}"]
+    for damaged in ({"stages": None}, {"stages": [{"name": ["x"]}]}, [1], None):  # no traceback
+        assert any(c.startswith("stages: ") for c in recipe_changes(damaged, base))
     assert recipe_changes(saved, apply_sets(base, {"seed": "3", "instruct.steps": "7"})) == [
         "seed: 0 -> 3", f"instruct.steps: {base.stages[-1].steps} -> 7"]
     with pytest.raises(BadInput, match="unknown recipe keys: 1, x"):
@@ -515,7 +523,7 @@ def test_bad_settings_and_damaged_runs_are_one_line_errors_that_lose_nothing(tmp
                           "d_model must be an integer >= 1")
     assert_one_line_error(run_cli("train", "--data", world, "--out", out, "--resume"), "no training_state")
     assert_one_line_error(run_cli("train", "--data", world, "--out", out, "--config", tmp_path),
-                          "not a YAML text file")
+                          "--config recipe", "is a directory")
     assert not out.exists()
 
     cfg = tmp_path / "r.yaml"
@@ -572,6 +580,7 @@ def test_resume_drops_a_torn_metrics_line_and_refuses_a_changed_recipe(tmp_path,
     with pytest.raises(BadInput, match="optimizer state .* does not fit stage lm"):
         train(world, out, changed, resume=True, limit=32)
     assert "lm.train: ['lm'] -> ['lm', 'xattn']" in capsys.readouterr().err   # said first
+    (out / "config.json").write_text('{"recipe"')       # read for the note only: no obstacle
     train(world, out, recipe, resume=True, limit=32)
     assert "differs" not in capsys.readouterr().err
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]

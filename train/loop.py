@@ -352,9 +352,6 @@ class Run:
         try:
             self.model.load_state_dict(read_safetensors(ts / "model.safetensors"), strict=False)
             self.state = read_json(ts / "state.json", "training state")
-            cfg = read_json(self.out / "config.json", "RUN DIR config") \
-                if (self.out / "config.json").is_file() else {}
-            self.saved_recipe = cfg.get("recipe") if isinstance(cfg.get("recipe"), dict) else {}
             if not all(isinstance(self.state.get(k), int) for k in ("stage", "step", "global_step")):
                 raise ValueError("state.json needs integer stage, step and global_step")
             self.load_head(read_safetensors(ts / "head.safetensors"))
@@ -365,6 +362,12 @@ class Run:
             raise BadInput(f"--resume: the checkpoint in {ts} cannot be loaded ({msg}); start "
                            "again with --overwrite") from None
         _truncate_metrics(self.out / "metrics.jsonl", self.state["global_step"])
+        # only for the note on a changed recipe (save() rewrites config.json): never in the way
+        try:
+            cfg = read_json(self.out / "config.json", "RUN DIR config")
+        except BadInput:
+            cfg = {}
+        self.saved_recipe = cfg.get("recipe") if isinstance(cfg, dict) else None
 
     def load_head(self, sd: dict) -> None:
         """The saved vision head; one without the count columns this recipe adds is taken into

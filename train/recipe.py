@@ -373,31 +373,35 @@ def recipe_from_dict(d: dict) -> Recipe:
     return Recipe(**{**d, "stages": tuple(stages)}).validate()
 
 
-def recipe_changes(old: dict, new: Recipe) -> list[str]:
+def _with_defaults(d, cls) -> dict:
+    """A saved recipe or stage mapping with the fields it lacks (saved before they existed)
+    at their defaults; anything but a mapping counts as empty."""
+    filled = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+              for f in dataclasses.fields(cls)
+              if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    return {**filled, **d} if isinstance(d, dict) else filled
+
+
+def recipe_changes(old, new: Recipe) -> list[str]:
     """What ``new`` changes against a saved recipe (config.json's ``recipe``), as ``key: old ->
     new`` strings, stage fields as ``stage.key``: a resumed run continues with ``new``, which
-    may be meant (a paired study) or a slip (another --scale or preset) the user should see."""
-    try:    # a run saved before a field existed: compare with that field's default
-        old = recipe_from_dict(old).to_dict()
-    except BadInput:
-        pass
-    nd = new.to_dict()
-    flat = [(k, old.get(k), v) for k, v in nd.items() if k != "stages"]
-    old_stages = {s.get("name"): s for s in old.get("stages", []) if isinstance(s, dict)}
-    for st in nd["stages"]:
-        was = old_stages.pop(st["name"], None)
-        if was is None:
-            flat.append((st["name"], "(no such stage)", "(added)"))
-            continue
-        flat += [(f"{st['name']}.{k}", was.get(k), v) for k, v in st.items()]
-    flat += [(name, "(stage)", "(removed)") for name in old_stages]
-    # JSON turned the saved tuples into lists
+    may be meant (a paired study) or a slip (another --scale or preset) the user should see.
+    Stages pair by position, as resuming does; a saved recipe of any shape gives a list."""
+    # through JSON, as config.json holds it: tuples become lists, odd values strings
     norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731
-    return [f"{k}: {norm(a)} -> {norm(b)}" for k, a, b in flat if norm(a) != norm(b)]
+    od, nd = _with_defaults(old, Recipe), norm(new.to_dict())
+    saved = od["stages"] if isinstance(od["stages"], list) else []
+    old_stages = [_with_defaults(st, Stage) for st in saved]
+    flat = [(k, od.get(k), v) for k, v in nd.items() if k != "stages"]
+    flat.append(("stages", [st.get("name") for st in old_stages], [st["name"] for st in nd["stages"]]))
+    for was, st in zip(old_stages, nd["stages"]):
+        if was.get("name") == st["name"]:
+            flat += [(f"{st['name']}.{k}", was.get(k), v) for k, v in st.items()]
+    return [f"{k}: {norm(a)} -> {b}" for k, a, b in flat if norm(a) != b]
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    d = read_yaml(path, "recipe file")
+    d = read_yaml(path, "--config recipe")
     if not isinstance(d, dict):
         raise BadInput(f"recipe {path} must be a mapping with a `stages` list")
     return recipe_from_dict(d)
@@ -412,9 +416,10 @@ def apply_sets(recipe: Recipe, sets: dict[str, str]) -> Recipe:
     for key, raw in sets.items():
         try:
             value = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, ValueError, TypeError, RecursionError) as e:  # 2020-13-45
             raise BadInput(f"--set {key}={raw}: the value is not valid YAML "
-                           f"({str(e).splitlines()[0]}); quote strings, e.g. '[1, 3]'") from None
+                           f"({(str(e).splitlines() or [type(e).__name__])[0]}); quote strings, "
+                           "e.g. '[1, 3]'") from None
         head, _, rest = key.partition(".")
         if not head or (not rest and "." in key):
             raise BadInput(f"--set {key}={raw}: the key is empty; write KEY=VALUE, e.g. seed=3 "

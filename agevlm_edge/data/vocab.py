@@ -23,7 +23,6 @@ IRREGULAR_PLURALS = {
 }
 
 
-
 def plural(word: str) -> str:
     """Plural of a (possibly multi-word) class name: irregular table, then simple rules."""
     head, _, last = word.rpartition(" ")
@@ -72,7 +71,7 @@ def term_matcher(vocab: dict[str, dict]) -> tuple[re.Pattern, dict[str, str]] | 
 
 
 def grounded_phrases(text: str, matcher: tuple[re.Pattern, dict[str, str]] | None,
-             objects: list[dict]) -> list[dict]:
+                     objects: list[dict]) -> list[dict]:
     """Spans of class words in ``text`` that name instances present in the image."""
     if matcher is None:
         return []

@@ -95,7 +95,7 @@ def load_backend(model_dir: str | os.PathLike, batch_size: int = 64,
     if model_transform is not None:
         model = model_transform(model)
     elif device is not None:
-        from ..train.loop import resolve_device
+        from ..train.devices import resolve_device
 
         model = model.to(resolve_device(device))
     return TorchBackend(model, tokenizer, pre, batch_size=batch_size), info
@@ -110,7 +110,7 @@ def evaluate(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
     if suites is not None:
         parse_suites(suites)              # fail on a typo before loading the model
     if device not in (None, "auto", "cpu"):
-        from ..train.loop import resolve_device
+        from ..train.devices import resolve_device
 
         resolve_device(device)            # and on a GPU this machine lacks
     load_split(data_dir, split)
