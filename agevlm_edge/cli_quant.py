@@ -16,11 +16,13 @@ from .fsutil import check_out_file
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="fp32 EXPORT DIR (made by `agevlm export`).")
 @click.option("--scheme", required=True, metavar="SCHEME[:KEY=VALUE,...]",
-              help="fp16 | int8-dynamic[:preset=avx2|avx512_vnni|arm64,per_channel=,smooth=ALPHA] | "
-                   "int8-qdq[:ops=matmul|all,per_channel=,calib_samples=N,smooth=ALPHA] | "
+              help="fp16 | int8-dynamic[:preset=avx2|avx512_vnni|arm64,per_channel=,smooth=ALPHA,"
+                   "calib_samples=N] | int8-qdq[:ops=matmul|all,per_channel=,calib_samples=N,"
+                   "smooth=ALPHA,activations=uint8|uint16,calibration=minmax|percentile|entropy] | "
                    "int4[:block_size=16|32|64|128|256,symmetric=true,algo=rtn|gptq|hqq,"
-                   "accuracy_level=0|4,calib_samples=N] | w4a8 | w4a32 | int2 (deliberately bad). "
-                   "smooth=ALPHA (e.g. 0.5): SmoothQuant before int8, calibrated on --calib.")
+                   "accuracy_level=0|4,calib_samples=N] | w4a8 | w4a32 (int4 at accuracy level "
+                   "4 / 0, same options) | int2 (deliberately bad). smooth=ALPHA (e.g. 0.5): "
+                   "SmoothQuant before int8, calibrated on --calib; activations=uint16: A16W8.")
 @click.option("--part", "parts", multiple=True, metavar="PART=SCHEME",
               help="Another scheme for one part: vision, xattn, self_attn, mlp, embed (the "
                    "token lookup table), lm_head; fp32 keeps it (repeatable, e.g. --part "
