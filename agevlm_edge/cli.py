@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .cli_quant import COMMANDS as QUANT_COMMANDS
 from .errors import AgevlmError
 from .fsutil import check_out_file
 
@@ -409,9 +410,7 @@ def bench_cmd(export_dirs, prompt_len, new_tokens, repeats, rounds, threads, as_
 
 
 # the quantization commands live in cli_quant.py (this file stays one screenful per area)
-from .cli_quant import COMMANDS as _QUANT_COMMANDS  # noqa: E402
-
-for _cmd in _QUANT_COMMANDS:
+for _cmd in QUANT_COMMANDS:
     cli.add_command(_cmd)
 
 

@@ -32,7 +32,7 @@ from .batches import (SplitData, collate, context_questions, count_labels, lengt
 from .devices import (all_sum, environment, maybe_init_distributed, resolve_device,
                       world_info)
 from .losses import lm_loss_sum
-from .recipe import Recipe, Stage, lr_at, recipe_changes
+from .recipe import Recipe, Stage, lr_at, resume_note
 from .steps import LMStep, VisionHead, VisionStep, VLMStep
 
 VAL_LIMIT = 300
@@ -362,12 +362,6 @@ class Run:
             raise BadInput(f"--resume: the checkpoint in {ts} cannot be loaded ({msg}); start "
                            "again with --overwrite") from None
         _truncate_metrics(self.out / "metrics.jsonl", self.state["global_step"])
-        # only for the note on a changed recipe (save() rewrites config.json): never in the way
-        try:
-            cfg = read_json(self.out / "config.json", "RUN DIR config")
-        except BadInput:
-            cfg = {}
-        self.saved_recipe = cfg.get("recipe") if isinstance(cfg, dict) else None
 
     def load_head(self, sd: dict) -> None:
         """The saved vision head; one without the count columns this recipe adds is taken into
@@ -519,10 +513,9 @@ def train(data_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, r
     run = Run(data_dir, out, recipe, limit, dev)
     if resume:
         run.load()
-        changes = recipe_changes(run.saved_recipe, recipe) if run.saved_recipe else []
-        if changes and rank == 0:
-            print(f"[train] --resume continues with a recipe that differs from the run's: "
-                  f"{'; '.join(changes[:6])}{' ...' if len(changes) > 6 else ''}", file=sys.stderr)
+        note = resume_note(out, recipe)
+        if note and rank == 0:
+            print(note, file=sys.stderr)
     run.note_environment()
     if replace and rank == 0:
         shutil.rmtree(out)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agevlm_edge.errors import BadInput
-from agevlm_edge.fsutil import read_yaml
+from agevlm_edge.fsutil import read_json, read_yaml
 
 GROUPS = ("vision", "projector", "xattn", "lm")
 KINDS = ("lm", "vision", "vlm")
@@ -398,6 +398,20 @@ def recipe_changes(old, new: Recipe) -> list[str]:
         if was.get("name") == st["name"]:
             flat += [(f"{st['name']}.{k}", was.get(k), v) for k, v in st.items()]
     return [f"{k}: {norm(a)} -> {b}" for k, a, b in flat if norm(a) != b]
+
+
+def resume_note(run_dir: str | Path, new: Recipe) -> str:
+    """The line `train --resume` prints when ``new`` differs from the recipe in the RUN DIR's
+    config.json ("" when it does not). The file is read for this note only (the next
+    checkpoint rewrites it), so a damaged one never stands in the way of a resume."""
+    try:
+        cfg = read_json(Path(run_dir) / "config.json", "RUN DIR config")
+    except BadInput:
+        return ""
+    saved = cfg.get("recipe") if isinstance(cfg, dict) else None
+    changes = recipe_changes(saved, new) if saved else []
+    return (f"[train] --resume continues with a recipe that differs from the run's: "
+            f"{'; '.join(changes[:6])}{' ...' if len(changes) > 6 else ''}") if changes else ""
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -39,6 +39,7 @@ SKIP_HINT = "fix it or pass --skip-bad"
 POLYGON_TOLERANCE = 1.0
 POPE_SEED = 0
 
+
 class _Bad(Exception):
     """One malformed record; ``reason`` is the short key counted under --skip-bad."""
 
