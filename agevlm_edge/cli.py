@@ -265,7 +265,8 @@ def train_cmd(data_dir, out, preset, variant, config_file, sets, scale, resume, 
     if vision_dir:   # the model field that --set model.vision_hf_dir=DIR would set
         recipe = dataclasses.replace(recipe, model={**recipe.model, "vision_hf_dir": str(vision_dir)})
     click.echo(train(data_dir, out, recipe, resume=resume, overwrite=overwrite,
-                     stop_at_step=stop_at_step, device=device))
+                     stop_at_step=stop_at_step, device=device,
+                     inputs=(("--config", config_file),) if config_file else ()))
 
 
 @cli.command("eval")

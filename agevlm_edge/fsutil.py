@@ -97,6 +97,8 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise BadInput(f"{what} {path} nests too deep to read; fix or regenerate it") from None
     except IsADirectoryError:
         raise BadInput(f"{what} {path} is a directory; give the JSON file") from None
+    except OSError as e:                             # permissions, say
+        raise BadInput(f"cannot read {what} {path} ({e.strerror}); check its permissions") from None
 
 
 def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
@@ -209,15 +211,22 @@ def staged_dir(out: str | os.PathLike, overwrite: bool = False,
     except OSError as e:
         raise BadInput(f"cannot write {out} ({e.strerror}); choose another --out") from None
     os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the artifact should read like any other dir
+    old = None
     try:
         yield tmp
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            # a fresh name each time (rename onto an empty directory is allowed): a leftover
+            # from a killed process never blocks the swap
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
+        os.replace(tmp, out)
+    except BaseException:    # a signal between the two renames puts the old directory back
+        if old is not None:
+            if out.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

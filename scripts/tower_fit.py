@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load_file
 from study_guidance import saved_recipe
 
-from agevlm_edge.train.loop import Run, weakest
+from agevlm_edge.train.loop import Run
+from agevlm_edge.train.metrics import weakest
 
 
 def main() -> None:

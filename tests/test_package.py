@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -131,6 +132,32 @@ def test_an_out_never_replaces_part_of_an_input(tmp_path):
         with staged_dir(gdir, overwrite=True, inputs=[("GGUF file", gdir / "m.gguf")]):
             pass
     assert (gdir / "m.gguf").read_bytes() == b"GGUF"
+
+
+def test_staged_dir_puts_the_old_directory_back_when_a_signal_lands_between_renames(
+        tmp_path, monkeypatch):
+    import agevlm_edge.fsutil as fsutil
+
+    out = tmp_path / "state"
+    out.mkdir()
+    (out / "a").write_text("old")
+    real, calls = os.replace, []
+
+    def replace(src, dst):        # the second rename (new -> out) is interrupted
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(fsutil.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with fsutil.staged_dir(out, overwrite=True) as tmp:
+            (tmp / "a").write_text("new")
+    monkeypatch.setattr(fsutil.os, "replace", real)
+    assert (out / "a").read_text() == "old" and os.listdir(tmp_path) == ["state"]
+    with fsutil.staged_dir(out, overwrite=True) as tmp:
+        (tmp / "a").write_text("new")
+    assert (out / "a").read_text() == "new" and os.listdir(tmp_path) == ["state"]
 
 
 def test_report_refuses_a_damaged_search_json_or_a_repeated_dir_before_measuring(tmp_path):

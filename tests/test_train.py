@@ -176,7 +176,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, world
 
 
 def test_weakest_labels_are_the_lowest_f1_present_ones():
-    from agevlm_edge.train.loop import weakest
+    from agevlm_edge.train.metrics import weakest
 
     true = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 1], [0, 1, 0, 0]], dtype=torch.bool)
     pred = torch.tensor([[1, 0, 1, 1], [1, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.bool)
@@ -495,6 +495,10 @@ def test_bad_settings_and_damaged_runs_are_one_line_errors_that_lose_nothing(tmp
                       ({"guided.dice_layers": "[-1]"}, "dice_layers lists decoder layer indices"),
                       ({"seed": "["}, "not valid YAML"),
                       ({"seed": "2020-13-45"}, "not valid YAML .month must be in 1..12"),
+                      ({"seed": str(2 ** 32)}, r"seed must be in 0\.\.4294967295"),  # 64-bit steps
+                      ({"instruct.lr": "1" + "0" * 400}, "finite number, got an integer of 401"),
+                      ({"lm.train": "[lm, xattn]"}, "kind lm cannot train xattn"),
+                      ({"instruct.train": "[vision, lm]"}, "kind vlm cannot train vision"),
                       ({"stages": "5"}, "stages must be a list")):
         with pytest.raises(BadInput, match=msg):
             apply_sets(base, sets)
@@ -539,7 +543,8 @@ def test_bad_settings_and_damaged_runs_are_one_line_errors_that_lose_nothing(tmp
                       (["model.vocab_size=10"], "smaller than the tokenizer"),
                       (["vision.dice_weight=1", "vision.dice_layers=[2]"],   # cross layers: 1, 3
                        "not all cross-attention layers"),
-                      (["model.xattn_layers=[99]"], "decoder layer index")):
+                      (["model.xattn_layers=[99]"], "decoder layer index"),
+                      (["model.vocab_size=abc"], "vocab_size must be an integer")):
         assert_one_line_error(run_cli("train", "--data", world, "--out", run, "--config", cfg,
                                       *[a for kv in sets for a in ("--set", kv)], "--overwrite"), msg)
         assert (run / "model.safetensors").read_bytes() == weights
@@ -547,6 +552,10 @@ def test_bad_settings_and_damaged_runs_are_one_line_errors_that_lose_nothing(tmp
     assert_one_line_error(run_cli("train", "--data", world, "--out", world, "--config", cfg,
                                   "--overwrite"), "would replace the DATA DIR")
     assert len(list(world.rglob("*"))) == n_files
+    shutil.copyfile(cfg, run / "r.yaml")          # a recipe kept in the run it trained
+    assert_one_line_error(run_cli("train", "--data", world, "--out", run, "--config",
+                                  run / "r.yaml", "--overwrite"), "would replace the --config")
+    assert (run / "r.yaml").is_file() and (run / "model.safetensors").read_bytes() == weights
     # a damaged checkpoint or RUN DIR: one line naming the file
     bad = tmp_path / "b"
     shutil.copytree(run, bad)
@@ -568,23 +577,54 @@ def test_bad_settings_and_damaged_runs_are_one_line_errors_that_lose_nothing(tmp
     assert (run / "model.safetensors").read_bytes() == weights
 
 
-def test_resume_drops_a_torn_metrics_line_and_refuses_a_changed_recipe(tmp_path, world, capsys):
+def test_resume_drops_a_torn_metrics_line_and_refuses_a_changed_recipe_or_optimizer(
+        tmp_path, world, capsys):
     from agevlm_edge.train.loop import train
 
-    recipe = recipe_from_dict(_recipe(STAGES[:1]))
+    recipe = recipe_from_dict(_recipe(STAGES[2:]))
     out = tmp_path / "r"
     train(world, out, recipe, stop_at_step=2, limit=32)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"global_step": 3, "loss"')                  # the kill came mid-line
-    changed = apply_sets(recipe, {"lm.train": "[lm, xattn]"})
-    with pytest.raises(BadInput, match="optimizer state .* does not fit stage lm"):
+    changed = apply_sets(recipe, {"guided.train": "[projector, xattn, lm]"})
+    with pytest.raises(BadInput, match="optimizer state .* does not fit stage guided"):
         train(world, out, changed, resume=True, limit=32)
-    assert "lm.train: ['lm'] -> ['lm', 'xattn']" in capsys.readouterr().err   # said first
+    assert ("guided.train: ['projector', 'xattn'] -> ['projector', 'xattn', 'lm']"
+            in capsys.readouterr().err)                                 # said first
+    torn = tmp_path / "torn"
+    shutil.copytree(out, torn)
+    for content in (b"", b"not a pickle"):                       # a torn or foreign optimizer.pt
+        (torn / "training_state" / "optimizer.pt").write_bytes(content)
+        with pytest.raises(BadInput, match="checkpoint in .* cannot be loaded"):
+            train(world, torn, recipe, resume=True, limit=32)
     (out / "config.json").write_text('{"recipe"')       # read for the note only: no obstacle
     train(world, out, recipe, resume=True, limit=32)
     assert "differs" not in capsys.readouterr().err
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows and rows[-1]["global_step"] == STAGES[0]["steps"]
+    assert rows and rows[-1]["global_step"] == STAGES[2]["steps"]
+
+
+def test_a_stage_drawing_from_an_empty_pool_fails_before_anything_is_deleted(tmp_path, world):
+    """A DATA DIR imported without questions (COCO captions alone, say): a stage that draws
+    questions says so at once instead of a traceback at its first step."""
+    from agevlm_edge.train.loop import train
+
+    data = tmp_path / "noq"
+    shutil.copytree(world, data)
+    meta = json.loads((data / "dataset.json").read_text())
+    split = data / meta["splits"]["train"]["file"]
+    rows = [json.loads(ln) for ln in split.read_text().splitlines()]
+    split.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "questions"}) + "\n"
+                             for r in rows))
+    out = tmp_path / "r"
+    train(data, out, recipe_from_dict(_recipe(STAGES[:1])), limit=8)    # captions: enough
+    kept = (out / "model.safetensors").read_bytes()
+    for stage, msg in (({**STAGES[0], "context_qa": 0.5}, "stage lm draws yes/no questions .*"
+                        "context_qa=0"),
+                       (STAGES[2], "stage guided draws questions.*guided.questions=0")):
+        with pytest.raises(BadInput, match=msg):
+            train(data, out, recipe_from_dict(_recipe([stage])), overwrite=True, limit=8)
+        assert (out / "model.safetensors").read_bytes() == kept
 
 
 def test_device_choice_is_one_line_error_before_anything_is_written(tmp_path, world):

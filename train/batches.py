@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,32 @@ class SplitData:
     questions: list[Sample]
     records: list[dict]
 
+
+def check_pools(stages: list, data: SplitData, n_context: Callable[[], int],
+                data_dir: Path) -> None:
+    """Refuse a stage that draws from an empty pool of the train split (a DATA DIR imported
+    without questions, say) before anything is trained or deleted. ``n_context``: how many
+    reading-comprehension samples (context_questions) there are, counted only when asked."""
+    for st in stages:
+        need = []
+        if st.kind == "vision":
+            need.append((len(data.images), "images", "give a DATA DIR with train images"))
+        elif st.kind == "lm":
+            need.append((len(data.captions) + len(data.questions), "captions or questions",
+                         "give a DATA DIR with text"))
+            if round(st.batch_size * st.context_qa):
+                need.append((n_context(), "yes/no questions to read in context",
+                             f"--set {st.name}.context_qa=0"))
+        else:
+            n_cap = round(st.batch_size * st.captions / (st.captions + st.questions))
+            if n_cap:
+                need.append((len(data.captions), "captions", f"--set {st.name}.captions=0"))
+            if st.batch_size - n_cap:
+                need.append((len(data.questions), "questions", f"--set {st.name}.questions=0"))
+        for n, what, fix in need:
+            if not n:
+                raise BadInput(f"stage {st.name} draws {what}, and {data_dir}'s train split has "
+                               f"none; import them, or leave them out of the stage ({fix})")
 
 def _load_images(data_dir: Path, records: list[dict], size: int) -> torch.Tensor:
     """uint8 [n, 3, S, S] through the evaluation's ImageStore (Preprocessor.to_uint8, one

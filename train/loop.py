@@ -3,13 +3,16 @@
 Determinism: every step's batch comes from a generator seeded by (seed, stage, step), and
 nothing else draws random numbers during training, so a run stopped at step k and resumed
 reaches bit-identical weights. Data parallelism (torchrun, gloo) splits each global batch
-across ranks and normalises losses by global counts.
+across ranks and normalises losses by global counts; the lm and vlm stages give the
+single-process loss, the vision stage does not (its BatchNorm stem sees each rank's part of
+the batch: torch's SyncBatchNorm runs on GPUs only).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -27,11 +30,12 @@ from agevlm_edge.fsutil import check_out, read_json, staged_dir, write_json_atom
 from agevlm_edge.model import AgeVLM, build_config
 from agevlm_edge.preprocess import Preprocessor
 
-from .batches import (SplitData, collate, context_questions, count_labels, length_buckets,
-                      load_split_data, question_weights, token_labels)
+from .batches import (SplitData, check_pools, collate, context_questions, count_labels,
+                      length_buckets, load_split_data, question_weights, token_labels)
 from .devices import (all_sum, environment, maybe_init_distributed, resolve_device,
                       world_info)
 from .losses import lm_loss_sum
+from .metrics import f1, truncate_metrics, weakest
 from .recipe import Recipe, Stage, lr_at, resume_note
 from .steps import LMStep, VisionHead, VisionStep, VLMStep
 
@@ -81,7 +85,10 @@ def _build(data_dir: Path, recipe: Recipe, image_size: int):
     ids = {k: tok.token_to_id(f"<|{k}|>") for k in ("pad", "bos", "eos")}
     overrides = {"vocab_size": tok.get_vocab_size(), "image_size": image_size,
                  "pad_id": ids["pad"], "bos_id": ids["bos"], "eos_id": ids["eos"], **recipe.model}
-    if overrides["vocab_size"] < tok.get_vocab_size():
+    v = overrides["vocab_size"]
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise BadInput(f"model.vocab_size must be an integer, got {v!r}")
+    if v < tok.get_vocab_size():
         raise BadInput(f"model.vocab_size {overrides['vocab_size']} is smaller than the "
                        f"tokenizer's {tok.get_vocab_size()} tokens; leave it out (it follows "
                        "the tokenizer) or make it larger")
@@ -138,11 +145,19 @@ class Run:
         for st in recipe.stages:   # checked before any step, so that a typo fails at once
             if st.kind == "vlm" and st.question_weights:
                 self.question_weights(st)
+        check_pools([st for st in recipe.stages if not self.pretrained(st)], self.train_data,
+                    lambda: len(self.context_questions()), data_dir)
         self.feats: dict[str, torch.Tensor] = {}
         self.state = {"stage": 0, "step": 0, "global_step": 0}
         self.optimizer: torch.optim.Optimizer | None = None
 
     # -- data --------------------------------------------------------------------------
+    def pretrained(self, stage: Stage) -> bool:
+        """Whether ``stage`` is skipped: it pretrains a part loaded pretrained (--lm-dir,
+        --vision-dir)."""
+        return (stage.kind == "lm" and bool(self.recipe.lm_dir)) or \
+            (stage.kind == "vision" and bool(self.cfg.vision_hf_dir))
+
     def context_questions(self, split: str = "train") -> list:
         """Reading-comprehension LM samples (batches.context_questions), built on first use."""
         cache = self.__dict__.setdefault("_context", {})
@@ -276,11 +291,11 @@ class Run:
         if stage.kind == "vision":
             logits = self.head(self.vision_features(v)).cpu()
             C, K = len(self.classes), len(self.colours)
-            res = {"class_f1": _f1(logits[:, :C] > 0, v.labels[:, :C] > 0),
-                   "colour_f1": _f1(logits[:, C:C + K] > 0, v.labels[:, C:C + K] > 0),
+            res = {"class_f1": f1(logits[:, :C] > 0, v.labels[:, :C] > 0),
+                   "colour_f1": f1(logits[:, C:C + K] > 0, v.labels[:, C:C + K] > 0),
                    "weakest_classes": weakest(logits[:, :C] > 0, v.labels[:, :C] > 0, self.classes)}
             if stage.count_labels:   # "two or more of the class": rare, so F1 over all classes
-                res["count_f1"] = _f1(logits[:, C + K:] > 0, count_labels(v.records, self.classes) > 0)
+                res["count_f1"] = f1(logits[:, C + K:] > 0, count_labels(v.records, self.classes) > 0)
             return res
         res = {}
         feats = self.feats.get("val") if stage.kind == "vlm" else None
@@ -326,10 +341,16 @@ class Run:
             envs.append({**env, "from_step": self.state["global_step"]})
 
     def save(self, final: bool = False) -> None:
+        """The RUN DIR's model files, then training_state/ (what --resume reads) last: a kill
+        in between leaves the older state, and resuming from it rewrites the model files
+        (the other order could leave a run marked final over the weights before)."""
         if world_info()[0] != 0:
             return
         from safetensors.torch import save_file
 
+        save_model_files(self.out, self.model, self.tok, self.pre,
+                         {"recipe": self.recipe.to_dict(), "state": self.state, "final": final,
+                          "data": str(self.data_dir)})
         with staged_dir(self.out / "training_state", overwrite=True) as tmp:
             sd = {k: v.detach().cpu().clone().contiguous() for k, v in self.model.state_dict().items()
                   if not (self.cfg.tie_embeddings and k == "lm_head.weight")}
@@ -339,9 +360,6 @@ class Run:
             if self.optimizer is not None:
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             write_json_atomic(tmp / "state.json", self.state)
-        save_model_files(self.out, self.model, self.tok, self.pre,
-                         {"recipe": self.recipe.to_dict(), "state": self.state, "final": final,
-                          "data": str(self.data_dir)})
 
     def load(self) -> None:
         from agevlm_edge.checkpoint import read_safetensors
@@ -357,11 +375,12 @@ class Run:
             self.load_head(read_safetensors(ts / "head.safetensors"))
             self._resume_opt = torch.load(ts / "optimizer.pt", weights_only=True, map_location="cpu") \
                 if (ts / "optimizer.pt").is_file() else None
-        except (OSError, RuntimeError, ValueError, AttributeError) as e:
+        except (OSError, RuntimeError, ValueError, AttributeError, EOFError,
+                pickle.UnpicklingError) as e:   # the last two: a torn or foreign optimizer.pt
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BadInput(f"--resume: the checkpoint in {ts} cannot be loaded ({msg}); start "
                            "again with --overwrite") from None
-        _truncate_metrics(self.out / "metrics.jsonl", self.state["global_step"])
+        truncate_metrics(self.out / "metrics.jsonl", self.state["global_step"])
 
     def load_head(self, sd: dict) -> None:
         """The saved vision head; one without the count columns this recipe adds is taken into
@@ -459,41 +478,12 @@ class Run:
         return True
 
 
-def _f1(pred: torch.Tensor, true: torch.Tensor) -> float:
-    tp = (pred & true).sum().item()
-    p, t = pred.sum().item(), true.sum().item()
-    return round(2 * tp / (p + t), 4) if p + t else 0.0
-
-
-def weakest(pred: torch.Tensor, true: torch.Tensor, names: list[str], k: int = 3) -> dict:
-    """The k labels with the lowest F1 (columns of pred / true), lowest first, among those
-    present: which shapes the tower confuses (compare eval's POPE errors by object)."""
-    per = {n: _f1(pred[:, i], true[:, i]) for i, n in enumerate(names) if true[:, i].any()}
-    return dict(sorted(per.items(), key=lambda kv: kv[1])[:k])
-
-
-def _truncate_metrics(path: Path, global_step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be redone)."""
-    if not path.is_file():
-        return
-    keep = []
-    for ln in path.read_text().splitlines():
-        try:
-            row = json.loads(ln)
-        except json.JSONDecodeError:      # a line torn by the kill that stopped the run
-            continue
-        if isinstance(row, dict) and row.get("global_step", 0) <= global_step:
-            keep.append(ln)
-    from agevlm_edge.fsutil import write_text_atomic
-
-    write_text_atomic(path, "".join(ln + "\n" for ln in keep))
-
-
 def train(data_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, resume: bool = False,
           overwrite: bool = False, stop_at_step: int | None = None, limit: int | None = None,
-          device: str | None = "cpu") -> str:
+          device: str | None = "cpu", inputs: tuple = ()) -> str:
     """Run (or resume) every stage of ``recipe`` on ``device`` (resolve_device); returns a
-    one-line summary."""
+    one-line summary. ``inputs``: more (what, path) pairs --out must not hold or replace
+    (the --config file)."""
     from tqdm import tqdm
 
     maybe_init_distributed()
@@ -504,8 +494,10 @@ def train(data_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, r
         raise BadInput(f"every stage's batch_size must be divisible by the {world} processes")
     # never replace an input, and check everything else (data, model, checkpoint) before an
     # old run is deleted or an empty --out is left behind
-    check_out(out, [("DATA DIR", data_dir)] + [("--lm-dir", recipe.lm_dir)] * bool(recipe.lm_dir),
-              overwrite=True)
+    vision_dir = recipe.model.get("vision_hf_dir")
+    check_out(out, [("DATA DIR", data_dir)] + [("--lm-dir", recipe.lm_dir)] * bool(recipe.lm_dir)
+              + [("--vision-dir", vision_dir)] * (isinstance(vision_dir, str) and bool(vision_dir))
+              + list(inputs), overwrite=True)
     replace = not resume and out.is_dir() and any(out.iterdir())
     if replace and not overwrite:
         raise BadInput(f"run directory {out} already exists; pass --resume to continue it, "
@@ -529,13 +521,9 @@ def train(data_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe, r
         for si, stage in enumerate(recipe.stages):
             if si < run.state["stage"]:
                 continue
-            if stage.kind == "lm" and recipe.lm_dir:
-                bar.write(f"[train] stage {stage.name} skipped: the language model is pretrained")
-                bar.update(stage.steps)
-                run.state.update(stage=si + 1, step=0)
-                continue
-            if stage.kind == "vision" and run.cfg.vision_hf_dir:
-                bar.write(f"[train] stage {stage.name} skipped: the vision tower is pretrained")
+            if run.pretrained(stage):
+                part = "language model" if stage.kind == "lm" else "vision tower"
+                bar.write(f"[train] stage {stage.name} skipped: the {part} is pretrained")
                 bar.update(stage.steps)
                 run.state.update(stage=si + 1, step=0)
                 continue

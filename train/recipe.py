@@ -30,6 +30,8 @@ from agevlm_edge.fsutil import read_json, read_yaml
 
 GROUPS = ("vision", "projector", "xattn", "lm")
 KINDS = ("lm", "vision", "vlm")
+# what each kind's forward reaches: text only, the tower, or cached tower features onwards
+KIND_GROUPS = {"lm": ("lm",), "vision": ("vision",), "vlm": ("projector", "xattn", "lm")}
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,11 @@ class Stage:
         bad = [g for g in self.train if g not in GROUPS]
         if bad or not self.train:
             raise BadInput(f"stage {self.name}: train must list groups from {', '.join(GROUPS)}")
+        # a group the stage's forward never reaches would get no gradient (and stop DDP)
+        idle = [g for g in self.train if g not in KIND_GROUPS.get(self.kind, GROUPS)]
+        if idle:
+            raise BadInput(f"stage {self.name}: kind {self.kind} cannot train {', '.join(idle)} "
+                           f"(its steps reach only {', '.join(KIND_GROUPS[self.kind])})")
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
             raise BadInput(f"stage {self.name}: steps >= 0, batch_size >= 1 and lr > 0 required")
         if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0:
@@ -130,8 +137,8 @@ class Recipe:
     def validate(self) -> "Recipe":
         if self.variant not in ("guided", "ca", "concat"):
             raise BadInput(f"recipe variant must be guided, ca or concat, got {self.variant!r}")
-        if self.seed < 0:
-            raise BadInput(f"recipe seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed < 2 ** 32:   # the per-step generators' seeds stay in 64 bits
+            raise BadInput(f"recipe seed must be in 0..{2 ** 32 - 1}, got {self.seed}")
         if self.log_every < 1 or self.checkpoint_every < 1:
             raise BadInput("recipe log_every and checkpoint_every must be >= 1")
         return self
@@ -325,6 +332,12 @@ def _check_types(cls, d: dict, where: str) -> dict:
         if kind is float and isinstance(v, str):      # YAML 1.1 reads 1e-3 as a string
             with contextlib.suppress(ValueError):
                 v = float(v)
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            try:                                        # an integer past float's range
+                v = float(v)
+            except OverflowError:
+                raise BadInput(f"{where}{f.name} must be a finite number, got an integer of "
+                               f"{len(str(v))} digits") from None
         if kind is float and isinstance(v, float) and not math.isfinite(v):
             raise BadInput(f"{where}{f.name} must be a finite number, got {v!r}")
         ok = {bool: lambda: isinstance(v, bool),
