@@ -39,6 +39,26 @@ def _rgb(v) -> tuple:
     return (float(v),) * 3 if isinstance(v, (int, float)) else tuple(float(x) for x in v)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB, one conversion for importing, training and the runtime:
+    alpha composited on white (a plain convert drops it and shows what transparency hid),
+    16-bit scaled to 8 (a plain convert clips it at 255), float by its range (0..1 or as
+    integers)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        top = float(a.max()) if a.size else 0.0
+        hi = (65535.0 if image.mode.startswith("I;16") or top > 255
+              else 1.0 if image.mode == "F" and top <= 1 else 255.0)
+        image = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
 @dataclass(frozen=True)
 class Preprocessor:
     image_size: int = 64
@@ -74,8 +94,8 @@ class Preprocessor:
         return cls(int(image_size), _rgb(mean), _rgb(std))
 
     def to_uint8(self, image: Image.Image) -> np.ndarray:
-        """PIL image -> uint8 [3, S, S] (RGB, resized)."""
-        image = image.convert("RGB")
+        """PIL image -> uint8 [3, S, S] (RGB by to_rgb, resized)."""
+        image = to_rgb(image)
         if image.size != (self.image_size, self.image_size):
             image = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
         return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()

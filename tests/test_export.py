@@ -439,9 +439,39 @@ def test_runtime_image_inputs(exported, tmp_path):
             rt.load_image(path)
 
 
-def test_runtime_preprocessing_matches_training(exported, small_world):
+def test_sampling_takes_an_overflowed_logit_and_refuses_a_row_without_a_finite_one():
+    from agevlm_edge.runtime.session import GenerationConfig, sample_next
+
+    cfg, rng = GenerationConfig(temperature=0.7, top_k=2, top_p=0.9), np.random.default_rng(0)
+    logits = np.array([[0.0, np.inf, 1.0, np.nan]], np.float16)      # fp16 overflow, a NaN
+    assert sample_next(logits, cfg, rng).tolist() == [1]
+    with pytest.raises(BadInput, match="no finite logit"):
+        sample_next(np.full((1, 4), np.nan, np.float32), cfg, rng)
+
+
+def test_heatmap_words_start_where_the_decoded_text_has_a_space():
+    """SentencePiece-style tokens (Metaspace) decode alone without their leading space; the
+    words still split, so "a red cubes" gives panels for red and cubes (not one 'aredcubes')."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from agevlm_edge.runtime.heatmap import word_maps
+
+    tok = Tokenizer(models.WordLevel({"\u2581a": 0, "\u2581red": 1, "\u2581cube": 2, "s": 3,
+                                      "[UNK]": 4}, unk_token="[UNK]"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    assert tok.decode([1]) == "red"                        # the space is gone when alone
+    maps = [np.full((2, 2), float(i)) for i in range(4)]
+    got = word_maps(tok, [0, 1, 2, 3], maps, ["red", "cubes"])
+    assert [(w, m[0, 0]) for w, m in got] == [("red", 1.0), ("cubes", 2.5)]
+
+
+def test_runtime_preprocessing_matches_training(exported, small_world, tmp_path):
     """The runtime's pixels (Pillow + numpy from the file) equal the trainer's (train/loop.py:
-    its image cache, then Preprocessor.normalize), bit for bit."""
+    its image cache, then Preprocessor.normalize), bit for bit, in every image mode: a
+    transparent area is white in both (not the colour it hid), 16-bit grey scaled in both
+    (not clipped white), float grey by its 0..1 range."""
+    from PIL import Image
+
     from agevlm_edge.data.datadir import load_split
     from agevlm_edge.runtime import Runtime
     from agevlm_edge.train.batches import _load_images
@@ -451,6 +481,17 @@ def test_runtime_preprocessing_matches_training(exported, small_world):
     ours = np.stack([rt.pre.normalize(rt.load_image(small_world / r["file"])) for r in recs])
     theirs = rt.pre.normalize(_load_images(small_world, recs, S).numpy())
     assert np.array_equal(ours, theirs)
+    rgba = np.zeros((S, S, 4), np.uint8)
+    rgba[..., 0], rgba[:, : S // 2, 3] = 200, 255          # red, transparent on the right
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(np.full((S, S), 30000, np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray(np.full((S, S), 0.5, np.float32), "F").save(tmp_path / "grey.tif")
+    files = [{"file": f} for f in ("rgba.png", "grey16.png", "grey.tif")]
+    theirs = _load_images(tmp_path, files, S).numpy()
+    for f, t in zip(files, theirs):
+        assert np.array_equal(rt.load_image(tmp_path / f["file"]), t), f
+    assert (theirs[0][:, :, -1] == 255).all() and (theirs[0][0, :, 0] == 200).all()
+    assert (theirs[1] == round(30000 / 65535 * 255)).all() and (theirs[2] == 128).all()
 
 
 def test_generation_options(exported, small_world):

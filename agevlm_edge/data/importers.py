@@ -29,7 +29,7 @@ from pycocotools import mask as mask_utils
 
 from ..errors import BadInput
 from ..fsutil import check_out, read_json, sha256_file, staged_dir
-from ..preprocess import DECODE_ERRORS
+from ..preprocess import DECODE_ERRORS, to_rgb
 from . import datadir
 from .pope import build_pope
 from .vocab import coco_vocabulary, grounded_phrases, term_matcher
@@ -445,7 +445,8 @@ def _load_image(path: Path, rec: dict) -> Image.Image:
     try:
         with Image.open(path) as img:
             # No EXIF transpose: COCO coordinates refer to the stored pixel grid.
-            rgb = img.convert("RGB")  # decodes every pixel, so truncation shows here
+            rgb = to_rgb(img)  # as training and the runtime convert; decodes every pixel,
+            #                    so truncation shows here
     except FileNotFoundError:
         raise _Bad("missing image", f"image {path} does not exist") from None
     except DECODE_ERRORS as e:

@@ -29,6 +29,7 @@ import numpy as np
 from ..errors import BadInput
 from ..fsutil import (read_json, read_jsonl, sha256_file, staged_dir, write_json_atomic,
                       write_jsonl_atomic)
+from ..preprocess import to_rgb
 from .datadir import decode_mask, encode_mask, load_meta, load_split
 
 EXACT_SOURCES = ("rendered", "annotation")  # mask_source values that count as ground truth
@@ -198,7 +199,7 @@ def _load_image(data_dir: Path, rec: dict) -> np.ndarray:
     path = data_dir / rec["file"]
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(to_rgb(im))
     except (FileNotFoundError, OSError) as e:
         raise BadInput(f"image {path} of record {rec.get('image_id')} cannot be read ({e}); "
                        "regenerate the data directory") from None

@@ -44,10 +44,15 @@ def render(image_chw: np.ndarray, panels: list[tuple[str, np.ndarray]], alpha: f
 def word_maps(tokenizer, ids: list[int], maps: list[np.ndarray], object_words: list[str]
               ) -> list[tuple[str, np.ndarray]]:
     """Group generated tokens into words; keep object words (all words if none are known),
-    each with the mean map of its tokens."""
+    each with the mean map of its tokens. A token's text is what it adds to the decoded
+    prefix: decoded alone, a SentencePiece-style token (Metaspace: Llama-2, TinyLlama) loses
+    the space that starts its word."""
     words: list[tuple[str, list[int]]] = []
+    prev = ""
     for i, tok in enumerate(ids):
-        piece = tokenizer.decode([tok])
+        cur = tokenizer.decode(ids[:i + 1])
+        piece = cur[len(prev):] if cur.startswith(prev) and i else tokenizer.decode([tok])
+        prev = cur
         if not words or piece.startswith(" ") or not piece.strip():
             words.append((piece.strip(), [i]))
         else:

@@ -1,8 +1,8 @@
 """Image files -> uint8 [3, S, S] for the runtime, with one clear error per bad input.
 
 Pillow decodes; palette, grey, RGBA (composited on white), 16-bit and CMYK images are
-converted to 8-bit RGB; a file that is empty, truncated, not an image or too large to
-decode safely is refused with a BadInput that says so.
+converted to 8-bit RGB as training converts them (preprocess.to_rgb); a file that is empty,
+truncated, not an image or too large to decode safely is refused with a BadInput that says so.
 """
 
 from __future__ import annotations
@@ -15,24 +15,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import BadInput
-from ..preprocess import Preprocessor
+from ..preprocess import Preprocessor, to_rgb
 
 MAX_PIXELS = 64_000_000      # ~8000 x 8000; larger files are refused, not decoded
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB (alpha composited on white; 16-bit scaled to 8)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(image, dtype=np.float64)
-        hi = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
 
 
 def load_image(path: str | os.PathLike, pre: Preprocessor) -> np.ndarray:

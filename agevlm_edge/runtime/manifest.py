@@ -30,9 +30,11 @@ def load_manifest(export_dir: str | os.PathLike, verify: bool = True) -> dict:
         raise BadInput(f"{d} is not an EXPORT DIR: manifest.json is missing (make one with "
                        "`agevlm export --model RUN --out DIR`)")
     try:
-        man = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        man = json.loads(path.read_text(encoding="utf-8"))   # as written, whatever the locale
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise BadInput(f"{path} is not valid JSON ({e}); re-export the model") from None
+    except OSError as e:
+        raise BadInput(f"cannot read {path} ({e.strerror}); check its permissions") from None
     if not isinstance(man, dict) or man.get("format") != FORMAT:
         raise BadInput(f"{path} is not an agevlm export manifest; re-export the model")
     if man.get("format_version") != FORMAT_VERSION:

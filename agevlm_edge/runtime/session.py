@@ -84,7 +84,11 @@ def sample_next(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Genera
     if cfg.temperature == 0:
         return logits.argmax(-1)
     # the max subtracted first: x <= 0, so a tiny temperature gives -inf, never inf - inf
-    x = logits.astype(np.float64)
+    # (an overflowed logit, +inf in fp16, counts as the largest finite one; NaN as none)
+    x = np.minimum(np.nan_to_num(logits.astype(np.float64), nan=-np.inf), np.finfo(np.float64).max)
+    if not np.isfinite(x.max(-1)).all():
+        raise BadInput("the model gave no finite logit for a token (NaN or -inf everywhere); "
+                       "use a less quantized variant or re-export the model")
     with np.errstate(over="ignore"):
         x = (x - x.max(-1, keepdims=True)) / cfg.temperature
     if cfg.top_k and cfg.top_k < x.shape[-1]:
