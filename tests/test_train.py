@@ -496,7 +496,7 @@ def test_bad_settings_and_damaged_runs_are_one_line_errors_that_lose_nothing(tmp
                       ({"seed": "["}, "not valid YAML"),
                       ({"seed": "2020-13-45"}, "not valid YAML .month must be in 1..12"),
                       ({"seed": str(2 ** 32)}, r"seed must be in 0\.\.4294967295"),  # 64-bit steps
-                      ({"instruct.lr": "1" + "0" * 400}, "finite number, got an integer of 401"),
+                      ({"instruct.lr": "1" + "0" * 400}, "finite number, got an integer past the float range"),
                       ({"lm.train": "[lm, xattn]"}, "kind lm cannot train xattn"),
                       ({"instruct.train": "[vision, lm]"}, "kind vlm cannot train vision"),
                       ({"stages": "5"}, "stages must be a list")):

@@ -336,8 +336,8 @@ def _check_types(cls, d: dict, where: str) -> dict:
             try:                                        # an integer past float's range
                 v = float(v)
             except OverflowError:
-                raise BadInput(f"{where}{f.name} must be a finite number, got an integer of "
-                               f"{len(str(v))} digits") from None
+                raise BadInput(f"{where}{f.name} must be a finite number, got an integer "
+                               "past the float range") from None
         if kind is float and isinstance(v, float) and not math.isfinite(v):
             raise BadInput(f"{where}{f.name} must be a finite number, got {v!r}")
         ok = {bool: lambda: isinstance(v, bool),
@@ -444,7 +444,8 @@ def apply_sets(recipe: Recipe, sets: dict[str, str]) -> Recipe:
         try:
             value = yaml.safe_load(raw)
         except (yaml.YAMLError, ValueError, TypeError, RecursionError) as e:  # 2020-13-45
-            raise BadInput(f"--set {key}={raw}: the value is not valid YAML "
+            shown = raw if len(raw) <= 60 else raw[:57] + "..."
+            raise BadInput(f"--set {key}={shown}: the value is not valid YAML "
                            f"({(str(e).splitlines() or [type(e).__name__])[0]}); quote strings, "
                            "e.g. '[1, 3]'") from None
         head, _, rest = key.partition(".")
