@@ -175,6 +175,31 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, world
     assert 0 < len(tower["weakest_classes"]) <= 3 and set(tower["weakest_classes"]) <= set(classes)
 
 
+def test_a_kill_inside_the_final_save_leaves_a_resume_that_rewrites_the_weights(
+        tmp_path, world, monkeypatch):
+    """save() writes the model files before training_state/: killed between them, the run's
+    state is the checkpoint before, and --resume redoes the tail and rewrites the weights
+    (the other order left a run whose state said done over the older weights)."""
+    import agevlm_edge.train.loop as loop
+
+    recipe = recipe_from_dict(_recipe(STAGES[:1], checkpoint_every=2))
+    loop.train(world, tmp_path / "a", recipe, limit=32)
+    real = loop.save_model_files
+
+    def killed_at_the_final_save(*args, **kw):
+        if args[-1]["final"]:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(loop, "save_model_files", killed_at_the_final_save)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(world, tmp_path / "b", recipe, limit=32)
+    monkeypatch.setattr(loop, "save_model_files", real)
+    loop.train(world, tmp_path / "b", recipe, resume=True, limit=32)
+    a, b = (load_file(str(tmp_path / r / "model.safetensors")) for r in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["final"] is True
+
 def test_weakest_labels_are_the_lowest_f1_present_ones():
     from agevlm_edge.train.metrics import weakest
 
