@@ -56,14 +56,13 @@ def check_pools(stages: list, data: SplitData, n_context: Callable[[], int],
         elif st.kind == "lm":
             need.append((len(data.captions) + len(data.questions), "captions or questions",
                          "give a DATA DIR with text"))
-            if round(st.batch_size * st.context_qa):
+            if st.n_context:
                 need.append((n_context(), "yes/no questions to read in context",
                              f"--set {st.name}.context_qa=0"))
         else:
-            n_cap = round(st.batch_size * st.captions / (st.captions + st.questions))
-            if n_cap:
+            if st.n_captions:
                 need.append((len(data.captions), "captions", f"--set {st.name}.captions=0"))
-            if st.batch_size - n_cap:
+            if st.batch_size - st.n_captions:
                 need.append((len(data.questions), "questions", f"--set {st.name}.questions=0"))
         for n, what, fix in need:
             if not n:

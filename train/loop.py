@@ -220,7 +220,7 @@ class Run:
     def lm_samples(self, stage: Stage, g: torch.Generator) -> list:
         """This rank's samples of one LM step: corpus text plus reading-comprehension texts."""
         pool = self.train_data.captions + self.train_data.questions
-        n_ctx = round(stage.batch_size * stage.context_qa)
+        n_ctx = stage.n_context
         samples = [pool[i] for i in torch.randint(len(pool), (stage.batch_size - n_ctx,), generator=g)]
         if n_ctx:
             ctx = self.context_questions()
@@ -248,7 +248,7 @@ class Run:
         phrases, when the stage has a dice loss) and questions (a question_dice fraction of
         them with theirs), in the stage's mix; questions drawn by the stage's question_weights."""
         d = self.train_data
-        n_cap = round(stage.batch_size * stage.captions / (stage.captions + stage.questions))
+        n_cap = stage.n_captions
         caps = torch.randint(max(len(d.captions), 1), (n_cap,), generator=g) if n_cap else torch.zeros(0, dtype=torch.long)
         n_q = stage.batch_size - n_cap
         if stage.question_weights and n_q:   # without them the draw stays as it was (same batches)

@@ -74,6 +74,16 @@ class Stage:
     count_labels: bool = False      # vision stage: also one image-level label per class, "two
                                     # or more of it" (from the object list, no masks), for counting
 
+    @property
+    def n_captions(self) -> int:
+        """vlm: caption samples in a batch (the rest are questions)."""
+        return round(self.batch_size * self.captions / (self.captions + self.questions))
+
+    @property
+    def n_context(self) -> int:
+        """lm: reading-comprehension samples in a batch (the rest are corpus text)."""
+        return round(self.batch_size * self.context_qa)
+
     def validate(self) -> "Stage":
         if self.kind not in KINDS:
             raise BadInput(f"stage {self.name}: kind must be one of {', '.join(KINDS)}")

@@ -51,7 +51,7 @@ def word_maps(tokenizer, ids: list[int], maps: list[np.ndarray], object_words: l
     prev = ""
     for i, tok in enumerate(ids):
         cur = tokenizer.decode(ids[:i + 1])
-        piece = cur[len(prev):] if cur.startswith(prev) and i else tokenizer.decode([tok])
+        piece = cur[len(prev):] if cur.startswith(prev) else tokenizer.decode([tok])
         prev = cur
         if not words or piece.startswith(" ") or not piece.strip():
             words.append((piece.strip(), [i]))
