@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -68,6 +68,7 @@ def check_pools(stages: list, data: SplitData, n_context: Callable[[], int],
             if not n:
                 raise BadInput(f"stage {st.name} draws {what}, and {data_dir}'s train split has "
                                f"none; import them, or leave them out of the stage ({fix})")
+
 
 def _load_images(data_dir: Path, records: list[dict], size: int) -> torch.Tensor:
     """uint8 [n, 3, S, S] through the evaluation's ImageStore (Preprocessor.to_uint8, one
