@@ -130,6 +130,33 @@ def test_pope_is_balanced_and_adversarial_negatives_are_the_partners(small_world
     assert set(meta["pope"]["files"]) == {"test", "test_easy", "test_medium", "test_hard"}
 
 
+def test_count_questions_ask_about_any_absent_class():
+    # The first absent class in class order was the only one: "How many circles" meant "zero".
+    from agevlm_edge.data.text import questions
+
+    objs = [{"id": 0, "class": "star", "colour": "red", "box": [10, 10, 20, 20]}]
+    asked = [q for s in range(300) for q in questions(np.random.default_rng(s), objs, list(CLASSES))
+             if q["type"] == "count" and q["answer"] == "zero"]
+    assert len({q["object"] for q in asked}) == len(CLASSES) - 1    # every absent class
+    assert max(sum(q["object"] == c for q in asked) for c in CLASSES) < len(asked) / 4
+
+
+def test_graded_test_splits_take_each_presets_difficulty_whatever_the_world():
+    keys = ("min_objects", "max_objects", "min_size", "max_size", "noise", "contrast")
+    for preset, sets in (("hard", {}), ("easy", {"noise": "0.2"}),
+                         ("hard", {"image_size": "128", "min_size": "10", "max_size": "32"})):
+        world = synth.world_config(preset, sets)
+        plan = synth.split_plan(world)
+        scale = world.image_size / 64
+        for name in ("easy", "medium", "hard"):
+            ref = synth.world_config(name)
+            got = plan[f"test_{name}"][0]
+            want = {k: getattr(ref, k) * (scale if k.endswith("_size") else 1) for k in keys}
+            assert {k: getattr(got, k) for k in keys} == want, (preset, sets, name)
+            assert (got.image_size, got.priors) == (world.image_size, world.priors)
+        assert plan["test"][0] == world
+
+
 def test_hard_preset_has_sub_patch_objects_clutter_and_occlusion(tmp_path):
     synth.synthesize(tmp_path / "h", preset="hard", seed=1, n_train=150, n_val=0, n_test=0,
                      workers=1)

@@ -286,11 +286,25 @@ def _render_split(cfg: WorldConfig, sampler: Sampler, seed: int, split: str, n: 
     return records
 
 
+# What the graded test splits take from each preset (the rest is the world's: image size,
+# priors, captions, split sizes). prior_strength is moot there: their prior is broken.
+DIFFICULTY = tuple(sorted(set().union(*PRESETS.values()) - {"prior_strength"}))
+
+
+def graded_config(cfg: WorldConfig, preset: str) -> WorldConfig:
+    """The world ``cfg`` at ``preset``'s difficulty: every DIFFICULTY key at the preset's value
+    (the easy preset's are WorldConfig's defaults), object sizes scaled from 64 px images to
+    this world's image size (3 px at least, validate's floor)."""
+    ref = dataclasses.replace(WorldConfig(), **PRESETS[preset])
+    scale = cfg.image_size / WorldConfig.image_size
+    values = {k: max(3.0, getattr(ref, k) * scale) if k in ("min_size", "max_size")
+              else getattr(ref, k) for k in DIFFICULTY}
+    return dataclasses.replace(cfg, **values).validate()
+
+
 def split_plan(cfg: WorldConfig) -> dict[str, tuple[WorldConfig, bool, int]]:
     """split -> (world config, prior planted?, size)."""
-    graded = {name: dataclasses.replace(cfg, **{k: v for k, v in PRESETS[name].items()
-                                                if k != "prior_strength"})
-              for name in ("easy", "medium", "hard")}
+    graded = {name: graded_config(cfg, name) for name in ("easy", "medium", "hard")}
     plan = {"train": (cfg, True, cfg.n_train), "val": (cfg, True, cfg.n_val),
             "test": (cfg, False, cfg.n_test)}
     for name, gcfg in graded.items():

@@ -101,14 +101,18 @@ def questions(rng: np.random.Generator, objects: list[dict], classes: list[str])
     out = []
     for c in rng.permutation(present)[:2].tolist():
         out.append({"question": pope_question(c), "answer": "yes", "type": "existence", "object": c})
-    for c in rng.permutation(absent)[:2].tolist():
+    shuffled_absent = rng.permutation(absent).tolist()
+    for c in shuffled_absent[:2]:
         out.append({"question": pope_question(c), "answer": "no", "type": "existence", "object": c})
     by_class = {c: [o for o in objects if o["class"] == c] for c in present}
     unique = [c for c in present if len(by_class[c]) == 1]
     for c in rng.permutation(unique)[:1].tolist():
         out.append({"question": f"What colour is the {c}?", "answer": by_class[c][0]["colour"],
                     "type": "colour", "object": c})
-    count_pool = present + absent[:1]
+    # One absent class, a random one (the class list's first absent class made "How many
+    # circles" mean "zero" to a model that never looked); drawn above, so the stream of draws
+    # (images, captions, the other questions) stays as it was.
+    count_pool = present + shuffled_absent[:1]
     c = count_pool[int(rng.integers(len(count_pool)))]
     out.append({"question": f"How many {CLASSES[c][0]} are there?",
                 "answer": NUMBERS[len(by_class.get(c, []))], "type": "count", "object": c})
