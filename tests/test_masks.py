@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from agevlm_edge.data import datadir
-from agevlm_edge.data.masks import (SAM_SPECS, SamSpec, build_sam_model, load_sam, make_masks,
-                                    parse_noise, shift_mask)
+from agevlm_edge.data.masks import (SAM_SPECS, SamSpec, build_sam_model, degrade_mask, load_sam,
+                                    make_masks, parse_noise, shift_mask)
 from agevlm_edge.errors import BadInput
 
 SIZE = 64
@@ -280,6 +280,19 @@ def test_shift_mask() -> None:
     m[0, 0] = m[2, 2] = True
     out = shift_mask(m, 1, -1)
     assert out[1, 3] and out.sum() == 1  # (2, 2) moved right and up; (0, 0) left the image
+    for dx, dy in ((5, 0), (-70, 0), (0, 9), (100, -100)):   # wholly out: empty, no error
+        assert not shift_mask(m, dx, dy).any()
+    big = np.zeros((64, 64), dtype=bool)
+    big[10:20, 10:20] = True
+    rng = np.random.default_rng(0)
+    assert all(degrade_mask(big, [("shift", 100)], rng).shape == big.shape for _ in range(20))
+
+
+def test_erode_keeps_an_edge_the_frame_cuts() -> None:
+    m = np.zeros((8, 8), dtype=bool)
+    m[2:6, 0:4] = True                                     # 4x4, cut by the left edge
+    out = degrade_mask(m, [("erode", 1)], np.random.default_rng(0))
+    assert out[3:5, 0:3].all() and out.sum() == 6          # only the three inner sides move
 
 
 def test_tiny_spec_is_small() -> None:

@@ -258,6 +258,8 @@ def shift_mask(mask: np.ndarray, dx: int, dy: int) -> np.ndarray:
     """Move a mask by (dx, dy) pixels; what leaves the image is lost, what enters is empty."""
     h, w = mask.shape
     out = np.zeros_like(mask)
+    if abs(dx) >= w or abs(dy) >= h:       # moved wholly out of the image
+        return out
     out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
         mask[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
     return out
@@ -282,7 +284,8 @@ def degrade_mask(mask: np.ndarray, ops: list[tuple[str, float]],
         if name == "dilate" and amount > 0:
             mask = ndimage.binary_dilation(mask, iterations=int(amount))
         elif name == "erode" and amount > 0:
-            mask = ndimage.binary_erosion(mask, iterations=int(amount))
+            # The frame is not an outline: an object cut off by it keeps its edge there.
+            mask = ndimage.binary_erosion(mask, iterations=int(amount), border_value=1)
         elif name == "shift" and amount > 0:
             mask = shift_mask(mask, *_shift_offset(int(amount), rng))
     return mask
