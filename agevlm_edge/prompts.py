@@ -27,7 +27,8 @@ def target_text(answer: str) -> str:
 
 
 def parse_yes_no(answer: str) -> str:
-    """POPE's official parsing: first sentence; 'no' or 'not' -> no, else yes."""
-    text = answer.strip().split(".")[0].replace(",", " ").lower()
-    words = text.split()
-    return "no" if ("no" in words or "not" in words) else "yes"
+    """POPE's official parsing (its evaluate.py, word for word): the text before the first
+    '.', commas deleted, split on spaces; 'No', 'no' or 'not' among the words -> no, else yes.
+    Case counts as there ('NO' and 'Not sure' are yes); only the ends are stripped here."""
+    words = answer.strip().split(".")[0].replace(",", "").split(" ")
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"

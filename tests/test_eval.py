@@ -123,7 +123,12 @@ class UniformMaps(Oracle):
 # ----------------------------------------------------------------------------- POPE
 @pytest.mark.parametrize("answer,parsed", [("No, there is not.", "no"), ("Yes.", "yes"),
                                            ("not sure", "no"), ("yes, no doubt", "no"),
-                                           ("Yes. No.", "yes"), ("", "yes")])
+                                           ("Yes. No.", "yes"), ("", "yes"), (" no", "no"),
+                                           ("No", "no"), ("no.", "no"), ("none", "yes"),
+                                           ("north", "yes"), ("I know", "yes"),
+                                           # the official script's own quirks, kept
+                                           ("NO", "yes"), ("Not sure", "yes"),
+                                           ("no,thing", "yes"), ("No!", "yes")])
 def test_pope_parsing_follows_the_official_script(answer, parsed):
     assert parse_yes_no(answer) == parsed
 
@@ -144,6 +149,26 @@ def test_pope_always_yes(data_dir):
     for f in res["files"].values():
         assert (f["yes_ratio"], f["recall"], f["precision"], f["accuracy"]) == (1.0, 1.0, 0.5, 0.5)
         assert f["f1"] == pytest.approx(2 / 3)
+
+
+def test_a_pope_file_without_questions_for_the_images_stays_out_of_the_means(data_dir, tmp_path):
+    # It counted as 0: a perfect model read mean F1 0.667 and yes-ratio 0.333.
+    d = tmp_path / "d"
+    shutil.copytree(data_dir, d)
+    meta = load_meta(d)
+    first = {r["image_id"] for r in load_split(d, "test")[:5]}
+    path = d / meta["pope"]["files"]["test"]["random"]
+    kept = [line for line in path.read_text().splitlines()
+            if json.loads(line)["image_id"] not in first]
+    path.write_text("\n".join(kept) + "\n")
+    res = run_suite(Oracle(d), d, suites="pope", limit=5)["suites"]["pope"]
+    assert res["files"]["random"]["n"] == 0 and res["files"]["random"]["f1"] is None
+    s = res["summary"]
+    assert (s["mean_accuracy"], s["mean_f1"], s["mean_yes_ratio"]) == (1.0, 1.0, 0.5)
+    assert pope.binary_metrics([], [])["f1"] is None
+    assert pope.binary_metrics(["yes", "no"], ["no", "no"])["f1"] == 0.0   # never says yes
+    assert "random" in format_report({"data_dir": str(d), "split": "test", "images": 5,
+                                      "suites": {"pope": res}})
 
 
 def test_pope_separates_prior_partner_hallucination(data_dir):
@@ -209,7 +234,32 @@ def test_chair_oracle_is_clean_and_one_wrong_object_is_counted_exactly(data_dir)
     assert bad["chair_i"] == pytest.approx(n / (clean["mentions"] + n))
 
 
+def test_chair_reads_hyphenated_names_and_counts_what_reference_captions_name():
+    from agevlm_edge.data.vocab import coco_vocabulary
+
+    words = chair.word_map({"classes": coco_vocabulary(
+        ["person", "dog", "hot dog", "teddy bear", "bear", "dining table"])})
+    assert chair.mentions("A hot-dog and a Teddy-Bear; hot  dogs.", words) == [
+        "hot dog", "teddy bear", "hot dog"]
+    # Original CHAIR: an object the reference captions name is no hallucination, even where
+    # the instances leave it out (COCO rarely annotates every table).
+    rec = {"objects": [{"class": "person"}], "captions": [{"text": "A man sitting at a table."}]}
+    assert chair.ground_truth(rec, words, chair.mention_pattern(words)) == {"person", "dining table"}
+
+
 # ----------------------------------------------------------------------------- grounding
+def test_a_phrase_with_an_empty_mask_has_no_grounding_target():
+    from agevlm_edge.data.datadir import encode_mask
+
+    empty, full = np.zeros((64, 64), bool), np.zeros((64, 64), bool)
+    full[8:16, 8:16] = True
+    rec = {"objects": [{"id": 0, "mask": encode_mask(empty)}, {"id": 1, "mask": encode_mask(full)}],
+           "captions": [{"text": "a dot and a box", "phrases": [
+               {"start": 2, "end": 5, "objects": [0]}, {"start": 12, "end": 15, "objects": [1]}]}]}
+    [(ci, spans, grids)] = grounding.phrase_targets(rec, 8)
+    assert spans == [(12, 15)] and grids[0][1, 1] == 1.0
+
+
 def test_mask_to_grid_is_exact_area_fraction():
     m = np.zeros((64, 64), bool)
     m[8:16, 16:24] = True                          # exactly patch (1, 2)

@@ -5,7 +5,10 @@
 
 Object words come from dataset.json's vocabulary (class names, plurals, synonyms and
 synonym plurals, each mapped to its class), matched as whole words, case-insensitively,
-longest first (so "stripes" is one mention of bar, not "stripe" + "s").
+longest first (so "stripes" is one mention of bar, not "stripe" + "s"); the words of a
+multi-word name may be joined by spaces or hyphens ("hot-dog"), as the importer matches them.
+An image's ground truth is, as in the original code, its annotated classes plus the classes
+its reference captions name (COCO captions name objects its instances leave out).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 
+from ..data.vocab import term_words
 from ..errors import BadInput
 from .backend import EvalBackend
 from .common import ImageStore, chunks, ratio
@@ -28,20 +32,27 @@ def word_map(vocabulary: dict) -> dict[str, str]:
     for name, entry in classes.items():
         words = [name, entry.get("plural", ""), *entry.get("synonyms", []),
                  *entry.get("synonym_plurals", [])]
-        out.update({w.lower(): name for w in words if w})
+        out.update({term_words(w): name for w in words if w})
     return out
 
 
 def mention_pattern(words: dict[str, str]) -> re.Pattern:
     """One regex of all object words, longest first so plurals win over their stems."""
     alts = sorted(words, key=lambda w: (-len(w), w))
-    return re.compile(r"\b(" + "|".join(map(re.escape, alts)) + r")\b", re.IGNORECASE)
+    return re.compile(r"\b(" + "|".join(r"[\s-]+".join(map(re.escape, w.split())) for w in alts)
+                      + r")\b", re.IGNORECASE)
 
 
 def mentions(caption: str, words: dict[str, str], pattern: re.Pattern | None = None) -> list[str]:
     """Classes mentioned in ``caption``, one entry per mention, in order."""
     pattern = pattern or mention_pattern(words)
-    return [words[m.group(1).lower()] for m in pattern.finditer(caption)]
+    return [words[term_words(m.group(1))] for m in pattern.finditer(caption)]
+
+
+def ground_truth(record: dict, words: dict[str, str], pattern: re.Pattern) -> set[str]:
+    """The record's annotated classes and those its reference captions mention."""
+    named = {c for cap in record.get("captions", []) for c in mentions(cap["text"], words, pattern)}
+    return {o["class"] for o in record["objects"]} | named
 
 
 def chair_scores(captions: list[str], truths: list[set[str]], words: dict[str, str]) -> dict:
@@ -72,7 +83,8 @@ def run_chair(backend: EvalBackend, data_dir: str | os.PathLike, meta: dict,
     caps: list[str] = []
     for sl in chunks(len(records), "chair"):
         caps += backend.caption(store.many([r["file"] for r in records[sl]]), max_new_tokens)
-    truths = [{o["class"] for o in r["objects"]} for r in records]
+    pattern = mention_pattern(words)
+    truths = [ground_truth(r, words, pattern) for r in records]
     res = chair_scores(caps, truths, words)
     for row, r in zip(res["captions"], records):
         row["image_id"] = r["image_id"]

@@ -66,16 +66,19 @@ def pointing_hit(heat: np.ndarray, frac: np.ndarray) -> bool:
 
 
 def phrase_targets(record: dict, grid: int) -> list[tuple[int, list[tuple[int, int]], list[np.ndarray]]]:
-    """Per caption of a record: (caption index, phrase spans, mask-fraction grids)."""
+    """Per caption of a record: (caption index, phrase spans, mask-fraction grids). A phrase
+    whose masks have no pixel (an imported zero-area polygon) has no target and is left out:
+    binary_grid would make patch (0, 0) its target."""
     masks = {o["id"]: decode_mask(o["mask"]) for o in record["objects"]}
     out = []
     for ci, cap in enumerate(record.get("captions", [])):
         spans, grids = [], []
         for ph in cap.get("phrases", []):
             objs = [masks[i] for i in ph["objects"] if i in masks]
-            if objs:
+            union = np.logical_or.reduce(objs) if objs else None
+            if union is not None and union.any():
                 spans.append((ph["start"], ph["end"]))
-                grids.append(mask_to_grid(np.logical_or.reduce(objs), grid))
+                grids.append(mask_to_grid(union, grid))
         if spans:
             out.append((ci, spans, grids))
     return out

@@ -52,8 +52,12 @@ def prior_partners(meta: dict) -> dict[str, str]:
 
 
 def binary_metrics(labels: list[str], preds: list[str]) -> dict:
-    """Accuracy, precision, recall, F1 and yes-ratio with yes as the positive class."""
+    """Accuracy, precision, recall, F1 and yes-ratio with yes as the positive class; a model
+    that never says yes scores precision and F1 0; with no questions every rate is None."""
     pairs = list(zip(labels, preds))
+    if not pairs:
+        return {"n": 0, **dict.fromkeys(("accuracy", "precision", "recall", "f1", "yes_ratio")),
+                "tp": 0, "fp": 0, "tn": 0, "fn": 0}
     tp = sum(lab == "yes" and p == "yes" for lab, p in pairs)
     fp = sum(lab == "no" and p == "yes" for lab, p in pairs)
     tn = sum(lab == "no" and p == "no" for lab, p in pairs)
@@ -160,7 +164,9 @@ def _summary(files: dict, rows: dict, answers: dict, present: dict, partners: di
                    for rs in rows.values() for r in rs}.values())
     preds = [parse_yes_no(answers[(r["image_id"], r["text"])]) for r in unique]
     neg = [(r, p) for r, p in zip(unique, preds) if r["label"] == "no"]
-    mean = lambda k: ratio(sum(f[k] or 0.0 for f in files.values()), len(files))
+    # Over the files with questions for these images (a file without any has no rates).
+    asked = [f for f in files.values() if f["n"]]
+    mean = lambda k: ratio(sum(f[k] for f in asked), len(asked))
     return {"mean_accuracy": mean("accuracy"), "mean_f1": mean("f1"),
             "mean_yes_ratio": mean("yes_ratio"),
             "false_yes": false_yes([r for r, _ in neg], [p for _, p in neg], present, partners),
