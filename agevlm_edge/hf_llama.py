@@ -26,11 +26,17 @@ def lm_config_from_hf(hf: dict) -> dict:
     """Our decoder fields from a Hugging Face Llama config.json (LlamaForCausalLM shapes)."""
     if hf.get("model_type") not in ("llama", None) and "LlamaForCausalLM" not in hf.get("architectures", []):
         raise ValueError(f"not a Llama-family config (model_type={hf.get('model_type')!r})")
-    if hf.get("rope_scaling"):
-        raise ValueError(f"rope_scaling {hf['rope_scaling']} is not supported yet")
+    scaling = dict(hf.get("rope_scaling") or {})
+    kind = scaling.pop("rope_type", scaling.pop("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"rope_scaling of type {kind!r} is not supported (default and llama3 are)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ValueError("attention/MLP biases are not supported (Llama has none)")
     out = {ours: hf[theirs] for theirs, ours in _HF_FIELDS.items() if hf.get(theirs) is not None}
+    if kind == "llama3":
+        out["rope_scaling"] = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                       "original_max_position_embeddings")
+                               if k in scaling}
     out["max_seq_len"] = min(int(hf.get("max_position_embeddings", 2048)), 8192)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if isinstance(hf.get(name), int):

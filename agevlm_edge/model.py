@@ -58,6 +58,7 @@ class AgeVLMConfig:
     head_dim: int = 0                # 0: d_model // n_heads
     ffn_hidden: int = 768            # a multiple of 128: int4 blocks and bnb's CPU nf4 packing
     rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)   # HF's llama3 rope_scaling (Llama-3.2); {}: none
     rms_eps: float = 1e-5
     max_seq_len: int = 256
     tie_embeddings: bool = True
@@ -108,6 +109,14 @@ class AgeVLMConfig:
             raise ValueError("vision_skip needs the built-in cnn stem (vision_stem='cnn', no vision_hf_dir)")
         if self.n_heads % self.n_kv_heads or self.xattn_heads % self.xattn_kv_heads:
             raise ValueError("query heads must be a multiple of key/value heads")
+        rope_keys = {"factor", "low_freq_factor", "high_freq_factor",
+                     "original_max_position_embeddings"}
+        if self.rope_scaling and not (rope_keys <= set(self.rope_scaling) and all(
+                isinstance(self.rope_scaling[k], (int, float)) and self.rope_scaling[k] > 0
+                for k in rope_keys) and self.rope_scaling["high_freq_factor"]
+                > self.rope_scaling["low_freq_factor"]):
+            raise ValueError(f"rope_scaling must be llama3's positive {', '.join(sorted(rope_keys))} "
+                             f"(high_freq_factor > low_freq_factor), got {self.rope_scaling}")
 
     @property
     def cross_layers(self) -> tuple[int, ...]:
@@ -362,13 +371,15 @@ class Decoder(nn.Module):
                 # Its left padding sits between the image and the text tokens: cache slots are
                 # then not the real positions shifted alike for every key of a row.
                 raise ValueError('attn_impl "gqa" is for arch "xattn" (concat pads mid-sequence)')
-            cos, sin = rope_cache(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta)
+            cos, sin = rope_cache(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta,
+                                  self.cfg.rope_scaling)
             mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill(
                 ~mask, torch.finfo(h.dtype).min)
             mha_layout = any(kv[0].dim() == 3 for kv in (cross_kv or {}).values())
             xattn_impl = "mha" if mha_layout else "fused"
         else:
-            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta,
+                                    self.cfg.rope_scaling)
         presents, probs, hidden = [], {}, []
         for i, layer in enumerate(self.layers):
             if str(i) in self.xattn and cross_kv is not None:

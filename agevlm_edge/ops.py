@@ -38,15 +38,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return probs @ v, probs
 
 
-def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
-    """[hd/2] rotary frequencies, Llama's."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, device=None, scaling: dict | None = None
+                  ) -> torch.Tensor:
+    """[hd/2] rotary frequencies, Llama's; ``scaling`` is a config's llama3 rope_scaling
+    (Llama-3.1/3.2: long wavelengths divided by ``factor``, short ones kept, a smooth blend
+    between), as transformers' _compute_llama3_parameters computes it."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    if not scaling:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [B,T] -> cos, sin [B,1,T,hd] in Hugging Face Llama's (rotate_half) layout."""
-    inv_freq = rope_inv_freq(head_dim, theta, positions.device)
+    inv_freq = rope_inv_freq(head_dim, theta, positions.device, scaling)
     freqs = positions.float()[..., None] * inv_freq                 # (B, T, hd/2)
     emb = torch.cat([freqs, freqs], dim=-1)                         # (B, T, hd)
     return emb.cos()[:, None], emb.sin()[:, None]                   # (B, 1, T, hd)
@@ -59,10 +72,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x[..., h:], x[..., :h]], dim=-1) * sin
 
 
-def rope_cache(max_positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cache(max_positions: int, head_dim: int, theta: float, scaling: dict | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [max_positions, hd/2]: the rotary tables GroupQueryAttention takes (one half of
     rope_cos_sin's rows, which repeat them)."""
-    freqs = torch.arange(max_positions).float()[:, None] * rope_inv_freq(head_dim, theta)
+    freqs = torch.arange(max_positions).float()[:, None] * rope_inv_freq(head_dim, theta,
+                                                                          scaling=scaling)
     return freqs.cos(), freqs.sin()
 
 

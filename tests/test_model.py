@@ -25,27 +25,47 @@ def _open_gates(m: AgeVLM, value: float = 0.7) -> None:
             blk.mlp_gate.fill_(value)
 
 
-@pytest.mark.parametrize("n_kv", [4, 2])
-def test_decoder_matches_transformers_llama(tmp_path, n_kv):
+# Llama-3.2's rope_scaling with its context shrunk to this test's: of head size 8's four
+# wavelengths (2*pi * 5000^(i/8): 6, 53, 444, 3736) one is kept, one blended, two scaled.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("n_kv,rope_scaling", [(4, None), (2, None), (2, LLAMA3_ROPE)])
+def test_decoder_matches_transformers_llama(tmp_path, n_kv, rope_scaling):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     hf_cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=n_kv, rope_theta=5000.0,
-                         rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=64)
+                         rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=256,
+                         rope_scaling=rope_scaling)
     hf = LlamaForCausalLM(hf_cfg).eval()
     hf.save_pretrained(tmp_path, safe_serialization=True)
     ours = from_pretrained_lm(tmp_path, image_size=32, patch_size=8, vision_width=32,
                               vision_layers=1, vision_heads=2).eval()
     assert ours.cfg.cross_layers == (1,) and ours.cfg.n_kv_heads == n_kv
-    ids = torch.randint(0, 97, (2, 12))
+    assert bool(ours.cfg.rope_scaling) == bool(rope_scaling)
+    ids = torch.randint(0, 97, (2, 200))             # positions past the original 64
     with torch.no_grad():
         ref = hf(ids).logits
         # Gates start at 0: with an image the decoder is still exactly the pretrained LM.
         got = ours(ids, pixel_values=torch.randn(2, 3, 32, 32)).logits
         eager = ours(ids, attn_impl="eager").logits
-    assert (got - ref).abs().max().item() <= 1e-4
-    assert (eager - ref).abs().max().item() <= 1e-4
+        gqa = ours(ids, attn_impl="gqa").logits       # rotary tables of the export's op
+    for out in (got, eager, gqa):
+        assert (out - ref).abs().max().item() <= 1e-4
+
+
+def test_unsupported_rope_scaling_is_one_clear_error():
+    from agevlm_edge.hf_llama import lm_config_from_hf
+
+    base = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2}
+    with pytest.raises(ValueError, match="rope_scaling of type 'yarn' is not supported"):
+        lm_config_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    assert "rope_scaling" not in lm_config_from_hf({**base, "rope_scaling": {"type": "default"}})
+    with pytest.raises(ValueError, match="rope_scaling must be llama3's"):
+        AgeVLMConfig(rope_scaling={"factor": 8.0})
 
 
 def test_eager_and_fused_attention_agree_and_eager_returns_probabilities():
