@@ -449,6 +449,22 @@ def test_sampling_takes_an_overflowed_logit_and_refuses_a_row_without_a_finite_o
         sample_next(np.full((1, 4), np.nan, np.float32), cfg, rng)
 
 
+def test_top_k_and_top_p_keep_the_tokens_they_should_at_the_right_rates():
+    from agevlm_edge.runtime.session import GenerationConfig, sample_next
+
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 4000))     # 4000 draws in one call
+
+    def freq(**kw):
+        ids = sample_next(logits, GenerationConfig(temperature=1.0, **kw), np.random.default_rng(0))
+        return np.bincount(ids, minlength=4) / len(ids)
+    full = freq()
+    assert (full > 0).all() and np.allclose(full, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    # top-p 0.7: the smallest set whose mass reaches 0.7 is {0, 1}, renormalised to 5/8, 3/8
+    for kept in (freq(top_p=0.7), freq(top_k=2)):
+        assert kept[2:].sum() == 0 and np.allclose(kept[:2], [0.625, 0.375], atol=0.03)
+    assert freq(top_p=0.4)[0] == 1.0 and freq(top_p=0.85)[3] == 0 and freq(top_p=0.85)[2] > 0
+
+
 def test_heatmap_words_start_where_the_decoded_text_has_a_space():
     """SentencePiece-style tokens (Metaspace) decode alone without their leading space; the
     words still split, so "a red cubes" gives panels for red and cubes (not one 'aredcubes')."""
