@@ -313,8 +313,9 @@ def eval_cmd(model_dir, data_dir, suite, split, limit, out_json, bnb, device) ->
 @click.option("--fuse/--no-fuse", default=True, show_default=True,
               help="--no-fuse: opset 18, attention as a MatMul/Softmax chain (the baseline).")
 @click.option("--xattn-probs/--no-xattn-probs", default=True, show_default=True,
-              help="Also output cross-attention probabilities (heatmaps, grounding eval); "
-                   "the cross-attention then runs unfused.")
+              help="Also output cross-attention probabilities (heatmaps, grounding eval): "
+                   "the cpu target's fused Attention op returns them; mobile-gpu's "
+                   "cross-attention then runs unfused.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
               help="DATA DIR for parity pairs and object words (default: the run's own data).")
 @click.option("--pairs", default=20, show_default=True, type=click.IntRange(1, 10_000), help="Image/prompt pairs whose greedy "

@@ -361,11 +361,14 @@ class Decoder(nn.Module):
         self.xattn = nn.ModuleDict({str(i): GatedXAttnBlock(cfg) for i in cfg.cross_layers})
         self.norm = RMSNorm(cfg.d_model, cfg.rms_eps)
 
-    def forward(self, h, positions, mask, cross_kv, past, impl, need_probs, need_hidden):
+    def forward(self, h, positions, mask, cross_kv, past, impl, need_probs, need_hidden,
+                xattn_impl: str | None = None):
         """impl "fused" | "eager" | "gqa" (self-attention in GroupQueryAttention's form,
         gqa_rotary; cross-attention then runs "mha", MultiHeadAttention's form, over K/V in
-        its 3-D layout, and "fused" (SDPA, native GQA) over [B,Hkv,N,hd] K/V)."""
-        xattn_impl = impl
+        its 3-D layout, and "fused" (SDPA, native GQA) over [B,Hkv,N,hd] K/V).
+        ``xattn_impl`` overrides the cross-attention's (an opset-18 export that wants the
+        probabilities: "eager")."""
+        default_xattn = impl
         if impl == "gqa":
             if self.cfg.arch == "concat":
                 # Its left padding sits between the image and the text tokens: cache slots are
@@ -376,10 +379,11 @@ class Decoder(nn.Module):
             mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill(
                 ~mask, torch.finfo(h.dtype).min)
             mha_layout = any(kv[0].dim() == 3 for kv in (cross_kv or {}).values())
-            xattn_impl = "mha" if mha_layout else "fused"
+            default_xattn = "mha" if mha_layout else "fused"
         else:
             cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta,
                                     self.cfg.rope_scaling)
+        xattn_impl = xattn_impl or default_xattn
         presents, probs, hidden = [], {}, []
         for i, layer in enumerate(self.layers):
             if str(i) in self.xattn and cross_kv is not None:

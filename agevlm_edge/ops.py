@@ -4,6 +4,8 @@ compute, so that the mobile-gpu export can map each onto one node (export/contri
 
     attention(q, k, v, mask, "fused")  SDPA (native GQA)       -> out
     attention(q, k, v, mask, "eager")  softmax(q.k/sqrt(hd)).v -> out, probs [B,Hq,T,S]
+    attention(..., "fused", need_probs=True) while exporting: one opset-23 Attention node
+                                       that returns its softmax too -> out, probs
     torch.ops.agevlm.gqa_rotary        com.microsoft GroupQueryAttention (rotary inside)
     torch.ops.agevlm.cross_mha         com.microsoft MultiHeadAttention
 
@@ -24,11 +26,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """Grouped-query attention. q [B,Hq,T,hd], k/v [B,Hkv,S,hd], mask bool [B|1,1,T,S] (True=keep).
 
     "fused" runs SDPA; "eager" materialises the probabilities [B,Hq,T,S] and returns them.
+    "fused" with ``need_probs`` is the eager chain in PyTorch (the dice loss differentiates it)
+    and, inside an ONNX export, the opset-23 Attention op with qk_matmul_output_mode 3 (its
+    fourth output is the softmax): a fused cross-attention that still gives the heatmaps
+    their maps. Only opset >= 23 exports may ask for it (Decoder.forward's ``xattn_impl``).
     """
     if impl == "fused" and not need_probs:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              enable_gqa=q.shape[1] != k.shape[1])
         return out, None
+    if impl == "fused" and torch.onnx.is_in_onnx_export():
+        out, _, _, probs = torch.onnx.ops.attention(q, k, v, attn_mask=mask,
+                                                    qk_matmul_output_mode=3)
+        return out, probs
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])   # (B, Hq, T, S)

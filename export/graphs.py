@@ -62,14 +62,16 @@ class DecoderGraph(nn.Module):
     ``impl`` picks the attention path: "fused" (SDPA, which the exporter turns into the
     opset-23 Attention op), "eager" (the MatMul/Softmax chain, the unfused baseline) or
     "gqa" (self-attention as com.microsoft GroupQueryAttention, export.contrib).
-    ``probs`` adds the cross-attention probabilities as outputs (the cross-attention then runs
-    eager, since a fused op does not return them).
+    ``probs`` adds the cross-attention probabilities as outputs: at opset 23 the fused
+    Attention op returns them as its softmax output; ``xattn_impl`` "eager" (opset 18, which
+    has no such op) runs that cross-attention as the MatMul/Softmax chain instead.
     """
 
     def __init__(self, model: AgeVLM, impl: str = "fused", probs: bool = False,
-                 naive_kv: bool = False):
+                 naive_kv: bool = False, xattn_impl: str | None = None):
         super().__init__()
         self.model, self.impl, self.probs, self.naive_kv = model, impl, probs, naive_kv
+        self.xattn_impl = xattn_impl
         self.n_layers = model.cfg.n_layers
         self.cross = [str(i) for i in model.cfg.cross_layers]
 
@@ -90,7 +92,7 @@ class DecoderGraph(nn.Module):
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
         mask = attention_mask_4d(attention_mask, q_len)
         h, presents, probs, _ = m.decoder(h, positions, mask, cross_kv, past, self.impl,
-                                          self.probs, False)
+                                          self.probs, False, self.xattn_impl)
         if cfg.arch == "concat":
             h = h[:, q_len - input_ids.shape[1]:]                  # text positions only
         out = [m.lm_head(h)] + [t for kv in presents for t in kv]

@@ -109,7 +109,10 @@ def export_graphs(model, out_dir: Path, fused: bool = True, xattn_probs: bool = 
     dyn = ({0: batch, 1: seq}, {0: batch, 1: Dim("keys")},
            tuple({0: batch, 2: past_len} for _ in past) + image_dims)
     impl = "gqa" if gqa else "fused" if fused else "eager"
-    decoder = DecoderGraph(model, impl=impl, probs=xattn_probs, naive_kv=naive_kv).eval()
+    # Probabilities from a fused cross-attention need opset 23's Attention (ops.attention).
+    probs_chain = xattn_probs and (impl == "eager" or opset < 23)
+    decoder = DecoderGraph(model, impl=impl, probs=xattn_probs, naive_kv=naive_kv,
+                           xattn_impl="eager" if probs_chain else None).eval()
     out_names = ["logits"] + names["present"] + (names["probs"] if xattn_probs else [])
     _export(decoder, (ids, mask, *past, *vis), out_dir / "decoder.onnx", opset,
             ["input_ids", "attention_mask"] + names["past"] + vis_names, out_names, dyn,
@@ -117,7 +120,8 @@ def export_graphs(model, out_dir: Path, fused: bool = True, xattn_probs: bool = 
     return {"opset": opset, "self_attention": "GroupQueryAttention" if gqa else impl,
             "cross_kv_layout": kv_layout if cfg.arch == "xattn" and not naive_kv else None,
             "cross_attention": "none (concat)" if cfg.arch == "concat" else
-            "MatMul/Softmax (probabilities exported)" if xattn_probs else
+            "MatMul/Softmax (probabilities exported)" if probs_chain else
+            "Attention (its softmax output exported as the probabilities)" if xattn_probs else
             "MultiHeadAttention (query and key zero-padded per head)" if mha_cross else
             "fused" if gqa else impl}
 
