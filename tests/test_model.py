@@ -57,6 +57,13 @@ def test_decoder_matches_transformers_llama(tmp_path, n_kv, rope_scaling):
         assert (out - ref).abs().max().item() <= 1e-4
 
 
+def test_small_preset_is_about_150m_parameters():
+    with torch.device("meta"):
+        m = AgeVLM(build_config("small"))
+    assert 140e6 <= sum(p.numel() for p in m.parameters()) <= 160e6
+    assert m.cfg.cross_layers == (1, 9, 17, 25) and m.cfg.n_image_tokens == 196
+
+
 def test_unsupported_rope_scaling_is_one_clear_error():
     from agevlm_edge.hf_llama import lm_config_from_hf
 
