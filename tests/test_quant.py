@@ -18,6 +18,19 @@ S = 32
 @pytest.fixture(scope="module")
 def fp32(tmp_path_factory, small_world):
     """A seeded tiny xattn RUN DIR (gates open) and its fp32 cpu export."""
+    return _tiny_export(tmp_path_factory.mktemp("quant"), small_world, seed=2)
+
+
+@pytest.fixture(scope="module")
+def decisive(tmp_path_factory, small_world):
+    """The same with " yes" and " no" as opposite, large embedding rows orthogonal to the
+    mean answer state: a random model's first answer token is then yes or no by the sign of
+    one projection of the state, so its POPE answers follow the input and a model that
+    drifts flips them (a random model's tokens parse as yes, whatever the drift)."""
+    return _tiny_export(tmp_path_factory.mktemp("decisive"), small_world, seed=2, decisive=True)
+
+
+def _tiny_export(root, small_world, seed: int, decisive: bool = False):
     import torch
 
     from agevlm_edge.checkpoint import save_model_files
@@ -26,9 +39,8 @@ def fp32(tmp_path_factory, small_world):
     from agevlm_edge.model import AgeVLM, AgeVLMConfig
     from agevlm_edge.preprocess import Preprocessor
 
-    root = tmp_path_factory.mktemp("quant")
     tok = train_bpe(corpus(small_world), 400)
-    torch.manual_seed(2)
+    torch.manual_seed(seed)
     cfg = AgeVLMConfig(image_size=S, patch_size=8, vision_width=32, vision_heads=2,
                        vocab_size=tok.get_vocab_size(), d_model=64, n_layers=2, n_heads=4,
                        n_kv_heads=2, ffn_hidden=128, max_seq_len=128)
@@ -37,6 +49,22 @@ def fp32(tmp_path_factory, small_world):
         for blk in model.decoder.xattn.values():
             blk.attn_gate.fill_(0.7)
             blk.mlp_gate.fill_(0.7)
+        if decisive:
+            from agevlm_edge.data.datadir import pope_question
+            from agevlm_edge.prompts import question_prompt
+            from agevlm_edge.text import prompt_ids
+
+            states = []
+            for c in ("circle", "square", "star", "moon"):
+                ids = torch.tensor([prompt_ids(tok, question_prompt(pope_question(c)))])
+                out = model(ids, pixel_values=torch.randn(1, 3, S, S), output_hidden=True)
+                states.append(model.decoder.norm(out.hidden_states[-1][0, -1]))
+            mean = torch.stack(states).mean(0)
+            emb = model.decoder.embed_tokens.weight                 # tied with the LM head
+            yes, no = (tok.encode(w).ids[-1] for w in (" yes", " no"))
+            v = torch.randn_like(emb[yes])
+            v -= (v @ mean) / (mean @ mean) * mean                  # no lean toward either
+            emb[yes], emb[no] = 5 * v / v.norm(), -5 * v / v.norm()
     save_model_files(root / "run", model, tok, Preprocessor(S))
     export_run(root / "run", root / "fp32", data_dir=small_world, n_pairs=4)
     return root / "fp32"
@@ -495,8 +523,9 @@ def test_quantize_bad_inputs_one_line_exit_2(fp32, tmp_path, small_world):
 
 
 # ------------------------------------------------------------------------------------ drift
-def test_drift_gate_passes_fp16_and_fails_int2_with_exit_codes(fp32, tmp_path, small_world,
+def test_drift_gate_passes_fp16_and_fails_int2_with_exit_codes(decisive, tmp_path, small_world,
                                                               monkeypatch):
+    fp32 = decisive
     from agevlm_edge.quant.quantize import quantize_export
     from agevlm_edge.quant.schemes import make_recipe
 
