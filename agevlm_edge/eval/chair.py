@@ -55,9 +55,10 @@ def ground_truth(record: dict, words: dict[str, str], pattern: re.Pattern) -> se
     return {o["class"] for o in record["objects"]} | named
 
 
-def chair_scores(captions: list[str], truths: list[set[str]], words: dict[str, str]) -> dict:
+def chair_scores(captions: list[str], truths: list[set[str]], words: dict[str, str],
+                 pattern: re.Pattern | None = None) -> dict:
     """CHAIR_s, CHAIR_i and object recall for captions against their images' classes."""
-    pattern = mention_pattern(words)
+    pattern = pattern or mention_pattern(words)
     n_ment = n_hall = n_bad_caps = covered = n_truth = 0
     per_caption = []
     for cap, truth in zip(captions, truths):
@@ -85,7 +86,7 @@ def run_chair(backend: EvalBackend, data_dir: str | os.PathLike, meta: dict,
         caps += backend.caption(store.many([r["file"] for r in records[sl]]), max_new_tokens)
     pattern = mention_pattern(words)
     truths = [ground_truth(r, words, pattern) for r in records]
-    res = chair_scores(caps, truths, words)
+    res = chair_scores(caps, truths, words, pattern)
     for row, r in zip(res["captions"], records):
         row["image_id"] = r["image_id"]
     return res
