@@ -56,6 +56,11 @@ def term_words(term: str) -> str:
     return " ".join(re.split(r"[\s-]+", term.strip().lower()))
 
 
+def term_regex(term: str) -> str:
+    """A term's words as a regex, joined by any spaces or hyphens ("hot dog" ~ "Hot-Dog")."""
+    return r"[\s-]+".join(map(re.escape, term.split()))
+
+
 def term_matcher(vocab: dict[str, dict]) -> tuple[re.Pattern, dict[str, str]] | None:
     """One case-insensitive whole-word regex over every class word, longest first."""
     term_class: dict[str, str] = {}
@@ -66,7 +71,7 @@ def term_matcher(vocab: dict[str, dict]) -> tuple[re.Pattern, dict[str, str]] | 
         return None
     # Longest first, so "hot dog" wins over "dog" and "dining table" over "table".
     terms = sorted(term_class, key=lambda t: (-len(t), t))
-    alternation = "|".join(r"[\s-]+".join(map(re.escape, t.split())) for t in terms)
+    alternation = "|".join(map(term_regex, terms))
     return re.compile(rf"\b(?:{alternation})\b", re.IGNORECASE), term_class
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 
-from ..data.vocab import term_words
+from ..data.vocab import term_regex, term_words
 from ..errors import BadInput
 from .backend import EvalBackend
 from .common import ImageStore, chunks, ratio
@@ -39,8 +39,7 @@ def word_map(vocabulary: dict) -> dict[str, str]:
 def mention_pattern(words: dict[str, str]) -> re.Pattern:
     """One regex of all object words, longest first so plurals win over their stems."""
     alts = sorted(words, key=lambda w: (-len(w), w))
-    return re.compile(r"\b(" + "|".join(r"[\s-]+".join(map(re.escape, w.split())) for w in alts)
-                      + r")\b", re.IGNORECASE)
+    return re.compile(r"\b(" + "|".join(map(term_regex, alts)) + r")\b", re.IGNORECASE)
 
 
 def mentions(caption: str, words: dict[str, str], pattern: re.Pattern | None = None) -> list[str]:
