@@ -18,7 +18,7 @@ import click
 
 from . import __version__
 from .cli_quant import COMMANDS as QUANT_COMMANDS
-from .errors import AgevlmError
+from .errors import AgevlmError, BadInput
 from .fsutil import check_out_file
 
 _DEBUG = False
@@ -351,9 +351,13 @@ def export_cmd(model_dir, out, target, fuse, xattn_probs, data_dir, pairs, kv_ca
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="EXPORT DIR (made by `agevlm export`).")
 @click.option("--image", required=True, type=click.Path(path_type=Path), help="Image file.")
-@click.option("--prompt", "prompts", multiple=True, required=True,
+@click.option("--prompt", "prompts", multiple=True,
               help="Prompt, e.g. 'Question: Is there a cat in the image? Answer:' or 'Caption:'; "
                    "repeat for several (the image is encoded once).")
+@click.option("--chat", is_flag=True,
+              help="The prompts are turns of one conversation: each is asked after the ones "
+                   "before and their answers, whose cache is kept (a turn computes only its own "
+                   "tokens). Without --prompt, turns are read from standard input, one a line.")
 @click.option("--heatmap", type=click.Path(path_type=Path), default=None,
               help="PNG: where each object word of the first answer looked.")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
@@ -367,7 +371,7 @@ def export_cmd(model_dir, out, target, fuse, xattn_probs, data_dir, pairs, kv_ca
 @click.option("--graph-format", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True,
               help="ort: the ORT-format copies a --target mobile-gpu export ships (what "
                    "onnxruntime's minimal mobile builds load).")
-def infer_cmd(model_dir, image, prompts, heatmap, max_new_tokens, temperature, top_k, top_p,
+def infer_cmd(model_dir, image, prompts, chat, heatmap, max_new_tokens, temperature, top_k, top_p,
               seed, provider, threads, graph_format) -> None:
     """Answer prompts about an image on the device runtime (onnxruntime, no torch)."""
     from .runtime.infer import run_infer
@@ -376,12 +380,25 @@ def infer_cmd(model_dir, image, prompts, heatmap, max_new_tokens, temperature, t
     def write(s: str) -> None:
         click.echo(s, nl=False)
 
+    def typed_turns():
+        while True:
+            if sys.stdin.isatty():
+                click.echo("> ", nl=False, err=True)
+            line = sys.stdin.readline()
+            if not line:
+                return
+            if line.strip():
+                yield line.strip()
+
+    if not prompts and not chat:
+        raise BadInput("give at least one --prompt (or --chat to type turns on standard input)")
+
     if heatmap:
         check_out_file(heatmap, [("EXPORT DIR", model_dir), ("image", image)])
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, seed=seed)
-    run_infer(model_dir, image, prompts, gen, heatmap=heatmap, provider=provider,
-              threads=threads, write=write, graph_format=graph_format)
+    run_infer(model_dir, image, list(prompts) if prompts else typed_turns(), gen, heatmap=heatmap,
+              provider=provider, threads=threads, write=write, graph_format=graph_format, chat=chat)
 
 
 @cli.command("bench")

@@ -19,10 +19,11 @@ def small_world(tmp_path_factory) -> Path:
     return out
 
 
-def run_cli(*args: str, check_rc: int | None = None) -> subprocess.CompletedProcess:
-    """Run the real `agevlm` entry point in a subprocess (exit codes, stderr as users see them)."""
+def run_cli(*args: str, check_rc: int | None = None, stdin: str = "") -> subprocess.CompletedProcess:
+    """Run the real `agevlm` entry point in a subprocess (exit codes, stderr as users see them);
+    ``stdin``: what it reads on standard input."""
     proc = subprocess.run([sys.executable, "-m", "agevlm_edge.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, input=stdin)
     if check_rc is not None:
         assert proc.returncode == check_rc, (proc.returncode, proc.stdout, proc.stderr)
     return proc

@@ -576,6 +576,86 @@ def test_prefill_one_token_per_call_matches_one_call(exported, small_world, expo
     assert rt.generate(state, seqs, GenerationConfig(max_new_tokens=8)).ids == gen
 
 
+TURNS = ("Caption:", "Question: Is there a circle in the image? Answer:",
+         "Question: What colour is the cube? Answer:")
+
+
+@pytest.mark.parametrize("export", ["xattn", "concat", "inplace", "mobile", "one-token"])
+def test_a_conversation_keeps_its_cache_and_answers_as_the_whole_transcript(exported, small_world,
+                                                                            export):
+    """Each turn feeds the decoder only the tokens its cache lacks (the end of the answer
+    before, the end token, the new prompt), yet answers as one generation over the whole
+    transcript does, and a last extension gives that prefill's logits. For every cache kind:
+    grown (xattn, concat: image rows in the cache), in place (inplace, mobile), and the
+    one-token-per-call prefill of a faulty provider (one-token)."""
+    from agevlm_edge.runtime import GenerationConfig, Runtime
+
+    rt = Runtime(exported["xattn" if export == "one-token" else export])
+    if export == "one-token":
+        rt.prefill_fault = "forced by the test"
+    img = sorted((small_world / "images" / "test").iterdir())[1]
+    state = rt.encode_images([rt.load_image(img)])
+    cfg = GenerationConfig(max_new_tokens=5)
+    widths = []
+    step = rt.step
+    rt.step = lambda ids, *a, **k: widths.append(ids.shape[1]) or step(ids, *a, **k)
+    conv = rt.chat(state)
+    for k, prompt in enumerate(TURNS):
+        whole, held = conv.turn_ids(prompt), conv.fed
+        assert whole[:len(conv.ids)] == conv.ids
+        widths.clear()
+        res = conv.ask(prompt, cfg, with_maps=k == 0 and rt.has_probs)
+        assert sum(widths) == conv.fed - held          # no token of the transcript fed twice
+        assert widths[0] == (1 if export == "one-token" else len(whole) - held)
+        assert res.ids == rt.generate(state, [whole], cfg).ids
+        assert conv.ids == whole + res.ids[0] + [rt.eos_id]
+    assert 0 < conv.fed < len(conv.ids)            # the last answer's end not fed yet
+    turn = rt.prompt_ids(TURNS[1])
+    logits, _, mask = rt.extend(state, conv._cache, conv.ids[conv.fed:] + turn)
+    ref = rt.prefill(state, [conv.ids + turn], want_probs=False)[2]
+    n = logits.shape[1]
+    assert n == len(conv.ids) - conv.fed + len(turn) and mask.shape[1] == ref.shape[1] + rt.context_image_tokens
+    assert np.abs(logits - ref[:, -n:]).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_a_conversation_refuses_a_turn_beyond_the_context(exported, small_world):
+    from agevlm_edge.runtime import GenerationConfig, Runtime
+
+    rt = Runtime(exported["xattn"])
+    img = next((small_world / "images" / "test").iterdir())
+    conv = rt.chat(rt.encode_images([rt.load_image(img)]))
+    long = "Caption: " + "red " * 40
+    cfg = GenerationConfig(max_new_tokens=30)
+    conv.ask(long, cfg)
+    held = list(conv.ids)
+    with pytest.raises(BadInput, match="this conversation holds .* start a new conversation"):
+        conv.ask(long, cfg)
+    assert conv.ids == held                         # the conversation goes on after a refusal
+    assert conv.ask("Caption:", GenerationConfig(max_new_tokens=4)).ids
+    with pytest.raises(BadInput, match="about one image, not 2"):
+        rt.chat(rt.encode_images([rt.load_image(img)] * 2))
+
+
+def test_infer_chat_cli_takes_turns_from_flags_or_standard_input(exported, small_world):
+    from agevlm_edge.runtime import GenerationConfig, Runtime
+
+    img = sorted((small_world / "images" / "test").iterdir())[1]
+    rt = Runtime(exported["xattn"])
+    conv = rt.chat(rt.encode_images([rt.load_image(img)]))
+    want = [p + rt.tokenizer.decode(conv.ask(p, GenerationConfig(max_new_tokens=5)).ids[0])
+            for p in TURNS]
+    flags = [a for p in TURNS for a in ("--prompt", p)]
+    base = ("infer", "--model", exported["xattn"], "--image", img, "--max-new-tokens", "5")
+    for proc in (run_cli(*base, "--chat", *flags, check_rc=0),
+                 run_cli(*base, "--chat", stdin="\n".join(TURNS) + "\n\n", check_rc=0)):
+        assert proc.stdout.splitlines() == want
+    assert_one_line_error(run_cli(*base), "give at least one --prompt")
+    assert_one_line_error(run_cli(*base, "--chat", stdin=""), "standard input was empty")
+    proc = run_cli(*base, "--chat", *flags, "--prompt", "Caption: " + "red " * 70)
+    assert_one_line_error(proc, "maximum context of 128")
+    assert proc.stdout == ""                        # the turns are checked before any work
+
+
 def test_inplace_cache_export_and_its_ops(exported):
     """cpu, head size 16: self-attention as GroupQueryAttention (rotary inside) over a cache the
     runtime updates in place, cross-attention opset-23 Attention (native GQA, K/V [B,Hkv,N,hd]);

@@ -70,6 +70,8 @@ class Generation:
     ids: list                                   # generated ids per row (eos excluded)
     texts: list
     maps: list = field(default_factory=list)    # per row, per generated token: [g, g] or None
+    # (self-attention cache, key mask) after the last step: what a Conversation continues
+    cache: tuple | None = field(default=None, repr=False)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -286,6 +288,30 @@ class Runtime:
         logits, past, probs = self.step(ids, keys, past, image, prefill=True, want_probs=want_probs)
         return ids, keys, logits, past, probs
 
+    def extend(self, image: ImageState, history: tuple, ids: Sequence[int], reserve: int = 0
+               ) -> tuple[np.ndarray, dict, np.ndarray]:
+        """Feed one row's ``ids`` after the tokens a cache already holds (``history``: the
+        (cache, key mask) a Generation ends with): (logits [1,T,V], cache, key mask). The
+        positions and keys are those of one prefill over the whole transcript; only the new
+        tokens are computed. One decoder call, or one per token where ``prefill_fault``.
+        ``reserve``: positions an in-place cache should have room for."""
+        past, mask = history
+        if mask.shape[0] != 1 or not len(ids):
+            raise BadInput("a cache is extended one row at a time, by at least one token")
+        new = np.array([list(ids)], np.int64)
+        mask = np.concatenate([mask, np.ones_like(new)], 1)
+        if self.kv_inplace:
+            past = self._reserve(past, min(max(reserve, mask.shape[1]), self.max_seq_len))
+        if not self.prefill_fault:
+            logits, past, _ = self.step(new, mask, past, image, prefill=False, want_probs=False)
+            return logits, past, mask
+        start, steps = mask.shape[1] - new.shape[1], []
+        for t in range(new.shape[1]):
+            logits, past, _ = self.step(new[:, t:t + 1], mask[:, :start + t + 1], past, image,
+                                        prefill=False, want_probs=False)
+            steps.append(logits)
+        return np.concatenate(steps, 1), past, mask
+
     def _one_token_steps(self, ids: np.ndarray, keys: np.ndarray, image: ImageState,
                          want_probs: bool, capacity: int = 0) -> tuple[np.ndarray, dict, dict]:
         """A prefill as one decoder call per token (a concat export's image rows go with the
@@ -412,14 +438,16 @@ class Runtime:
     # -- generation --------------------------------------------------------------------
     def generate(self, image: ImageState, prompts: Sequence[Sequence[int]],
                  cfg: GenerationConfig = GenerationConfig(), with_maps: bool = False,
-                 on_token: Callable[[int, int], None] | None = None) -> Generation:
+                 on_token: Callable[[int, int], None] | None = None,
+                 history: tuple | None = None) -> Generation:
         """Generate for B prompts (token ids) about B images (left padding).
 
         ``with_maps``: per generated token, its cross-attention map [g, g] (mean over heads
         and cross-attention layers), as the eval suite's phrase maps. ``on_token(row, id)``
-        is called as each token is chosen.
+        is called as each token is chosen. ``history``: a previous Generation's ``cache``
+        (one row) the prompt follows, instead of an empty cache (see Conversation).
         """
-        it = self._tokens(image, prompts, cfg, with_maps)
+        it = self._tokens(image, prompts, cfg, with_maps, history)
         while True:
             try:
                 row, tok = next(it)
@@ -438,8 +466,12 @@ class Runtime:
             yield from pieces
             pieces.clear()
 
+    def chat(self, image: ImageState) -> "Conversation":
+        """A conversation about one encoded image: each ``ask`` follows the turns before."""
+        return Conversation(self, image)
+
     def _tokens(self, image: ImageState, prompts: Sequence[Sequence[int]],
-                cfg: GenerationConfig, with_maps: bool):
+                cfg: GenerationConfig, with_maps: bool, history: tuple | None = None):
         """Yields (row, token) as chosen; returns the Generation."""
         cfg = cfg.validate()
         if with_maps and not self.has_probs:
@@ -448,13 +480,20 @@ class Runtime:
         B = len(prompts)
         if image.batch != B:
             raise BadInput(f"{image.batch} images for {B} prompts")
-        self.check_length(max(len(p) for p in prompts), cfg.max_new_tokens)
+        held = 0 if history is None else history[1].shape[1] - self.context_image_tokens
+        self.check_length(held + max(len(p) for p in prompts), cfg.max_new_tokens)
         rng = np.random.default_rng(cfg.seed)
         stops = {self.eos_id, *cfg.stop_ids}
         # room for the prompt, the new tokens and the extra step that maps may take
-        reserve = max(len(p) for p in prompts) + cfg.max_new_tokens + 1
-        _, full_mask, logits, past, probs = self.prefill(image, prompts, want_probs=False,
-                                                         reserve=min(reserve, self.max_seq_len))
+        reserve = min(self.context_image_tokens + held + max(len(p) for p in prompts)
+                      + cfg.max_new_tokens + 1, self.max_seq_len)
+        if history is None:
+            _, full_mask, logits, past, _ = self.prefill(image, prompts, want_probs=False,
+                                                         reserve=reserve)
+        else:
+            if B != 1:
+                raise BadInput("a conversation continues one row at a time")
+            logits, past, full_mask = self.extend(image, history, prompts[0], reserve)
         done = np.zeros(B, bool)
         out: list[list[int]] = [[] for _ in range(B)]
         maps: list[list] = [[] for _ in range(B)]
@@ -484,4 +523,42 @@ class Runtime:
             if last:
                 break
         texts = [self.tokenizer.decode(o).strip() for o in out]
-        return Generation(out, texts, maps)
+        return Generation(out, texts, maps, cache=(past, full_mask))
+
+
+class Conversation:
+    """Turns about one image. The transcript is each turn's prompt (with its bos), its
+    answer and the end token, one after another; a turn's prompt follows the transcript so
+    far, whose self-attention cache is kept, so a turn feeds the decoder only its own tokens
+    (and the end of the previous answer not fed yet). The image's cross K/V (a concat
+    model's image rows: in the cache) come from one ``encode_images``. Answers are those of
+    one generation over the whole transcript (a test compares them)."""
+
+    def __init__(self, rt: Runtime, image: ImageState):
+        if image.batch != 1:
+            raise BadInput(f"a conversation is about one image, not {image.batch}")
+        self.rt, self.image = rt, image
+        self.ids: list[int] = []         # the transcript so far
+        self.fed = 0                     # how much of it the cache holds
+        self._cache: tuple | None = None
+
+    def turn_ids(self, prompt: str) -> list[int]:
+        """The transcript a prompt asked now is answered after, the prompt included."""
+        return self.ids + self.rt.prompt_ids(prompt)
+
+    def ask(self, prompt: str, cfg: GenerationConfig = GenerationConfig(), with_maps: bool = False,
+            on_token: Callable[[int, int], None] | None = None) -> Generation:
+        turn = self.rt.prompt_ids(prompt)
+        if self._cache is not None:
+            have = self.rt.context_image_tokens + len(self.ids) + len(turn)
+            if have + cfg.max_new_tokens > self.rt.max_seq_len:
+                raise BadInput(f"this conversation holds {len(self.ids)} tokens; the next turn's "
+                               f"{len(turn)} + {cfg.max_new_tokens} new ones exceed the model's "
+                               f"maximum context of {self.rt.max_seq_len}: start a new "
+                               "conversation or lower --max-new-tokens")
+        res = self.rt.generate(self.image, [self.ids[self.fed:] + turn], cfg, with_maps, on_token,
+                               history=self._cache)
+        self._cache = res.cache
+        self.fed = res.cache[1].shape[1] - self.rt.context_image_tokens
+        self.ids = self.ids + turn + res.ids[0] + [self.rt.eos_id]
+        return res
