@@ -228,7 +228,9 @@ def lm_import_gguf(out, gguf, overwrite) -> None:
               help="DATA DIR with tokenizer.json (see `agevlm data tokenizer`).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="RUN DIR to write.")
 @click.option("--preset", default="tiny", show_default=True,
-              help="Recipe preset: tiny (from scratch) or smol (frozen SmolLM2-135M, needs --lm-dir).")
+              help="Recipe preset: tiny (from scratch), small (the ~120M SmolLM2-shaped model from "
+                   "scratch on tiny's stages: for a GPU, and a world synthesized at 224 px) or smol "
+                   "(frozen SmolLM2-135M, needs --lm-dir).")
 @click.option("--variant", default="guided", show_default=True,
               type=click.Choice(["guided", "ca", "concat"]),
               help="guided: SAM-guided cross-attention (the paper); ca: same without the dice "

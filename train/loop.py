@@ -93,7 +93,7 @@ def _build(data_dir: Path, recipe: Recipe, image_size: int):
                        f"tokenizer's {tok.get_vocab_size()} tokens; leave it out (it follows "
                        "the tokenizer) or make it larger")
     try:
-        return tok, AgeVLM(build_config("tiny", **overrides))
+        return tok, AgeVLM(build_config(recipe.model_preset, **overrides))
     except (TypeError, ValueError) as e:
         raise BadInput(f"model settings: {e}") from None
 

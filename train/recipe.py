@@ -29,6 +29,7 @@ from agevlm_edge.errors import BadInput
 from agevlm_edge.fsutil import read_json, read_yaml
 
 GROUPS = ("vision", "projector", "xattn", "lm")
+MODEL_PRESETS = ("tiny", "small")   # model.py's presets a recipe can train from scratch
 KINDS = ("lm", "vision", "vlm")
 # what each kind's forward reaches: text only, the tower, or cached tower features onwards
 KIND_GROUPS = {"lm": ("lm",), "vision": ("vision",), "vlm": ("projector", "xattn", "lm")}
@@ -143,10 +144,14 @@ class Recipe:
     checkpoint_every: int = 200
     mask_source: str = "rendered"    # which masks the dice loss uses: rendered or sam:<type>
     lm_dir: str = ""                 # local HF Llama dir (smol): LM pretraining is skipped
+    model_preset: str = "tiny"       # the from-scratch model's preset (model.py): tiny | small
 
     def validate(self) -> "Recipe":
         if self.variant not in ("guided", "ca", "concat"):
             raise BadInput(f"recipe variant must be guided, ca or concat, got {self.variant!r}")
+        if self.model_preset not in MODEL_PRESETS:
+            raise BadInput(f"recipe model_preset must be one of {', '.join(MODEL_PRESETS)}, "
+                           f"got {self.model_preset!r}")
         if not 0 <= self.seed < 2 ** 32:   # the per-step generators' seeds stay in 64 bits
             raise BadInput(f"recipe seed must be in 0..{2 ** 32 - 1}, got {self.seed}")
         if self.log_every < 1 or self.checkpoint_every < 1:
@@ -312,12 +317,16 @@ def preset_recipe(preset: str = "tiny", variant: str = "guided", seed: int = 0,
                   scale: float = 1.0, lm_dir: str | os.PathLike | None = None) -> Recipe:
     """The named recipe; `scale` multiplies every stage's steps (a short schedule for tests).
 
-    `smol` needs ``lm_dir``: a local HF directory made by `agevlm lm import-gguf`.
+    `smol` needs ``lm_dir``: a local HF directory made by `agevlm lm import-gguf`. `small`
+    is the `small` model (SmolLM2-135M-shaped, 16 px patches) from scratch on tiny's stages:
+    the GPU user's from-scratch model, not trained to the end here (one step costs seconds on
+    this CPU); its image size follows the DATA DIR (synthesize the world at 224 px for 14 x 14
+    patches: `agevlm data synth --set image_size=224`).
     """
     if not 0 < scale < math.inf:
         raise BadInput(f"--scale must be a finite number > 0, got {scale}")
-    if preset not in ("tiny", "smol"):
-        raise BadInput(f"unknown training preset {preset!r}; available: tiny, smol (or pass --config)")
+    if preset not in ("tiny", "small", "smol"):
+        raise BadInput(f"unknown training preset {preset!r}; available: tiny, small, smol (or pass --config)")
     if preset == "smol" and not lm_dir:
         raise BadInput("the smol preset needs --lm-dir DIR (make it with `agevlm lm import-gguf --out DIR`)")
     model = {"arch": "concat"} if variant == "concat" else {}
@@ -326,7 +335,8 @@ def preset_recipe(preset: str = "tiny", variant: str = "guided", seed: int = 0,
     if preset == "smol" and variant == "concat":
         stages = [dataclasses.replace(st, train=tuple(g for g in st.train if g != "lm")) for st in stages]
     return Recipe(variant=variant, stages=tuple(stages), seed=seed, model=model,
-                  lm_dir=str(lm_dir) if lm_dir else "")
+                  lm_dir=str(lm_dir) if lm_dir else "",
+                  model_preset="small" if preset == "small" else "tiny").validate()
 
 
 def _check_types(cls, d: dict, where: str) -> dict:
