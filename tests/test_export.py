@@ -294,6 +294,51 @@ def test_ort_fusion_changes_rmsnorm_and_leaves_layernorm_alone(tmp_path):
     assert "SimplifiedLayerNormalization" not in op_counts(ln) and op_counts(ln)["LayerNormalization"] == 1
 
 
+def _attention_graph(tmp_path, kind: str):
+    """Projections, 4 heads of 8, then SDPA ("sdpa") or a look-alike that is no attention: the
+    softmax over the heads axis instead of the keys ("heads")."""
+    import torch
+    import torch.nn.functional as F
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(32, 32, bias=False) for _ in range(4))
+
+        def forward(self, x, y):
+            B, T, N = x.shape[0], x.shape[1], y.shape[1]
+            q = self.q(x).view(B, T, 4, 8).transpose(1, 2)
+            k, v = (f(y).view(B, N, 4, 8).transpose(1, 2) for f in (self.k, self.v))
+            if kind == "sdpa":
+                a = F.scaled_dot_product_attention(q, k, v)
+            else:
+                a = torch.softmax(q @ k.transpose(-1, -2) * 8 ** -0.5, dim=1) @ v
+            return self.o(a.transpose(1, 2).reshape(B, T, 32))
+
+    path = tmp_path / f"{kind}.onnx"
+    torch.onnx.export(M().eval(), (torch.randn(2, 3, 32), torch.randn(2, 5, 32)), dynamo=True,
+                      opset_version=18).save(str(path))
+    return path
+
+
+def test_ort_attention_fusion_changes_sdpa_and_leaves_a_look_alike_alone(tmp_path):
+    """The mobile-gpu decoder's attention rewrite (fusion.ort_fuse) makes one MultiHeadAttention
+    of an SDPA chain, leaves a softmax over the wrong axis alone, and with attention=False (the
+    vision graph) leaves the chain too."""
+    from agevlm_edge.export.fusion import op_counts, ort_fuse
+
+    sdpa = _attention_graph(tmp_path, "sdpa")
+    kept = tmp_path / "kept.onnx"
+    shutil.copy(sdpa, kept)
+    assert ort_fuse(sdpa) == {"mha2": 1, "sdpa": 1}
+    assert op_counts(sdpa)["com.microsoft.MultiHeadAttention"] == 1 and "Softmax" not in op_counts(sdpa)
+    assert ort_fuse(kept, attention=False) == {}
+    assert op_counts(kept)["Softmax"] == 1 and "com.microsoft.MultiHeadAttention" not in op_counts(kept)
+    heads = _attention_graph(tmp_path, "heads")
+    before = op_counts(heads)
+    assert ort_fuse(heads) == {} and op_counts(heads) == before
+
+
 def test_failed_parity_exits_1_and_leaves_nothing(runs, tmp_path, monkeypatch):
     from agevlm_edge.export import onnx_export, parity
 
@@ -308,6 +353,33 @@ def test_failed_parity_exits_1_and_leaves_nothing(runs, tmp_path, monkeypatch):
     with pytest.raises(CheckFailed):
         onnx_export.export_run(runs["xattn"], out, n_pairs=2, overwrite=True)
     assert (out / "keep.txt").read_text() == "old"
+
+
+def test_exporting_again_gives_the_same_node_names_and_failed_parity_exits_1_in_the_cli(
+        exported, runs, tmp_path):
+    """Node names are a function of the model (module paths): a second export of the same run
+    dir names every node as the first did. A failed parity, through the real `agevlm export`
+    entry point, exits 1 with one line on stderr and leaves nothing behind."""
+    import onnx
+
+    from agevlm_edge.export.onnx_export import export_run
+
+    again = tmp_path / "again"
+    export_run(runs["xattn"], again, n_pairs=2)
+    for g in ("vision", "decoder"):
+        first, second = (onnx.load(str(d / f"{g}.onnx"), load_external_data=False).graph.node
+                         for d in (exported["xattn"], again))
+        assert [n.name for n in second] == [n.name for n in first] and len(first) > 10
+    out = tmp_path / "failed"
+    code = ("import sys; from agevlm_edge.export import parity; parity.LOGITS_TOL = -1.0; "
+            "from agevlm_edge.cli import main; sys.argv[0] = 'agevlm'; main()")
+    proc = subprocess.run([sys.executable, "-c", code, "export", "--model", str(runs["xattn"]),
+                           "--out", str(out), "--pairs", "2"], capture_output=True, text=True,
+                          timeout=600)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and "parity with PyTorch failed" in lines[0], proc.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
 
 def test_export_refuses_to_replace_its_run_dir_and_bad_flags(runs, tmp_path):
