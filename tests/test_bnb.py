@@ -39,7 +39,8 @@ def test_unknown_variant_is_bad_input():
         quantize_bnb(AgeVLM(AgeVLMConfig(**CFG)), "int3")
 
 
-def test_suite_runs_on_a_bnb_variant_of_a_run_dir(tmp_path, small_world):
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_suite_runs_on_a_bnb_variant_of_a_run_dir(tmp_path, small_world, kind):
     from agevlm_edge.checkpoint import save_model_files
     from agevlm_edge.data.tokenizer import corpus, train_bpe
     from agevlm_edge.preprocess import Preprocessor
@@ -49,8 +50,8 @@ def test_suite_runs_on_a_bnb_variant_of_a_run_dir(tmp_path, small_world):
     torch.manual_seed(0)
     model = AgeVLM(AgeVLMConfig(**{**CFG, "image_size": 64, "vocab_size": tok.get_vocab_size()}))
     save_model_files(tmp_path / "run", model, tok, Preprocessor(64))
-    res = evaluate_bnb(tmp_path / "run", small_world, "int8", suites="pope,vqa", limit=3,
+    res = evaluate_bnb(tmp_path / "run", small_world, kind, suites="pope,vqa", limit=3,
                        out_json=tmp_path / "r.json")
-    assert res["model"]["bnb"] == "int8" and res["model"]["weight_bytes"] < res["model"]["fp32_weight_bytes"]
+    assert res["model"]["bnb"] == kind and res["model"]["weight_bytes"] < res["model"]["fp32_weight_bytes"]
     assert set(res["suites"]) == {"pope", "vqa"}
     assert (tmp_path / "r.json").is_file()
