@@ -292,8 +292,13 @@ class CrossAttention(_Projections):
         vision graph outputs this layout, so the decoder does not redo it every step."""
         rep = self.n_heads // self.n_kv
         B, _, N, _ = kv[0].shape
-        flat = lambda t: t.repeat_interleave(rep, dim=1).transpose(1, 2).reshape(B, N, -1)
-        return flat(F.pad(kv[0], (0, XATTN_QK_PAD))), flat(kv[1])
+        # Written with Concat (stack, cat), not Expand and Pad (repeat_interleave, F.pad):
+        # CoreML's MLProgram provider has no Expand or Pad (onnxruntime's usability checker),
+        # and the static-shape vision graph (export.fusion.fixed_vision) is meant for it.
+        flat = lambda t: torch.stack([t] * rep, dim=2).reshape(B, -1, N, t.shape[-1]) \
+            .transpose(1, 2).reshape(B, N, -1)
+        k = kv[0]
+        return flat(torch.cat([k, k[..., :XATTN_QK_PAD] * 0], dim=-1)), flat(kv[1])
 
     def forward(self, x, kv, impl, need_probs):
         """impl "mha" (without probabilities): one cross_mha op, query zero-padded per head,

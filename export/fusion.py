@@ -27,7 +27,9 @@ fp16 is `agevlm quantize --scheme fp16` of this
 export (tests/test_webgpu.py runs it on WebGPU). The ORT-format files (`*.ort`, Fixed
 optimisation: CPU-EP rewrites baked in; export.parity.check_ort_parity runs them against the
 .onnx graphs, and `agevlm infer --graph-format ort` runs them) and onnxruntime's mobile
-usability verdicts (NNAPI, CoreML) are added to the EXPORT DIR and the manifest.
+usability verdicts (NNAPI, CoreML) are added to the EXPORT DIR and the manifest, with
+vision_fixed.onnx: the vision graph unfused and with static shapes, for the NNAPI / CoreML
+providers (fixed_vision).
 """
 
 from __future__ import annotations
@@ -127,16 +129,42 @@ def mobile_usability(path: Path) -> dict:
     return {"verdicts": verdicts, "recommendation": rec.group(1).strip() if rec else None}
 
 
+FIXED_VISION = "vision_fixed.onnx"
+DECODER_NOT_FIXED = ("the decoder keeps dynamic shapes: its self-attention cache grows every "
+                     "step, and a fixed-shape decoder would need a static cache of the whole "
+                     "context, which is not built")
+
+
+def fixed_vision(out_dir: Path) -> dict:
+    """vision_fixed.onnx: vision.onnx as exported (before the mobile fusions), one image per
+    call, every shape static. NNAPI and CoreML take only static shapes, and none of the contrib
+    ops the fusions make (BiasGelu, SimplifiedLayerNormalization): onnxruntime's checker gives
+    this graph to CoreML MLProgram whole on the tiny tower, where the fused dynamic one gets
+    NO (the manifest records both verdicts). The runtime loads it on --provider coreml|nnapi."""
+    import onnx
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
+
+    from .graphio import save_graph
+
+    model = onnx.load(str(out_dir / "vision.onnx"))
+    inp = model.graph.input[0]
+    shape = [1] + [d.dim_value for d in inp.type.tensor_type.shape.dim[1:]]
+    make_input_shape_fixed(model.graph, inp.name, shape)
+    fix_output_shapes(model)
+    save_graph(model, out_dir / FIXED_VISION)
+    return {"file": FIXED_VISION, "input_shape": shape, "decoder": DECODER_NOT_FIXED}
+
+
 def apply_target(out_dir: Path, target: str, fused: bool) -> dict:
     """Rewrite the graphs in ``out_dir`` for ``target``; returns what was done, for the manifest."""
     if target == "cpu":
         ops = op_counts(out_dir / "decoder.onnx")
         return {"decoder": {k: ops.get(k, 0) for k in ("Attention", "com.microsoft.GroupQueryAttention",
                                                        "RMSNormalization", "RotaryEmbedding")}}
-    done: dict = {"fusions": {}, "usability": {}}
+    done: dict = {"fixed_shapes": fixed_vision(out_dir), "fusions": {}, "usability": {}}
     for name in GRAPHS:
         done["fusions"][name] = ort_fuse(out_dir / f"{name}.onnx", attention=name == "decoder")
-    for name in GRAPHS:
+    for name in GRAPHS + ("vision_fixed",):
         done["usability"][name] = mobile_usability(out_dir / f"{name}.onnx")
     done["ort_format"] = to_ort_format(out_dir)
     return done

@@ -199,7 +199,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str =
     the manifest's self_attention); mobile-gpu is always "inplace" where it fits."""
     from agevlm_edge.checkpoint import load_model_files
 
-    from .parity import check_ort_parity, check_parity
+    from .parity import check_fixed_vision_parity, check_ort_parity, check_parity
 
     if target not in TARGETS:
         raise BadInput(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -251,7 +251,10 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, target: str =
         if "ort_format" in rewrites:          # the .ort copies against the .onnx graphs
             parity["ort_format"] = check_ort_parity(tmp, data, n_pairs=n_pairs)
             parity["failures"] += parity["ort_format"]["failures"]
-            parity["passed"] = not parity["failures"]
+        if "fixed_shapes" in rewrites:        # the static-shape vision graph against vision.onnx
+            parity["vision_fixed"] = check_fixed_vision_parity(tmp, data)
+            parity["failures"] += parity["vision_fixed"]["failures"]
+        parity["passed"] = not parity["failures"]
         man = write_manifest(tmp, {**man, "parity": parity,
                                    "export_seconds": round(time.perf_counter() - t0, 1)})
         if not parity["passed"]:

@@ -174,3 +174,19 @@ def check_ort_parity(export_dir: Path, data_dir: Path | None, n_pairs: int = 20,
     res["failures"] = failures
     res["passed"] = not failures
     return res
+
+
+def check_fixed_vision_parity(export_dir: Path, data_dir: Path | None, n_images: int = 4) -> dict:
+    """vision_fixed.onnx (static shapes, one image a call) against vision.onnx on a batch of
+    ``n_images``, both on the CPU provider: every cross K/V (or embedding) within LOGITS_TOL of
+    their scale."""
+    dyn = Runtime(export_dir, verify=False, fixed_vision=False)
+    fixed = Runtime(export_dir, verify=False, fixed_vision=True)
+    images, _ = image_prompt_pairs(data_dir, int(dyn.image_size), n_images)
+    a, b = dyn.encode_images(images).feeds, fixed.encode_images(images).feeds
+    diff = max(_max_diff(a[k], b[k]) for k in a)
+    tol = LOGITS_TOL * max(1.0, max(float(np.abs(v).max()) for v in a.values()))
+    failures = [] if diff <= tol and a.keys() == b.keys() else [
+        f"vision_fixed.onnx outputs differ from vision.onnx's by {diff:.2e} > {tol:.2e}"]
+    return {"images": len(images), "max_abs_diff": diff, "tolerance": tol,
+            "failures": failures, "passed": not failures}

@@ -233,9 +233,45 @@ def test_mobile_gpu_export_uses_contrib_attention_and_ships_ort_files(exported):
                                              "onnxruntime": onnxruntime.__version__}
     assert set(man["rewrites"]["usability"]["decoder"]["verdicts"]) >= {"NNAPI", "CoreML MLProgram"}
     Runtime(exported["mobile"])                                   # hashes of .ort files hold
+    # vision_fixed.onnx: unfused, one image, every shape static; onnxruntime's checker gives it
+    # to CoreML MLProgram whole (the fused dynamic vision.onnx: NO), and it matches vision.onnx
+    fixed = man["rewrites"]["fixed_shapes"]
+    assert fixed["file"] == "vision_fixed.onnx" and fixed["input_shape"] == [1, 3, S, S]
+    assert "static cache" in fixed["decoder"]
+    g = onnx.load(str(exported["mobile"] / "vision_fixed.onnx"), load_external_data=False).graph
+    dims = [d for v in list(g.input) + list(g.output) for d in v.type.tensor_type.shape.dim]
+    assert dims and all(d.HasField("dim_value") for d in dims)
+    assert not any(n.domain == "com.microsoft" for n in g.node)
+    use = man["rewrites"]["usability"]
+    assert use["vision_fixed"]["verdicts"]["CoreML MLProgram"] == "YES"
+    assert use["vision"]["verdicts"]["CoreML MLProgram"] == "NO"
+    vf = man["parity"]["vision_fixed"]
+    assert vf["passed"] and vf["max_abs_diff"] <= 1e-5 and vf["images"] >= 2
     ort = man["parity"]["ort_format"]                             # .ort vs .onnx, run
     assert ort["passed"] and ort["logits_max_abs_diff"] <= 1e-4
     assert ort["generations_identical"] == ort["pairs"] >= 20
+
+
+def test_static_shape_providers_run_the_fixed_vision_graph(exported, small_world, monkeypatch):
+    """On --provider coreml|nnapi the runtime loads vision_fixed.onnx and encodes one image a
+    call: a batch of three gets the dynamic graph's K/V and the same generations. The
+    provider is a CPU session under the name "coreml" (no Apple device here)."""
+    from agevlm_edge.runtime import GenerationConfig, Runtime, session
+
+    monkeypatch.setitem(session.PROVIDERS, "coreml", "CPUExecutionProvider")
+    rt, ref = Runtime(exported["mobile"], provider="coreml"), Runtime(exported["mobile"])
+    assert rt.fixed_vision and not ref.fixed_vision
+    assert rt.vision.get_inputs()[0].shape == [1, 3, S, S]
+    imgs = [rt.load_image(p) for p in sorted((small_world / "images" / "test").iterdir())[:3]]
+    a, b = rt.encode_images(imgs), ref.encode_images(imgs)
+    assert a.feeds.keys() == b.feeds.keys()
+    assert all(np.abs(a.feeds[k] - b.feeds[k]).max() <= 1e-5 for k in a.feeds)
+    seqs = [rt.prompt_ids("Caption:")] * 3
+    cfg = GenerationConfig(max_new_tokens=6)
+    assert rt.generate(a, seqs, cfg).ids == ref.generate(b, seqs, cfg).ids
+    assert not Runtime(exported["xattn"], provider="coreml").fixed_vision     # cpu target: none
+    with pytest.raises(BadInput, match="has no vision_fixed.onnx"):
+        Runtime(exported["xattn"], fixed_vision=True)
 
 
 def test_infer_runs_the_ort_copies_and_says_where_there_are_none(exported, small_world):

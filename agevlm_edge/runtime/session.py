@@ -37,6 +37,10 @@ DEVICE_MEMORY = {"cuda": "cuda", "webgpu": "webgpu"}
 # WebGPU only with the cache in device memory). Not tried on the others (no CUDA device here,
 # this machine's onnxruntime has no XNNPACK), which keep the grown cache.
 INPLACE_KV = ("cpu", "webgpu")
+# Providers that take static shapes only: a mobile-gpu export's vision_fixed.onnx (one image a
+# call, unfused) is their vision graph.
+FIXED_SHAPES = ("coreml", "nnapi")
+FIXED_VISION = "vision_fixed.onnx"
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,8 @@ class Runtime:
 
     def __init__(self, export_dir: str | os.PathLike, provider: str = "cpu",
                  threads: int | None = None, verify: bool = True, graph_format: str = "onnx",
-                 kv_on_device: bool = True, kv_inplace: bool = True):
+                 kv_on_device: bool = True, kv_inplace: bool = True,
+                 fixed_vision: bool | None = None):
         """``graph_format``: "onnx" (vision.onnx, decoder.onnx) or "ort" (the ORT-format
         copies a mobile-gpu export ships for onnxruntime's mobile builds). ``kv_on_device``:
         on cuda / webgpu, keep the KV cache in device memory between steps (False: bind it
@@ -142,7 +147,9 @@ class Runtime:
         ``kv_inplace``: on cpu, and on webgpu with ``kv_on_device``, for an export with
         "kv_cache": "inplace", keep the cache in a preallocated buffer the decoder appends to
         (False: a grown copy per step, the baseline benchmarks/bench_decode.py and
-        bench_kv_binding.py compare with)."""
+        bench_kv_binding.py compare with). ``fixed_vision``: run the export's
+        vision_fixed.onnx (static shapes, one image a call); None: on the providers that need
+        it (FIXED_SHAPES) where the export has one."""
         import onnxruntime as ort
 
         self.dir = Path(export_dir)
@@ -163,6 +170,14 @@ class Runtime:
         if graph_format not in GRAPH_FORMATS:
             raise BadInput(f"unknown graph format {graph_format!r}; choose one of {', '.join(GRAPH_FORMATS)}")
         files = [self.dir / f"{g}.{graph_format}" for g in ("vision", "decoder")]
+        has_fixed = graph_format == "onnx" and FIXED_VISION in self.manifest.get("files", {})
+        if fixed_vision and not has_fixed:
+            raise BadInput(f"{self.dir} has no {FIXED_VISION} (static-shape vision graph); "
+                           "`agevlm export --target mobile-gpu` writes it")
+        self.fixed_vision = has_fixed if fixed_vision is None and provider in FIXED_SHAPES \
+            else bool(fixed_vision)
+        if self.fixed_vision:
+            files[0] = self.dir / FIXED_VISION
         ort_info = (self.manifest.get("rewrites") or {}).get("ort_format") or {}
         if graph_format == "ort":
             if not all(f.name in self.manifest.get("files", {}) for f in files):
@@ -224,9 +239,13 @@ class Runtime:
 
     def encode_images(self, images: Sequence[np.ndarray]) -> ImageState:
         """uint8 [3, S, S] images -> their cross K/V (or embeddings): once per image."""
-        x = self.pre.normalize(np.stack([np.asarray(im, np.uint8) for im in images]))
+        x = self.pre.normalize(np.stack([np.asarray(im, np.uint8) for im in images])).astype(np.float32)
         names = [o.name for o in self.vision.get_outputs()]
-        outs = self.vision.run(names, {"pixel_values": x.astype(np.float32)})
+        if self.fixed_vision:          # static shapes: one image a call
+            runs = [self.vision.run(names, {"pixel_values": x[i:i + 1]}) for i in range(len(x))]
+            outs = [np.concatenate(parts) for parts in zip(*runs)]
+        else:
+            outs = self.vision.run(names, {"pixel_values": x})
         return ImageState(dict(zip(names, outs)), len(images))
 
     # -- one decoder call --------------------------------------------------------------
