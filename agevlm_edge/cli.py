@@ -228,7 +228,7 @@ def lm_import_gguf(out, gguf, overwrite) -> None:
               help="DATA DIR with tokenizer.json (see `agevlm data tokenizer`).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="RUN DIR to write.")
 @click.option("--preset", default="tiny", show_default=True,
-              help="Recipe preset: tiny (from scratch), small (the ~120M SmolLM2-shaped model from "
+              help="Recipe preset: tiny (from scratch), small (the ~126M SmolLM2-shaped model from "
                    "scratch on tiny's stages: for a GPU, and a world synthesized at 224 px) or smol "
                    "(frozen SmolLM2-135M, needs --lm-dir).")
 @click.option("--variant", default="guided", show_default=True,
@@ -368,7 +368,9 @@ def export_cmd(model_dir, out, target, fuse, xattn_probs, data_dir, pairs, kv_ca
 @click.option("--top-p", default=1.0, show_default=True, help="1: no nucleus cut.")
 @click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed for sampling.")
 @click.option("--provider", type=click.Choice(["cpu", "webgpu", "cuda", "coreml", "nnapi", "xnnpack"]),
-              default="cpu", show_default=True, help="onnxruntime execution provider.")
+              default="cpu", show_default=True,
+              help="onnxruntime execution provider (coreml and nnapi run a mobile-gpu export's "
+                   "static-shape vision graph, vision_fixed.onnx).")
 @click.option("--threads", type=CORES, default=None, help="Intra-op threads (default: all cores).")
 @click.option("--graph-format", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True,
               help="ort: the ORT-format copies a --target mobile-gpu export ships (what "
