@@ -111,7 +111,7 @@ def test_variants_are_one_switch_apart():
 
 
 def test_small_preset_trains_the_small_model_from_scratch(tmp_path, world):
-    """`--preset small`: tiny's stages on the ~120M SmolLM2-shaped model (30 layers, width 576,
+    """`--preset small`: tiny's stages on the ~126M SmolLM2-shaped model (30 layers, width 576,
     16 px patches; its vocabulary the DATA DIR's), two steps a stage through the CLI."""
     from agevlm_edge.model import AgeVLMConfig
 

@@ -446,13 +446,19 @@ class Runtime:
         """Positions of the context the image takes (concat models prepend it), else 0."""
         return self.grid ** 2 if self.arch == "concat" else 0
 
-    def check_length(self, n_prompt: int, max_new: int) -> None:
+    def check_length(self, n_prompt: int, max_new: int, held: int = 0) -> None:
+        """``held``: tokens a conversation's cache already holds before the prompt."""
         n_img = self.context_image_tokens
-        if n_img + n_prompt + max_new > self.max_seq_len:
-            raise BadInput(f"prompt of {n_prompt} tokens + {max_new} new tokens"
-                           + (f" + {n_img} image tokens" if n_img else "")
-                           + f" exceeds the model's maximum context of {self.max_seq_len}; "
-                           "shorten the prompt or lower --max-new-tokens")
+        if n_img + held + n_prompt + max_new <= self.max_seq_len:
+            return
+        if held:
+            raise BadInput(f"this conversation holds {held} tokens; the next turn's {n_prompt} + "
+                           f"{max_new} new ones exceed the model's maximum context of "
+                           f"{self.max_seq_len}: start a new conversation or lower --max-new-tokens")
+        raise BadInput(f"prompt of {n_prompt} tokens + {max_new} new tokens"
+                       + (f" + {n_img} image tokens" if n_img else "")
+                       + f" exceeds the model's maximum context of {self.max_seq_len}; "
+                       "shorten the prompt or lower --max-new-tokens")
 
     # -- generation --------------------------------------------------------------------
     def generate(self, image: ImageState, prompts: Sequence[Sequence[int]],
@@ -500,7 +506,7 @@ class Runtime:
         if image.batch != B:
             raise BadInput(f"{image.batch} images for {B} prompts")
         held = 0 if history is None else history[1].shape[1] - self.context_image_tokens
-        self.check_length(held + max(len(p) for p in prompts), cfg.max_new_tokens)
+        self.check_length(max(len(p) for p in prompts), cfg.max_new_tokens, held)
         rng = np.random.default_rng(cfg.seed)
         stops = {self.eos_id, *cfg.stop_ids}
         # room for the prompt, the new tokens and the extra step that maps may take
@@ -568,13 +574,6 @@ class Conversation:
     def ask(self, prompt: str, cfg: GenerationConfig = GenerationConfig(), with_maps: bool = False,
             on_token: Callable[[int, int], None] | None = None) -> Generation:
         turn = self.rt.prompt_ids(prompt)
-        if self._cache is not None:
-            have = self.rt.context_image_tokens + len(self.ids) + len(turn)
-            if have + cfg.max_new_tokens > self.rt.max_seq_len:
-                raise BadInput(f"this conversation holds {len(self.ids)} tokens; the next turn's "
-                               f"{len(turn)} + {cfg.max_new_tokens} new ones exceed the model's "
-                               f"maximum context of {self.rt.max_seq_len}: start a new "
-                               "conversation or lower --max-new-tokens")
         res = self.rt.generate(self.image, [self.ids[self.fed:] + turn], cfg, with_maps, on_token,
                                history=self._cache)
         self._cache = res.cache
